@@ -1,0 +1,38 @@
+"""`ds-cl` command line: one sub-command per module, imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help). Each module exposes `main(argv: list[str]) -> int`.
+COMMANDS = {
+    "train": ("ds_cl.train", "run a continual-learning task sequence from a YAML run config"),
+    "demo": ("ds_cl.demo", "run the embedded CPU demo (seqft vs osft)"),
+    "bench": ("ds_cl.bench", "benchmark plain ZeRO-3 steps against projected steps"),
+    "eval": ("ds_cl.evaluation.cli", "generate responses for a retention suite and score them"),
+    "score": ("ds_cl.evaluation.score_cli", "score existing responses (ifeval, safety)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: ds-cl COMMAND [args]", "", "commands:"]
+    lines += [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"ds-cl: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
