@@ -1,0 +1,83 @@
+"""IFEval scoring: strict and loose, prompt and instruction level, as the reference does.
+
+Reference: google-research instruction_following_eval `evaluation_lib.py`, identical to
+lm-evaluation-harness `lm_eval/tasks/ifeval/utils.py` (checkers vendored in `ifeval_ref`):
+- strict: each instruction is checked on the response as is;
+- loose: an instruction is followed if any of 8 variants passes: the response, with its first
+  line removed, its last line removed, both, and each of those four with every '*' removed;
+- an empty (whitespace-only) response follows nothing;
+- prompt level: all instructions of the prompt followed; instruction level: mean over all
+  instructions of all prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from .io import EvalInputError
+from .ifeval_ref.instructions_registry import INSTRUCTION_DICT
+
+
+def _loose_variants(response: str) -> list[str]:
+    r = response.split("\n")
+    remove_first = "\n".join(r[1:]).strip()
+    remove_last = "\n".join(r[:-1]).strip()
+    remove_both = "\n".join(r[1:-1]).strip()
+    return [response, response.replace("*", ""), remove_first, remove_last, remove_both,
+            remove_first.replace("*", ""), remove_last.replace("*", ""), remove_both.replace("*", "")]
+
+
+def _build(instruction_id: str, kwargs: Mapping, prompt: str):
+    inst = INSTRUCTION_DICT[instruction_id](instruction_id)
+    inst.build_description(**{k: v for k, v in kwargs.items() if v})
+    args = inst.get_instruction_args()
+    if args and "prompt" in args:
+        inst.build_description(prompt=prompt)
+    return inst
+
+
+def check_prompt(record: Mapping, response: str) -> dict:
+    """Verdicts of one IFEval record on one response: per-instruction strict and loose lists."""
+    strict, loose = [], []
+    variants = _loose_variants(response)
+    for iid, kw in zip(record["instruction_id_list"], record["kwargs"]):
+        inst = _build(iid, kw, record["prompt"])
+        strict.append(bool(response.strip() and inst.check_following(response)))
+        inst = _build(iid, kw, record["prompt"])  # fresh, as the reference builds one per mode
+        loose.append(any(v.strip() and inst.check_following(v) for v in variants))
+    return {"key": record.get("key"), "prompt": record["prompt"],
+            "instruction_id_list": list(record["instruction_id_list"]),
+            "follow_instruction_list_strict": strict, "follow_all_instructions_strict": all(strict),
+            "follow_instruction_list_loose": loose, "follow_all_instructions_loose": all(loose),
+            "response": response}
+
+
+def score_ifeval(prompts: list[dict], responses: Mapping[str, str], *, allow_missing: bool = False) -> dict:
+    """The `ifeval.json` payload. `responses` maps prompt text -> response (IFEval's convention)."""
+    missing = [p["prompt"] for p in prompts if p["prompt"] not in responses]
+    if missing and not allow_missing:
+        raise EvalInputError(f"{len(missing)} of {len(prompts)} IFEval prompts have no response "
+                             f"(first: {missing[0][:80]!r}); responses are matched by exact prompt text")
+    per = [check_prompt(p, responses[p["prompt"]]) for p in prompts if p["prompt"] in responses]
+    if not per:
+        raise EvalInputError("no IFEval prompt has a response")
+    inst_s = [v for r in per for v in r["follow_instruction_list_strict"]]
+    inst_l = [v for r in per for v in r["follow_instruction_list_loose"]]
+    by_type: dict[str, list[int]] = {}
+    for r in per:
+        for iid, v in zip(r["instruction_id_list"], r["follow_instruction_list_loose"]):
+            by_type.setdefault(iid, [0, 0])
+            by_type[iid][0] += int(v)
+            by_type[iid][1] += 1
+    return {
+        "prompt_level_strict_acc": sum(r["follow_all_instructions_strict"] for r in per) / len(per),
+        "prompt_level_loose_acc": sum(r["follow_all_instructions_loose"] for r in per) / len(per),
+        "inst_level_strict_acc": sum(inst_s) / len(inst_s),
+        "inst_level_loose_acc": sum(inst_l) / len(inst_l),
+        "num_prompts": len(per),
+        "num_instructions": len(inst_s),
+        "num_missing_responses": len(missing),
+        "inst_level_loose_acc_by_type": {k: c / n for k, (c, n) in sorted(by_type.items())},
+        "reference": "IFEval (google-research instruction_following_eval; lm-eval 0.4.13 checkers)",
+        "per_prompt": per,
+    }
