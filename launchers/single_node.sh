@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One machine, one process per GPU:
+#   launchers/single_node.sh [--gpus N] [--port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume]
+# runs `deepspeed --num_gpus N --module ds_cl.cli train CONFIG ...` after the preflight checks
+# (ds_cl.launch_checks). --dry-run prints the command instead of running it.
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+USAGE="single_node.sh [--gpus N] [--port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume]"
+source "$HERE/common.sh"
+
+GPUS=${NUM_GPUS:-} PORT=${MASTER_PORT:-29500} DRY_RUN=0 ENTRY=
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --gpus) GPUS=${2:?--gpus needs a number}; shift 2 ;;
+        --port) PORT=${2:?--port needs a number}; shift 2 ;;
+        --entry) ENTRY=${2:?--entry needs a script}; shift 2 ;;
+        --dry-run) DRY_RUN=1; shift ;;
+        -h|--help) echo "usage: $USAGE"; exit 0 ;;
+        --) shift; break ;;
+        -*) die "unknown option $1: usage: $USAGE" ;;
+        *) break ;;
+    esac
+done
+[[ -n $GPUS ]] || GPUS=$(gpu_count)
+set_run_args "$@"
+set_program "$ENTRY"
+
+"$PYTHON" -m ds_cl.launch_checks preflight --config "$CONFIG" --nodes 1 --gpus-per-node "$GPUS" -- "${OVERRIDES[@]}"
+
+CMD=("$PYTHON" -m deepspeed.launcher.runner --num_gpus "$GPUS" --master_port "$PORT" "${PROGRAM[@]}" "${PASS[@]}")
+if (( DRY_RUN )); then
+    echo "[localhost] $(show "${CMD[@]}")"
+    exit 0
+fi
+exec "${CMD[@]}"

@@ -1,0 +1,215 @@
+"""A real SLURM cluster on this host for tests: munged, slurmctld and N slurmd virtual nodes.
+
+Debian's slurm-wlm (22.05) is built with multiple-slurmd support, so several `slurmd -N nodeX`
+run side by side on one machine, each with its own port and spool dir (design.md section 4).
+Everything runs in the foreground under Popen, so the harness knows each pid and stops exactly
+what it started. The cluster's files live in a temp dir; SLURM_CONF points daemons and clients
+at them, so /etc/slurm is not touched. Node names are mapped to 127.0.0.1 in /etc/hosts
+(idempotently): the launchers use the first node's name as the master address.
+
+Needs root and apt (to install slurm and munge when missing); `unavailable_reason()` says why
+not when it cannot run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+BINARIES = ["slurmctld", "slurmd", "sbatch", "srun", "scontrol", "munged", "munge"]
+MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
+
+
+def _free_ports(n: int) -> list[int]:
+    socks, ports = [], []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+        ports.append(s.getsockname()[1])
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _have_binaries() -> bool:
+    return all(shutil.which(b) or Path("/usr/sbin", b).exists() for b in BINARIES)
+
+
+def unavailable_reason() -> str | None:
+    """Why a cluster cannot be started here (None when it can, possibly after an apt install)."""
+    if os.geteuid() != 0:
+        return "needs root (starts slurm daemons, edits /etc/hosts, may apt-get install slurm)"
+    if not _have_binaries() and not shutil.which("apt-get"):
+        return "slurm/munge are not installed and apt-get is missing"
+    return None
+
+
+def ensure_installed(log=print) -> None:
+    """apt-get install slurm and munge when missing (services are not started by apt here)."""
+    if _have_binaries():
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    t0 = time.time()
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
+    proc = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not _have_binaries():
+        raise RuntimeError(f"apt-get install {' '.join(PACKAGES)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    log(f"installed {' '.join(PACKAGES)} in {time.time() - t0:.1f}s")
+
+
+def ensure_hosts(names: list[str], hosts_file: Path = Path("/etc/hosts")) -> None:
+    """Map each name to 127.0.0.1 unless /etc/hosts already resolves it; never adds a line twice."""
+    text = hosts_file.read_text()
+    known = {tok for line in text.splitlines() if not line.lstrip().startswith("#")
+             for tok in line.split()[1:]}
+    missing = [n for n in names if n not in known]
+    if missing:
+        with hosts_file.open("a") as f:
+            if text and not text.endswith("\n"):
+                f.write("\n")
+            f.write(f"127.0.0.1 {' '.join(missing)}  # ds-cl test slurm cluster\n")
+
+
+class SlurmCluster:
+    """Start with `start()`, stop with `stop()` (idempotent; kills only the pids it spawned)."""
+
+    def __init__(self, root: Path, nodes: list[str] | None = None, cpus: int = 2, gpus: int = 1):
+        self.root = Path(root)
+        self.nodes = nodes or ["node1", "node2"]
+        self.cpus, self.gpus = cpus, gpus
+        self.conf = self.root / "slurm.conf"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+
+    # -- configuration ---------------------------------------------------------------------------
+    def _write_conf(self) -> None:
+        r = self.root
+        for d in ("state", "log", *(f"spool/{n}" for n in self.nodes)):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        # Fake GPUs: GRES needs a File= per unit; /dev/null stands in (the tests run on CPU).
+        gres = "\n".join(f"NodeName={n} Name=gpu File=/dev/null" for n in self.nodes for _ in range(self.gpus))
+        (r / "gres.conf").write_text(gres + "\n")
+        nodes = "\n".join(
+            f"NodeName={n} NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 Port={p} "
+            f"CPUs={self.cpus} RealMemory=1000 Gres=gpu:{self.gpus} State=UNKNOWN"
+            for n, p in zip(self.nodes, node_ports))
+        self.conf.write_text(f"""\
+ClusterName=dscltest
+SlurmctldHost=localhost(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool/%n
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd-%n.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+GresTypes=gpu
+SlurmdParameters=config_overrides
+ReturnToService=2
+MinJobAge=5
+EnforcePartLimits=ALL
+KillWait=5
+InactiveLimit=0
+{nodes}
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+
+    # -- processes -------------------------------------------------------------------------------
+    def _spawn(self, name: str, cmd: list[str], **kw) -> None:
+        with open(self.root / "log" / f"{name}.stdout", "w") as log:
+            self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                cwd=self.root, start_new_session=True, **kw)
+
+    def _munge_works(self) -> bool:
+        if not MUNGE_SOCKET.exists():
+            return False
+        enc = subprocess.run(["munge", "-n"], capture_output=True)
+        return enc.returncode == 0 and subprocess.run(["unmunge"], input=enc.stdout,
+                                                      capture_output=True).returncode == 0
+
+    def _start_munge(self) -> None:
+        if self._munge_works():  # someone else's munged: use it, do not own it
+            return
+        run_dir = MUNGE_SOCKET.parent
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.chown(run_dir, "munge", "munge")
+        self._spawn("munged", ["/usr/sbin/munged", "--foreground"], user="munge", group="munge",
+                    extra_groups=[])
+        self._wait(self._munge_works, 20, "munged did not come up")
+
+    def _wait(self, ok, timeout: float, what: str) -> None:
+        end = time.time() + timeout
+        while time.time() < end:
+            if ok():
+                return
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    raise RuntimeError(f"{what}: {name} exited {p.returncode}\n{self.logs()}")
+            time.sleep(0.3)
+        raise RuntimeError(f"{what} within {timeout}s\n{self.logs()}")
+
+    def scontrol(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["scontrol", *args], env=self.env, capture_output=True, text=True)
+
+    def _nodes_idle(self) -> bool:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True, text=True)
+        states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+        return all(states.get(n) == "idle" for n in self.nodes)
+
+    def start(self) -> "SlurmCluster":
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._write_conf()
+        ensure_hosts(self.nodes)
+        self._start_munge()
+        self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-c", "-i"])
+        self._wait(lambda: self.scontrol("ping").returncode == 0 and "UP" in self.scontrol("ping").stdout,
+                   30, "slurmctld did not answer ping")
+        for n in self.nodes:
+            self._spawn(f"slurmd-{n}", ["/usr/sbin/slurmd", "-D", "-N", n])
+        self._wait(self._nodes_idle, 60, "slurmd nodes did not become idle")
+        return self
+
+    def stop(self) -> None:
+        # Reverse start order: nodes, controller, then munged (only if we started it).
+        for name in reversed(list(self.procs)):
+            p = self.procs[name]
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+                    p.wait(5)
+        self.procs.clear()
+
+    def logs(self, tail: int = 3000) -> str:
+        out = []
+        for f in sorted((self.root / "log").glob("*")):
+            out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-tail:]}")
+        return "\n".join(out)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
