@@ -1,0 +1,425 @@
+"""The run config of `ds-cl train`: a typed tree of dataclasses read from one YAML file plus
+`key.sub=value` overrides, validated before anything heavy (deepspeed, torch, the model) is touched.
+
+Every field below is documented in docs/training.md; the defaults follow the paper's training recipe
+(design.md §6: AdamW, lr 1e-5, one epoch per task, effective batch 8, bf16).
+
+    cfg = load_config("run.yaml", ["train.lr=2e-5", "tasks.0.max_train_samples=100"])
+
+Errors are `ConfigError` with one line naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+# Local data formats we read ourselves; anything else is a `datasets` name or a saved dataset folder.
+DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
+METHODS = ("osft", "seqft", "replay", "multitask")
+
+# The O-LoRA prompt style (design.md §6) for classification tasks.
+DEFAULT_INSTRUCTION = "What is the topic of the following paragraph? Choose one from the option."
+DEFAULT_TEMPLATE = "{instruction}\nOption: {options}\n{input}\nAnswer:"
+
+
+class ConfigError(ValueError):
+    """A bad run config: the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    # An HF model folder (or hub name when online). Null with `config` set: a randomly initialised model.
+    name_or_path: Optional[str] = None
+    # Architecture for a model built from scratch, e.g. {model_type: llama, hidden_size: 64, ...}.
+    config: Optional[dict] = None
+    # A tokenizer folder, or a SentencePiece `.model` file (LLaMA-2 style). Default: name_or_path.
+    tokenizer: Optional[str] = None
+    # Compute dtype; must agree with the deepspeed config's bf16/fp16 sections (checked in train.py).
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    # Wrap prompts with the tokenizer's chat template (HF tokenizers only).
+    chat_template: bool = False
+
+
+@dataclass
+class OSFTConfig:
+    # Rank policy per matrix: the paper's adaptive layer importance, or one fixed ratio.
+    rank: Literal["adaptive", "fixed"] = "adaptive"
+    mrr: float = 0.1  # adaptive: minimum retained ratio
+    trr: float = 0.8  # adaptive: top retained ratio
+    ratio: float = 0.5  # fixed: retained fraction of min(m, n)
+    projection: Literal["two_sided", "paper"] = "two_sided"
+    # Project the optimizer's update too (Adam's scaling breaks a projected gradient; design.md §1).
+    project_update: bool = True
+    # Target parameter names (null: every attention/MLP Linear of the decoder layers).
+    targets: Optional[list[str]] = None
+    # Fit before the first task too, protecting the base model; false leaves task 0 unconstrained
+    # (the paper's T5 runs).
+    fit_before_first_task: bool = True
+    # Samples (per task) used for layer importance: the previous task's training data.
+    importance_samples: int = 32
+    # General data for the importance before the first task (a data file, read with `input_field`
+    # / the same loaders as tasks). Null: the fixed rank policy (`ratio`) for the first fit.
+    first_task_importance_data: Optional[str] = None
+    first_task_importance_field: str = "input"
+
+
+@dataclass
+class ReplayConfig:
+    # Replayed samples from earlier tasks, as a fraction of the current task's training samples.
+    fraction: float = 0.1
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["osft", "seqft", "replay", "multitask"] = "osft"
+    osft: OSFTConfig = field(default_factory=OSFTConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-5
+    epochs: int = 1
+    micro_batch_size: int = 1
+    # Effective batch per optimizer step = micro_batch_size x world size x gradient accumulation.
+    global_batch_size: int = 8
+    max_seq_len: int = 512
+    warmup_ratio: float = 0.0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    # Fresh optimizer state per task, as the authors' trainers (one HF Trainer per task).
+    reset_optimizer_each_task: bool = True
+    # Cap on optimizer steps per task (null: the epochs decide).
+    max_steps_per_task: Optional[int] = None
+    log_every: int = 1
+
+
+@dataclass
+class EvalConfig:
+    # Greedy generation length; null: longest reference answer (in tokens) + 2.
+    max_new_tokens: Optional[int] = None
+    batch_size: int = 8
+    # Evaluate the untrained model on every task first (gives the FWT baseline).
+    before_training: bool = False
+    # A retention suite name for ds_cl.evaluation after each task (skipped if that module is absent).
+    retention_suite: Optional[str] = None
+
+
+@dataclass
+class CheckpointConfig:
+    # Checkpoint every N optimizer steps inside a task (0: only at task boundaries).
+    every_steps: int = 0
+    keep: int = 2
+    # Exit (after checkpointing) once this many optimizer steps were done in this process:
+    # simulates an interruption for testing `--resume`.
+    stop_after_steps: Optional[int] = None
+
+
+@dataclass
+class OutputConfig:
+    export_each_task: bool = True  # task_<i>_<name>/ as an HF model
+    export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    plots: bool = True  # accuracy heatmap and loss curve PNGs
+    tensorboard: bool = False
+
+
+@dataclass
+class TaskConfig:
+    name: str = ""
+    # A .json/.jsonl/.csv/.parquet file, a saved `datasets` folder, or a `datasets` name.
+    train: str = ""
+    eval: Optional[str] = None  # null: hold out `eval_size` samples of `train`
+    train_split: str = "train"
+    eval_split: str = "test"
+    eval_size: int = 100
+    # Field mapping: input/output text, or a chat `messages` list (last assistant turn is the answer).
+    input_field: str = "input"
+    output_field: str = "output"
+    messages_field: Optional[str] = None
+    # Prompt: `template` with {instruction}, {options}, {input}; null template: the input as is.
+    template: Optional[str] = DEFAULT_TEMPLATE
+    instruction: str = DEFAULT_INSTRUCTION
+    labels: Optional[list[str]] = None  # null: the sorted set of training outputs
+    # "exact_match", or "module:function" taking (prediction, reference) -> float in [0, 1].
+    metric: str = "exact_match"
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = ""
+    seed: int = 42
+    # A deepspeed JSON file path, or the config inline. Batch sizes are filled from `train`.
+    deepspeed: Union[str, dict] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    tasks: list[TaskConfig] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the tree from plain data, with type checks that name the key.
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp, key: str, src: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key, src)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{src}: {key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{src}: {key}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{src}: {key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, args[0], f"{key}.{i}", src) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key, src)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{src}: {key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{src}: {key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{src}: {key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        # YAML reads 1e-5 as a string (YAML 1.1 wants a dot); accept numeric strings for floats.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{src}: {key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{src}: {key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"config field {key}: unsupported type {tp}")
+
+
+def _build(cls, data: Any, prefix: str, src: str):
+    where = prefix or "top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: {where}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            key = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(f"{src}: unknown key {key!r} (known under {where}: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k, src) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides: `train.lr=2e-5`, `tasks.0.name=x`, `method.osft.targets=[q_proj]` (values are YAML).
+
+
+def apply_override(data: dict, item: str, src: str = "command line") -> None:
+    if "=" not in item:
+        raise ConfigError(f"{src}: override {item!r} is not key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{src}: override {key}: value {raw!r} is not valid YAML ({e})") from None
+    parts = key.strip().split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        sub = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{src}: override {key}: {sub} is not an index of a list of {len(node)}")
+            node = node[int(part)]
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"{src}: override {key}: {sub} is a value, not a section")
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) >= len(node):
+            raise ConfigError(f"{src}: override {key}: {last} is not an index of a list of {len(node)}")
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks that need more than types: files exist, values in range, tasks are well formed.
+
+
+def _resolve(path: str, base: Path) -> str:
+    p = Path(os.path.expanduser(path))
+    return str(p if p.is_absolute() else (base / p))
+
+
+def _is_local_path(s: str) -> bool:
+    return s.endswith(DATA_EXTENSIONS) or s.endswith(".model") or s.startswith((".", "/", "~"))
+
+
+def _validate(cfg: RunConfig, src: str, base: Path) -> None:
+    def need(cond: bool, key: str, msg: str):
+        if not cond:
+            raise ConfigError(f"{src}: {key}: {msg}")
+
+    need(bool(cfg.output_dir), "output_dir", "is required (where checkpoints, metrics and models go)")
+    cfg.output_dir = _resolve(cfg.output_dir, base)
+
+    m = cfg.model
+    need(m.name_or_path is not None or m.config is not None, "model",
+         "set model.name_or_path (an HF folder) or model.config (a model built from scratch)")
+    if m.name_or_path and _is_local_path(m.name_or_path):
+        m.name_or_path = _resolve(m.name_or_path, base)
+        need(os.path.exists(m.name_or_path), "model.name_or_path", f"no such file or folder: {m.name_or_path}")
+    if m.config is not None:
+        need("model_type" in m.config, "model.config.model_type", "is required (e.g. llama)")
+    need(m.tokenizer is not None or m.name_or_path is not None, "model.tokenizer",
+         "is required when the model is built from model.config")
+    if m.tokenizer is not None:
+        if _is_local_path(m.tokenizer) or os.path.sep in m.tokenizer:
+            m.tokenizer = _resolve(m.tokenizer, base)
+            need(os.path.exists(m.tokenizer), "model.tokenizer", f"no such file or folder: {m.tokenizer}")
+
+    if isinstance(cfg.deepspeed, str):
+        path = _resolve(cfg.deepspeed, base)
+        need(os.path.isfile(path), "deepspeed", f"no such file: {path}")
+        import json
+
+        try:
+            with open(path) as f:
+                cfg.deepspeed = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{src}: deepspeed: {path} is not valid JSON ({e})") from None
+    zero = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
+    need(zero in (0, 1, 2, 3), "deepspeed.zero_optimization.stage", f"must be 0..3, got {zero!r}")
+
+    t = cfg.train
+    for k in ("epochs", "micro_batch_size", "global_batch_size", "max_seq_len", "log_every"):
+        need(getattr(t, k) >= 1, f"train.{k}", f"must be >= 1, got {getattr(t, k)}")
+    need(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
+    need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
+    need(len(t.betas) == 2, "train.betas", f"needs two values, got {t.betas}")
+    need(t.max_steps_per_task is None or t.max_steps_per_task >= 1, "train.max_steps_per_task", "must be >= 1")
+    need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
+
+    o = cfg.method.osft
+    need(0 <= o.mrr <= o.trr <= 1, "method.osft.mrr", f"need 0 <= mrr <= trr <= 1, got mrr={o.mrr} trr={o.trr}")
+    need(0 <= o.ratio <= 1, "method.osft.ratio", f"must be in [0, 1], got {o.ratio}")
+    need(o.importance_samples >= 1, "method.osft.importance_samples", "must be >= 1")
+    if o.first_task_importance_data:
+        o.first_task_importance_data = _resolve(o.first_task_importance_data, base)
+        need(os.path.exists(o.first_task_importance_data), "method.osft.first_task_importance_data",
+             f"no such file: {o.first_task_importance_data}")
+    r = cfg.method.replay.fraction
+    need(0 <= r <= 10, "method.replay.fraction", f"must be in [0, 10], got {r}")
+    if cfg.output.tensorboard:
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except Exception:
+            raise ConfigError(f"{src}: output.tensorboard: needs the tensorboard package "
+                              "(pip install tensorboard)") from None
+
+    need(len(cfg.tasks) >= 1, "tasks", "needs at least one task")
+    seen = set()
+    for i, task in enumerate(cfg.tasks):
+        key = f"tasks.{i}"
+        need(bool(task.name), f"{key}.name", "is required")
+        need(task.name not in seen, f"{key}.name", f"duplicate task name {task.name!r}")
+        need(all(c.isalnum() or c in "-_." for c in task.name), f"{key}.name",
+             f"use letters, digits, - _ . only (it names a folder), got {task.name!r}")
+        seen.add(task.name)
+        need(bool(task.train), f"{key}.train", "is required (a data file, a saved dataset or a dataset name)")
+        for k in ("train", "eval"):
+            v = getattr(task, k)
+            if v and _is_local_path(v):
+                v = _resolve(v, base)
+                setattr(task, k, v)
+                need(os.path.exists(v), f"{key}.{k}", f"no such file: {v}")
+        if task.template is not None:
+            try:
+                task.template.format(instruction="", options="", input="")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(f"{src}: {key}.template: only {{instruction}}, {{options}}, {{input}} "
+                                  f"may appear ({e!r})") from None
+        need(task.eval_size >= 1, f"{key}.eval_size", "must be >= 1")
+        if task.metric != "exact_match":
+            need(":" in task.metric, f"{key}.metric", f"'exact_match' or 'module:function', got {task.metric!r}")
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), data: dict | None = None) -> RunConfig:
+    """Read YAML (or take `data`), apply overrides, type-check and validate. Raises ConfigError."""
+    src = str(path) if path is not None else "config"
+    if data is None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"{src}: no such config file")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{src}: not valid YAML: {str(e).splitlines()[0]}") from None
+        if data is None:
+            data = {}
+    else:
+        import copy
+
+        data = copy.deepcopy(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: top level must be a mapping of keys, got {type(data).__name__}")
+    for item in overrides:
+        apply_override(data, item, f"{src} (override {item.split('=', 1)[0]})")
+    cfg = _build(RunConfig, data, "", src)
+    base = Path(path).resolve().parent if path is not None else Path.cwd()
+    _validate(cfg, src, base)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config (paths absolute, deepspeed inline): re-loadable with load_config."""
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,375 @@
+"""Task data for `ds-cl train`: reading records, prompt templates, tokenisation with the loss on the
+answer tokens only, truncation (counted, warned once per task), deterministic shuffling and
+data-parallel sharding.
+
+A training sample is `[bos] + prompt + answer + [eos]` with labels -100 on `[bos] + prompt`, so the
+model learns to produce the answer and the end of it. Evaluation feeds `[bos] + prompt` and compares
+the greedy continuation with the reference answer.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import logging
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ds_cl.config import TaskConfig
+
+log = logging.getLogger("ds_cl.data")
+
+IGNORE_INDEX = -100
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers: SentencePiece files (LLaMA-2 style) read by sentencepiece itself, everything else by
+# transformers. design.md §5: transformers' readers of a bare tokenizer.model disagree with
+# sentencepiece (missing "▁", empty ids), so we do not route SentencePiece through them.
+
+
+class SentencePieceTokenizer:
+    kind = "sentencepiece"
+
+    def __init__(self, model_file: str):
+        import sentencepiece as spm
+
+        self.path = model_file
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        if self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"{model_file}: SentencePiece model needs bos and eos pieces")
+        # LLaMA-2's model has no pad piece (pad_id -1): pad with eos; padded positions are masked anyway.
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_answer(self, text: str) -> list[int]:
+        # sentencepiece prefixes "▁" (a space) to each encoded piece of text, so "Answer:" + "▁pos"
+        # is what the tokenizer gives for "Answer: pos" in one go.
+        return self.sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([i for i in ids if i not in (self.eos_id, self.pad_id)])
+
+    def save(self, folder: str) -> None:
+        import shutil
+
+        shutil.copyfile(self.path, os.path.join(folder, "tokenizer.model"))
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+                       "bos_token": self.sp.id_to_piece(self.bos_id), "eos_token": self.sp.id_to_piece(self.eos_id),
+                       "unk_token": self.sp.id_to_piece(self.sp.unk_id()), "legacy": True}, f, indent=1)
+
+
+class HFTokenizer:
+    kind = "hf"
+
+    def __init__(self, path: str, chat_template: bool):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.chat = chat_template
+        if chat_template and not getattr(self.tok, "chat_template", None):
+            raise ValueError(f"{path}: model.chat_template is true but the tokenizer has no chat template")
+        self.bos_id = self.tok.bos_token_id
+        self.eos_id = self.tok.eos_token_id
+        if self.eos_id is None:
+            raise ValueError(f"{path}: tokenizer has no eos token")
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+
+    def encode_prompt(self, text: str) -> list[int]:
+        if self.chat:
+            ids = self.tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                               tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            # The template carries its own bos; ours is added in encode_example, so drop a leading one.
+            return list(ids[1:] if self.bos_id is not None and ids and ids[0] == self.bos_id else ids)
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def encode_answer(self, text: str) -> list[int]:
+        # BPE tokenizers mark word starts with the space: " positive" is what follows "Answer:".
+        return self.tok.encode(text if self.chat else " " + text, add_special_tokens=False)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, folder: str) -> None:
+        self.tok.save_pretrained(folder)
+
+
+def load_tokenizer(path: str, chat_template: bool = False):
+    """A `.model` file or a folder holding only tokenizer.model: SentencePiece; else transformers."""
+    p = Path(path)
+    if p.suffix == ".model" and p.is_file():
+        spm_file = str(p)
+    elif p.is_dir() and (p / "tokenizer.model").is_file() and not (p / "tokenizer.json").is_file():
+        spm_file = str(p / "tokenizer.model")
+    else:
+        return HFTokenizer(path, chat_template)
+    if chat_template:
+        raise ValueError(f"{path}: model.chat_template needs an HF tokenizer with a chat template")
+    return SentencePieceTokenizer(spm_file)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records.
+
+
+def read_records(source: str, split: str, key: str = "data") -> list[dict]:
+    """Rows of a .json/.jsonl/.csv/.parquet file, a `save_to_disk` folder, or a `datasets` name."""
+    p = Path(source)
+    if p.is_file():
+        if p.suffix == ".jsonl":
+            with open(p) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        elif p.suffix == ".json":
+            with open(p) as f:
+                rows = json.load(f)
+            if isinstance(rows, dict) and split in rows:  # {"train": [...], "test": [...]}
+                rows = rows[split]
+            if not isinstance(rows, list):
+                raise ValueError(f"{key}: {p} must hold a list of records (or a mapping of split -> list)")
+        elif p.suffix == ".csv":
+            with open(p, newline="") as f:
+                rows = list(csv.DictReader(f))
+        elif p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(p).to_pylist()
+        else:
+            raise ValueError(f"{key}: {p}: unsupported file type {p.suffix!r} (use .json .jsonl .csv .parquet)")
+        return rows
+    import datasets
+
+    if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
+                       or (p / "state.json").exists()):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"{key}: {p} has splits {list(ds)}, not {split!r}")
+            ds = ds[split]
+    else:
+        ds = datasets.load_dataset(source, split=split)
+    return [dict(r) for r in ds]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts.
+
+
+@dataclass
+class Example:
+    prompt: str
+    answer: str
+
+
+def task_labels(task: TaskConfig, train_rows: list[dict]) -> list[str]:
+    if task.labels is not None:
+        return list(task.labels)
+    if task.messages_field:
+        return []
+    return sorted({str(r[task.output_field]).strip() for r in train_rows if task.output_field in r})
+
+
+def to_examples(task: TaskConfig, rows: list[dict], labels: list[str], key: str) -> list[Example]:
+    out = []
+    for n, r in enumerate(rows):
+        if task.messages_field:
+            msgs = r.get(task.messages_field)
+            if not isinstance(msgs, list) or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
+                raise ValueError(f"{key}: record {n}: {task.messages_field!r} must be a list of chat messages "
+                                 "ending with an assistant turn")
+            # Earlier turns are flattened into the prompt; the last assistant turn is the answer.
+            prompt = "\n".join(m["content"] for m in msgs[:-1])
+            answer = str(msgs[-1]["content"])
+        else:
+            for f in (task.input_field, task.output_field):
+                if f not in r:
+                    raise ValueError(f"{key}: record {n} has no field {f!r} (fields: {', '.join(map(str, r))}); "
+                                     f"set tasks.*.input_field / output_field")
+            text, answer = str(r[task.input_field]), str(r[task.output_field]).strip()
+            prompt = text if task.template is None else task.template.format(
+                instruction=task.instruction, options=", ".join(labels), input=text)
+        if not answer.strip():
+            raise ValueError(f"{key}: record {n} has an empty output ({task.output_field!r})")
+        out.append(Example(prompt, answer))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenisation.
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode_example(tok, ex: Example, max_len: int) -> tuple[Encoded, bool]:
+    """(sample, truncated). Over-long prompts lose their *start* (the answer and the template's tail
+    such as "Answer:" stay); an answer longer than the budget is cut at its end."""
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    prompt = tok.encode_prompt(ex.prompt)
+    answer = tok.encode_answer(ex.answer) + [tok.eos_id]
+    truncated = False
+    room = max_len - len(bos) - len(answer)
+    if room < 1:  # keep one prompt token so there is something to condition on
+        answer = answer[: max_len - len(bos) - 1]
+        room, truncated = 1, True
+    if len(prompt) > room:
+        prompt, truncated = prompt[len(prompt) - room:], True
+    ids = bos + prompt + answer
+    labels = [IGNORE_INDEX] * (len(bos) + len(prompt)) + answer
+    return Encoded(ids, labels), truncated
+
+
+def encode_all(tok, examples: list[Example], max_len: int, what: str) -> list[Encoded]:
+    out, n_trunc = [], 0
+    for ex in examples:
+        enc, t = encode_example(tok, ex, max_len)
+        out.append(enc)
+        n_trunc += t
+    if n_trunc:
+        log.warning("%s: %d of %d samples truncated to train.max_seq_len=%d tokens", what, n_trunc,
+                    len(examples), max_len)
+    return out
+
+
+def encode_prompt_for_generation(tok, prompt: str, max_len: int) -> list[int]:
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    ids = tok.encode_prompt(prompt)
+    return bos + ids[max(0, len(ids) - (max_len - len(bos))):]
+
+
+# ---------------------------------------------------------------------------------------------
+# A task, loaded.
+
+
+@dataclass
+class TaskData:
+    name: str
+    train: list[Encoded]
+    eval_prompts: list[list[int]]
+    eval_answers: list[str]
+    metric: Callable[[str, str], float]
+
+
+def normalize_answer(s: str) -> str:
+    return re.sub(r"\s+", " ", s.strip().strip(".").strip()).lower()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    """1.0 if the first line of the generation equals the reference (case, spaces and a final dot aside)."""
+    first = prediction.strip().split("\n")[0]
+    return float(normalize_answer(first) == normalize_answer(reference))
+
+
+def resolve_metric(spec: str) -> Callable[[str, str], float]:
+    if spec == "exact_match":
+        return exact_match
+    mod, _, fn = spec.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int) -> TaskData:
+    key = f"tasks.{index} ({task.name})"
+    rows = read_records(task.train, task.train_split, f"{key}.train")
+    if task.eval is not None:
+        eval_rows = read_records(task.eval, task.eval_split, f"{key}.eval")
+    else:
+        # Hold out a deterministic slice of the training records for evaluation.
+        order = list(range(len(rows)))
+        random.Random(f"{seed}-holdout-{task.name}").shuffle(order)
+        n = min(task.eval_size, len(rows) // 2)
+        eval_rows = [rows[i] for i in order[:n]]
+        rows = [rows[i] for i in order[n:]]
+    if task.max_train_samples is not None:
+        rows = rows[: task.max_train_samples]
+    if task.max_eval_samples is not None:
+        eval_rows = eval_rows[: task.max_eval_samples]
+    if not rows:
+        raise ValueError(f"{key}.train: no training records in {task.train}")
+    if not eval_rows:
+        raise ValueError(f"{key}.eval: no evaluation records")
+    labels = task_labels(task, rows)
+    train = encode_all(tok, to_examples(task, rows, labels, f"{key}.train"), max_len, f"{key} train")
+    evals = to_examples(task, eval_rows, labels, f"{key}.eval")
+    prompts = [encode_prompt_for_generation(tok, e.prompt, max_len) for e in evals]
+    return TaskData(task.name, train, prompts, [e.answer for e in evals], resolve_metric(task.metric))
+
+
+# ---------------------------------------------------------------------------------------------
+# Order and sharding.
+
+
+def epoch_order(n: int, seed: int, task_index: int, epoch: int) -> list[int]:
+    """The global sample order of one epoch: the same on every rank, every run, every resume."""
+    order = list(range(n))
+    random.Random(f"{seed}-{task_index}-{epoch}").shuffle(order)
+    return order
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    # The tail that does not fill a global batch is dropped so that every rank runs the same steps.
+    return n // global_batch
+
+
+def rank_micro_batches(order: list[int], step: int, rank: int, world: int, micro: int, gas: int) -> list[list[int]]:
+    """Sample indices of optimizer step `step` for `rank`: gas micro-batches of `micro` samples.
+
+    A global batch is a contiguous slice of the epoch order; rank r takes its samples r, r+world, ...
+    so the union over ranks is the global batch whatever the world size.
+    """
+    g = micro * world * gas
+    batch = order[step * g:(step + 1) * g]
+    mine = batch[rank::world]
+    return [mine[i * micro:(i + 1) * micro] for i in range(gas)]
+
+
+def collate(samples: list[Encoded], pad_id: int):
+    import torch
+
+    width = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[i, :n] = torch.tensor(s.input_ids)
+        labels[i, :n] = torch.tensor(s.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def collate_prompts(prompts: list[list[int]], pad_id: int):
+    """Left-padded prompts for batched generation."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def replay_samples(previous: list[list[Encoded]], n: int, seed: int, task_index: int) -> list[Encoded]:
+    """n samples drawn evenly (without replacement where possible) from earlier tasks' training data."""
+    pool = [s for task in previous for s in task]
+    if not pool or n <= 0:
+        return []
+    rng = random.Random(f"{seed}-replay-{task_index}")
+    if n <= len(pool):
+        return rng.sample(pool, n)
+    return [pool[rng.randrange(len(pool))] for _ in range(n)]

@@ -1,0 +1,100 @@
+"""Run-config validation: every bad input is a one-line ConfigError naming the key and the file."""
+
+import pytest
+import yaml
+
+from ds_cl.config import ConfigError, RunConfig, load_config, save_config
+
+from tests.fixtures import FIXTURES
+
+
+def base(tmp_path):
+    return {
+        "output_dir": str(tmp_path / "out"),
+        "model": {"config": {"model_type": "llama", "hidden_size": 32}, "tokenizer": str(FIXTURES / "task_a.jsonl")},
+        "tasks": [{"name": "a", "train": str(FIXTURES / "task_a.jsonl")}],
+    }
+
+
+def write(tmp_path, data, text=None):
+    p = tmp_path / "run.yaml"
+    p.write_text(text if text is not None else yaml.safe_dump(data))
+    return p
+
+
+def err(tmp_path, data=None, overrides=(), text=None) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, data, text), list(overrides))
+    msg = str(e.value)
+    assert "\n" not in msg and "run.yaml" in msg
+    return msg
+
+
+def test_valid_config_defaults_follow_the_paper(tmp_path):
+    cfg = load_config(write(tmp_path, base(tmp_path)))
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.lr == 1e-5 and cfg.train.epochs == 1 and cfg.train.global_batch_size == 8
+    assert cfg.model.dtype == "bfloat16" and cfg.method.name == "osft"
+    assert cfg.method.osft.mrr == 0.1 and cfg.method.osft.trr == 0.8
+    assert "Choose one from the option" in cfg.tasks[0].instruction
+
+
+def test_overrides_apply_with_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, base(tmp_path)),
+                      ["train.lr=2e-5", "method.name=seqft", "tasks.0.max_train_samples=7", "method.osft.targets=[q_proj]"])
+    assert cfg.train.lr == 2e-5 and cfg.method.name == "seqft"
+    assert cfg.tasks[0].max_train_samples == 7 and cfg.method.osft.targets == ["q_proj"]
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    cfg = load_config(write(tmp_path, base(tmp_path)), ["train.lr=3e-4"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+def test_bad_yaml(tmp_path):
+    assert "not valid YAML" in err(tmp_path, text="tasks: [unclosed\n")
+
+
+def test_unknown_key(tmp_path):
+    d = base(tmp_path)
+    d["train"] = {"learning_rate": 1e-5}
+    assert "unknown key 'train.learning_rate'" in err(tmp_path, d)
+    assert "unknown key 'tasks.0.bogus'" in err(tmp_path, base(tmp_path), ["tasks.0.bogus=1"])
+
+
+def test_wrong_type(tmp_path):
+    d = base(tmp_path)
+    d["train"] = {"micro_batch_size": "four"}
+    assert "train.micro_batch_size: expected an integer" in err(tmp_path, d)
+    assert "method.name: must be one of" in err(tmp_path, base(tmp_path), ["method.name=lora"])
+    assert "eval.before_training: expected true/false" in err(tmp_path, base(tmp_path), ["eval.before_training=3"])
+
+
+def test_missing_files(tmp_path):
+    d = base(tmp_path)
+    d["tasks"][0]["train"] = str(tmp_path / "nope.jsonl")
+    assert "tasks.0.train: no such file" in err(tmp_path, d)
+    d = base(tmp_path)
+    d["deepspeed"] = str(tmp_path / "ds.json")
+    assert "deepspeed: no such file" in err(tmp_path, d)
+    d = base(tmp_path)
+    d["model"]["tokenizer"] = "./missing.model"
+    assert "model.tokenizer: no such file" in err(tmp_path, d)
+
+
+def test_tasks_must_be_present_and_named(tmp_path):
+    d = base(tmp_path)
+    d["tasks"] = []
+    assert "tasks: needs at least one task" in err(tmp_path, d)
+    d = base(tmp_path)
+    d["tasks"].append(dict(d["tasks"][0]))
+    assert "duplicate task name" in err(tmp_path, d)
+    assert "tasks.0.template" in err(tmp_path, base(tmp_path), ["tasks.0.template='{question}'"])
+
+
+def test_range_checks(tmp_path):
+    assert "method.osft.mrr" in err(tmp_path, base(tmp_path), ["method.osft.mrr=0.9", "method.osft.trr=0.5"])
+    assert "train.epochs: must be >= 1" in err(tmp_path, base(tmp_path), ["train.epochs=0"])
+    assert "output_dir: is required" in err(tmp_path, base(tmp_path), ["output_dir="])

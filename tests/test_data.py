@@ -1,0 +1,121 @@
+"""Data pipeline: tokenisation and masking, truncation, templates, readers, order and sharding."""
+
+import json
+import logging
+
+import pytest
+import sentencepiece as spm
+
+from ds_cl.config import TaskConfig
+from ds_cl.data import (IGNORE_INDEX, Example, collate, encode_all, encode_example, epoch_order, exact_match,
+                        load_task, load_tokenizer, rank_micro_batches, read_records, replay_samples, to_examples)
+
+from tests.fixtures import FIXTURES, train_sentencepiece
+
+
+@pytest.fixture(scope="module")
+def spm_file(tmp_path_factory):
+    return train_sentencepiece(tmp_path_factory.mktemp("tok") / "tok.model")
+
+
+def test_sentencepiece_tokenizer_matches_sentencepiece_itself(spm_file):
+    tok = load_tokenizer(str(spm_file))
+    sp = spm.SentencePieceProcessor(model_file=str(spm_file))
+    text = "Yesterday the telescope was in the news."
+    assert tok.encode_prompt(text) == sp.encode(text)
+    assert tok.encode_prompt(text)[0] == sp.piece_to_id("▁Y") or sp.id_to_piece(tok.encode_prompt(text)[0]).startswith("▁")
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+
+
+def test_loss_only_on_answer_tokens(spm_file):
+    tok = load_tokenizer(str(spm_file))
+    enc, truncated = encode_example(tok, Example("Review: the meal was great.\nAnswer:", "positive"), 128)
+    assert not truncated
+    answer = tok.encode_answer("positive") + [tok.eos_id]
+    prompt_len = 1 + len(tok.encode_prompt("Review: the meal was great.\nAnswer:"))
+    assert enc.input_ids[0] == tok.bos_id and enc.input_ids[prompt_len:] == answer
+    assert enc.labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert enc.labels[prompt_len:] == answer
+    b = collate([enc, encode_example(tok, Example("x", "negative"), 128)[0]], tok.pad_id)
+    assert b["labels"][1, b["attention_mask"][1].sum():].eq(IGNORE_INDEX).all()  # padding never trains
+
+
+def test_truncation_keeps_the_answer_and_counts(spm_file, caplog):
+    tok = load_tokenizer(str(spm_file))
+    long = Example("word " * 200 + "\nAnswer:", "negative")
+    enc, truncated = encode_example(tok, long, 24)
+    assert truncated and len(enc.input_ids) == 24 and enc.input_ids[0] == tok.bos_id
+    assert enc.input_ids[-len(tok.encode_answer("negative")) - 1:] == tok.encode_answer("negative") + [tok.eos_id]
+    with caplog.at_level(logging.WARNING, logger="ds_cl.data"):
+        encode_all(tok, [long, Example("short", "positive"), long], 24, "tasks.0 (x) train")
+    assert "2 of 3 samples truncated to train.max_seq_len=24" in caplog.text
+
+
+def test_template_and_labels():
+    task = TaskConfig(name="t", train="x")
+    rows = [{"input": "A tomato.", "output": "food"}, {"input": "A goal.", "output": "sports "}]
+    ex = to_examples(task, rows, ["food", "sports"], "tasks.0")
+    assert ex[0].prompt == ("What is the topic of the following paragraph? Choose one from the option.\n"
+                            "Option: food, sports\nA tomato.\nAnswer:")
+    assert ex[1].answer == "sports"
+    raw = TaskConfig(name="t", train="x", template=None)
+    assert to_examples(raw, rows, [], "k")[0].prompt == "A tomato."
+    chat = TaskConfig(name="t", train="x", messages_field="messages")
+    msgs = [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}]
+    assert to_examples(chat, msgs, [], "k")[0].answer == "Hello."
+
+
+def test_empty_output_and_missing_field_are_errors():
+    task = TaskConfig(name="t", train="x")
+    with pytest.raises(ValueError, match="record 1 has an empty output"):
+        to_examples(task, [{"input": "a", "output": "b"}, {"input": "c", "output": "  "}], [], "tasks.0")
+    with pytest.raises(ValueError, match="no field 'output'"):
+        to_examples(task, [{"input": "a", "label": "b"}], [], "tasks.0")
+
+
+def test_readers_agree_across_formats(tmp_path):
+    rows = read_records(str(FIXTURES / "task_b.csv"), "train")
+    assert len(rows) == 48 and set(rows[0]) == {"text", "label"}
+    import datasets
+
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(tmp_path / "b.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "b.json").write_text(json.dumps({"train": rows}))
+    for src in ("b.parquet", "saved", "b.json"):
+        assert read_records(str(tmp_path / src), "train") == rows
+
+
+def test_load_task_holdout_is_disjoint_and_deterministic(spm_file):
+    task = TaskConfig(name="b", train=str(FIXTURES / "task_b.csv"), input_field="text", output_field="label",
+                      eval_size=8)
+    tok = load_tokenizer(str(spm_file))
+    a, b = load_task(task, 0, tok, 96, seed=3), load_task(task, 0, tok, 96, seed=3)
+    assert len(a.train) == 40 and len(a.eval_prompts) == 8
+    assert a.eval_prompts == b.eval_prompts and [s.input_ids for s in a.train] == [s.input_ids for s in b.train]
+    train_prompts = {tuple(i for i, lab in zip(s.input_ids, s.labels) if lab == IGNORE_INDEX) for s in a.train}
+    assert not train_prompts & {tuple(p) for p in a.eval_prompts}  # held-out records are not trained on
+
+
+def test_sharding_partitions_each_global_batch():
+    order = epoch_order(64, seed=1, task_index=0, epoch=0)
+    assert order == epoch_order(64, 1, 0, 0) and order != epoch_order(64, 1, 0, 1) and sorted(order) == list(range(64))
+    for world, micro, gas in ((1, 4, 2), (2, 2, 2), (4, 1, 2), (2, 4, 1)):
+        got = []
+        for r in range(world):
+            mbs = rank_micro_batches(order, 1, r, world, micro, gas)
+            assert len(mbs) == gas and all(len(m) == micro for m in mbs)
+            got += [i for m in mbs for i in m]
+        assert sorted(got) == sorted(order[8:16])  # step 1 = the second global batch of 8, whatever the layout
+
+
+def test_replay_draws_from_earlier_tasks():
+    prev = [[("a", i) for i in range(10)], [("b", i) for i in range(10)]]
+    got = replay_samples(prev, 6, seed=0, task_index=2)
+    assert len(got) == 6 and len(set(got)) == 6 and got == replay_samples(prev, 6, 0, 2)
+    assert replay_samples(prev, 0, 0, 2) == []
+
+
+def test_exact_match():
+    assert exact_match(" Positive.\nmore", "positive") == 1.0
+    assert exact_match("positive review", "positive") == 0.0
