@@ -267,29 +267,43 @@ def _get(data: dict, dotted: str) -> Any:
 
 
 def run_settings(config: str | Path, overrides: list[str] = ()) -> RunSettings:
-    """The launch-relevant settings of a run config with overrides applied."""
+    """The launch-relevant settings of a run config with overrides applied.
+
+    Uses `ds_cl.config.load_config`, the same validation `ds-cl train` runs (unknown keys, types,
+    missing data files), so a bad config fails here, before any node starts.
+    """
     path = Path(config)
     if not path.is_file():
         raise LaunchError(f"run config {path} does not exist")
+    try:
+        from ds_cl.config import ConfigError, load_config
+    except ImportError:  # the trainer is not installed: read only what the launch needs
+        return _loose_run_settings(path, overrides)
+    try:
+        cfg = load_config(path, list(overrides))
+    except ConfigError as e:
+        raise LaunchError(str(e)) from None
+    ds_src = f"{path}: deepspeed"
+    return RunSettings(cfg.method.name, load_ds_config(cfg.deepspeed), ds_src, cfg.train.micro_batch_size,
+                       None, cfg.train.global_batch_size)
+
+
+def _loose_run_settings(path: Path, overrides: list[str]) -> RunSettings:
     data = _load_yaml(path)
     for item in overrides:
         _apply_override(data, item)
     method = _get(data, "method.name") or _get(data, "method")
     method = method if isinstance(method, str) else None
-    ds = _get(data, "deepspeed") or _get(data, "ds_config")
+    ds = _get(data, "deepspeed")
     if ds is None:
         raise LaunchError(f"run config {path}: no 'deepspeed' key (a DeepSpeed config path or mapping)")
     if isinstance(ds, str):
-        ds_path = Path(ds)
-        if not ds_path.is_absolute() and not ds_path.exists():
-            ds_path = path.parent / ds_path
+        ds_path = Path(ds) if Path(ds).is_absolute() else path.parent / ds
         ds_cfg, ds_src = load_ds_config(ds_path), str(ds_path)
     else:
         ds_cfg, ds_src = load_ds_config(ds), f"{path}: deepspeed"
-    train = _get(data, "train") or _get(data, "training") or {}
-    pick = lambda *ks: next((train[k] for k in ks if isinstance(train, dict) and train.get(k) is not None), None)
-    return RunSettings(method, ds_cfg, ds_src, pick("micro_batch_size", "micro_batch_size_per_gpu"),
-                       pick("gradient_accumulation_steps", "grad_accum"), pick("train_batch_size", "batch_size"))
+    return RunSettings(method, ds_cfg, ds_src, _get(data, "train.micro_batch_size"), None,
+                       _get(data, "train.global_batch_size"))
 
 
 def preflight(config: str | Path, overrides: list[str], nodes: int, gpus_per_node: int,

@@ -4,8 +4,9 @@
 
 Every rank joins the process group, all-reduces its rank, and writes
 `<output_dir>/probe/rank<R>.json` (rank, world size, local rank, host, SLURM node, arguments);
-`output_dir` comes from the run config with overrides applied. The override
-`probe.exit_code=N` makes rank 0 exit with N after the barrier (to test failure reporting).
+`output_dir` comes from the run config with overrides applied (read as `ds-cl train` reads it).
+With DS_CL_PROBE_EXIT=N in the environment rank 0 exits with N after the barrier (to test
+failure reporting).
 """
 
 import json
@@ -17,17 +18,26 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from ds_cl.launch_checks import _apply_override, _get, _load_yaml
 from pathlib import Path
+
+from ds_cl.launch_checks import _apply_override, _get, _load_yaml
+
+
+def output_dir(config: str, overrides: list[str]) -> Path:
+    try:
+        from ds_cl.config import load_config
+    except ImportError:
+        data = _load_yaml(Path(config))
+        for item in overrides:
+            _apply_override(data, item)
+        out = Path(_get(data, "output_dir") or "outputs")
+        return out if out.is_absolute() else Path(config).resolve().parent / out
+    return Path(load_config(config, overrides).output_dir)
 
 
 def main() -> int:
     config, rest = sys.argv[1], sys.argv[2:]
-    data = _load_yaml(Path(config))
-    for item in rest:
-        if "=" in item:
-            _apply_override(data, item)
-    out = Path(_get(data, "output_dir") or "outputs/probe") / "probe"
+    out = output_dir(config, [a for a in rest if "=" in a]) / "probe"
     cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -46,7 +56,7 @@ def main() -> int:
     print(f"probe: rank {rank}/{world} on {info['slurmd_nodename'] or info['hostname']} ok", flush=True)
     dist.barrier()
     dist.destroy_process_group()
-    code = int(_get(data, "probe.exit_code") or 0)
+    code = int(os.environ.get("DS_CL_PROBE_EXIT", "0"))
     return code if rank == 0 else 0
 
 

@@ -213,3 +213,52 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def __exit__(self, *exc):
         self.stop()
+
+
+# ------------------------------------------------------------------------------------------------
+# A tiny but real `ds-cl train` run for launch tests: 2 short tasks, a 2-layer LLaMA built from
+# a config, a SentencePiece tokenizer trained on the spot (under a second).
+
+TINY_RUN = """\
+output_dir: out
+seed: 1
+deepspeed: {deepspeed}
+model:
+  config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
+           num_attention_heads: 2, num_key_value_heads: 2, vocab_size: 320, max_position_embeddings: 128}}
+  tokenizer: tok.model
+  dtype: float32
+method: {{name: osft, osft: {{rank: fixed, ratio: 0.5}}}}
+train: {{micro_batch_size: 2, global_batch_size: {global_batch}, max_seq_len: 64, max_steps_per_task: 2}}
+eval: {{max_new_tokens: 2, batch_size: 8}}
+output: {{export_each_task: false, plots: false}}
+tasks:
+  - {{name: colors, train: colors.jsonl, eval_size: 4}}
+  - {{name: animals, train: animals.jsonl, eval_size: 4}}
+"""
+
+
+def write_tiny_run(folder: Path, deepspeed: str = "{zero_optimization: {stage: 3}}", global_batch: int = 4) -> Path:
+    """Data, tokenizer and run config in `folder`; returns the config path (outputs go to folder/out)."""
+    import json
+    import random
+
+    import sentencepiece as spm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rnd = random.Random(0)
+    words = "alpha beta gamma delta red green blue cat dog fish one two three sun moon star".split()
+    for task, labels in (("colors", ["red", "blue"]), ("animals", ["cat", "dog"])):
+        with open(folder / f"{task}.jsonl", "w") as f:
+            for i in range(16):
+                text = " ".join(rnd.choice(words) for _ in range(5)) + f" {labels[i % 2]}"
+                f.write(json.dumps({"input": text, "output": labels[i % 2]}) + "\n")
+    sents = [" ".join(rnd.choice(words) for _ in range(8)) for _ in range(300)]
+    sents += ["What is the topic of the following paragraph? Choose one from the option. Option: Answer:"] * 5
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sents), model_prefix=str(folder / "tok"), vocab_size=320,
+                                   model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
+                                   minloglevel=2)
+    cfg = folder / "run.yaml"
+    cfg.write_text(TINY_RUN.format(deepspeed=deepspeed, global_batch=global_batch))
+    return cfg

@@ -1,0 +1,198 @@
+"""Pre-launch checks (ds_cl.launch_checks) and the launchers' --dry-run / bad-input behaviour.
+
+The launchers are run for real (bash); --dry-run stops them right before deepspeed starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ds_cl import launch_checks as lc
+from tests.dist_utils import REPO
+from tests.slurm_cluster import write_tiny_run
+
+LAUNCHERS = REPO / "launchers"
+DS_CONFIGS = REPO / "ds_configs"
+
+
+@pytest.fixture(scope="module")
+def run_cfg(tmp_path_factory) -> Path:
+    return write_tiny_run(tmp_path_factory.mktemp("run"))
+
+
+def sh(*cmd: str, **env: str) -> subprocess.CompletedProcess:
+    e = dict(os.environ, PYTHON=sys.executable, **env)
+    e.pop("NUM_GPUS", None)
+    return subprocess.run(["bash", *map(str, cmd)], cwd=REPO, env=e, capture_output=True, text=True, timeout=120)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    """The launch must fail with status 2 and one `ds-cl launch: error:` line."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ds-cl launch: error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+# -- batch arithmetic ------------------------------------------------------------------------------
+
+
+def test_batch_auto_filled_from_run_config():
+    b = lc.check_batch({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}, world=16,
+                       micro=1, total=64)
+    assert (b.micro, b.accum, b.world, b.total) == (1, 4, 16, 64)
+    assert str(b) == "train_batch_size 64 = micro 1 x grad_accum 4 x world 16"
+
+
+def test_batch_not_fitting_world_shows_arithmetic():
+    with pytest.raises(lc.LaunchError, match=r"train_batch_size 8 does not fit world size 16: it is not a multiple "
+                                             r"of micro 1 x world 16 = 16"):
+        lc.check_batch({}, world=16, micro=1, total=8)
+    with pytest.raises(lc.LaunchError, match=r"micro 2 x grad_accum 2 x world 4 = 16"):
+        lc.check_batch({"train_batch_size": 12, "train_micro_batch_size_per_gpu": 2,
+                        "gradient_accumulation_steps": 2}, world=4)
+
+
+def test_batch_numbers_in_both_configs_must_agree():
+    with pytest.raises(lc.LaunchError, match="train_micro_batch_size_per_gpu is 4 but the run config says 2"):
+        lc.check_batch({"train_micro_batch_size_per_gpu": 4}, world=2, micro=2, total=8)
+    assert lc.check_batch({"gradient_accumulation_steps": 2}, world=2, total=8).micro == 2
+
+
+# -- ZeRO stage per method ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage,world,ok", [(3, 16, True), (2, 16, True), (0, 1, True), (1, 1, False),
+                                            (1, 16, False), (0, 2, False)])
+def test_zero_stage_supported_by_projector(stage, world, ok):
+    cfg = {"zero_optimization": {"stage": stage}}
+    if ok:
+        assert lc.check_zero_stage(cfg, world, "osft") == stage
+    else:
+        with pytest.raises(lc.LaunchError, match=f"ZeRO stage {stage}"):
+            lc.check_zero_stage(cfg, world, "osft")
+    assert lc.check_zero_stage(cfg, world, "seqft") == stage  # no projector: any stage
+
+
+# -- hostfiles, allocations, ports ------------------------------------------------------------------------
+
+
+def test_hostfile_parse_and_errors(tmp_path):
+    hf = tmp_path / "hostfile"
+    hf.write_text("# nodes\nnode1 slots=8\n\nnode2 slots=8  # second\n")
+    assert lc.parse_hostfile(hf) == [("node1", 8), ("node2", 8)]
+    hf.write_text("node1 slots=8\nnode2 slots=8\nnode1 slots=8\n")
+    with pytest.raises(lc.LaunchError, match=r"hostfile:3: duplicate host 'node1' \(first on line 1\)"):
+        lc.parse_hostfile(hf)
+    hf.write_text("node1 8\n")
+    with pytest.raises(lc.LaunchError, match="expected 'hostname slots=N'"):
+        lc.parse_hostfile(hf)
+    with pytest.raises(lc.LaunchError, match="does not exist"):
+        lc.parse_hostfile(tmp_path / "nope")
+
+
+def test_nodes_and_port():
+    with pytest.raises(lc.LaunchError, match="4 nodes requested but the allocation has 2: a, b"):
+        lc.check_nodes(4, ["a", "b"])
+    with pytest.raises(lc.LaunchError, match="duplicate host"):
+        lc.write_hostfile(["a", "a"], 8, "/nonexistent/never-written")
+    assert lc.port_from_job_id(123456) == 20000 + 3456
+    assert lc.port_from_job_id("7") == 20007
+
+
+# -- shipped DeepSpeed configs ----------------------------------------------------------------------------
+
+
+def test_shipped_ds_configs_take_batch_and_stage_checks():
+    names = sorted(p.name for p in DS_CONFIGS.glob("*.json"))
+    assert names == ["zero2_bf16.json", "zero3_bf16.json", "zero3_offload_nvme.template.json",
+                     "zero3_offload_optimizer.json"]
+    for name in names:
+        cfg = lc.load_ds_config(DS_CONFIGS / name)
+        # Paper recipe: effective batch 8 on 8 GPUs, micro 1 -> no accumulation.
+        assert lc.check_batch(cfg, world=8, micro=1, total=8).accum == 1
+        assert lc.check_zero_stage(cfg, 8, "osft") in (2, 3)
+        assert cfg["bf16"]["enabled"] and cfg["data_types"]["grad_accum_dtype"] == "fp32"
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "gradient_clipping"):
+            assert cfg[key] == "auto", (name, key)
+
+
+# -- preflight through the run config and the shell launchers -----------------------------------------------
+
+
+def test_preflight_reads_run_config(run_cfg):
+    msg = lc.preflight(run_cfg, [], nodes=2, gpus_per_node=1)
+    assert "world 2 = 2 node(s) x 1; train_batch_size 4 = micro 2 x grad_accum 1 x world 2; ZeRO 3" in msg
+    with pytest.raises(lc.LaunchError, match="does not fit world size 4"):
+        lc.preflight(run_cfg, ["train.global_batch_size=6"], nodes=2, gpus_per_node=2)
+    with pytest.raises(lc.LaunchError, match="ZeRO stage 1 is not supported by method 'osft'"):
+        lc.preflight(run_cfg, ["deepspeed.zero_optimization.stage=1"], nodes=1, gpus_per_node=2)
+
+
+def test_single_node_dry_run_prints_command(run_cfg):
+    p = sh(LAUNCHERS / "single_node.sh", "--dry-run", "--gpus", "2", run_cfg, "train.lr=2e-5", "--resume")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == (f"[localhost] {sys.executable} -m deepspeed.launcher.runner --num_gpus 2 "
+                                f"--master_port 29500 --no_local_rank --module ds_cl.cli train {run_cfg} "
+                                f"train.lr=2e-5 --resume")
+    assert "preflight ok" in p.stderr
+
+
+def test_multi_node_dry_run_prints_every_node(run_cfg, tmp_path):
+    hf = tmp_path / "hostfile"
+    hf.write_text("gpu-a slots=2\ngpu-b slots=2\n")
+    p = sh(LAUNCHERS / "multi_node.sh", "--no-ssh", "--dry-run", "--hostfile", hf, run_cfg, "train.global_batch_size=8")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["[gpu-a]", "[gpu-b]"]
+    assert "--master_addr gpu-a" in lines[1] and "--no_ssh --node_rank 1" in lines[1]
+    assert "train_batch_size 8 = micro 2 x grad_accum 1 x world 4" in p.stderr  # 2 nodes x 2 slots
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing_config", "run config /nonexistent/run.yaml does not exist"),
+    ("more_nodes", "3 nodes requested but hostfile"),
+    ("duplicate_host", "duplicate host 'gpu-a'"),
+    ("batch_world", "train_batch_size 4 does not fit world size 8: it is not a multiple of micro 2 x world 8 = 16"),
+    ("zero1", "ZeRO stage 1 is not supported by method 'osft'"),
+    ("unknown_key", "unknown key 'train.lrr'"),
+])
+def test_bad_input_fails_before_launch(case, expect, run_cfg, tmp_path):
+    hf = tmp_path / "hostfile"
+    hf.write_text("gpu-a slots=4\ngpu-b slots=4\n")
+    multi = [LAUNCHERS / "multi_node.sh", "--no-ssh", "--node-rank", "0", "--hostfile", hf]
+    args = {
+        "missing_config": [LAUNCHERS / "single_node.sh", "--gpus", "2", "/nonexistent/run.yaml"],
+        "more_nodes": [*multi, "--nodes", "3", run_cfg],
+        "duplicate_host": [*multi, run_cfg],
+        "batch_world": [*multi, run_cfg],
+        "zero1": [LAUNCHERS / "single_node.sh", "--gpus", "2", run_cfg, "deepspeed.zero_optimization.stage=1"],
+        "unknown_key": [LAUNCHERS / "single_node.sh", "--gpus", "2", run_cfg, "train.lrr=1"],
+    }[case]
+    if case == "duplicate_host":
+        hf.write_text("gpu-a slots=4\ngpu-a slots=4\n")
+    # Not a dry run: the launch itself must refuse (deepspeed would otherwise start and hang or crash).
+    assert expect in one_error_line(sh(*args))
+
+
+def test_cli_one_line_errors(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "ds_cl.launch_checks", "hostfile", "--out", str(tmp_path / "h"),
+                        "--slots", "8"], env={k: v for k, v in os.environ.items() if not k.startswith("SLURM")},
+                       capture_output=True, text=True)
+    assert "not inside a SLURM allocation" in one_error_line(p)
+    p = subprocess.run([sys.executable, "-m", "ds_cl.launch_checks", "port", "--job-id", "4242"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "24242"
+    bad = tmp_path / "ds.json"
+    bad.write_text("{ not json")
+    with pytest.raises(lc.LaunchError, match="is not valid JSON: line 1"):
+        lc.load_ds_config(bad)
+    assert json.loads((DS_CONFIGS / "zero3_bf16.json").read_text())["zero_optimization"]["stage"] == 3
