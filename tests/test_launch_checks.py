@@ -196,3 +196,31 @@ def test_cli_one_line_errors(tmp_path):
     with pytest.raises(lc.LaunchError, match="is not valid JSON: line 1"):
         lc.load_ds_config(bad)
     assert json.loads((DS_CONFIGS / "zero3_bf16.json").read_text())["zero_optimization"]["stage"] == 3
+
+
+# -- example LLaMA-2-7B run configs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,ntasks", [("llama2_7b_cl_order1.yaml", 4), ("llama2_7b_trace.yaml", 8)])
+def test_example_configs_validate_and_fit_8_gpus(name, ntasks, tmp_path):
+    """The examples pass the run config schema once their data paths exist, and fit 1 node x 8 GPUs."""
+    import yaml
+
+    from ds_cl.config import load_config
+
+    src = REPO / "launchers" / "examples" / name
+    data = yaml.safe_load(src.read_text())
+    for t in data["tasks"]:
+        for k in ("train", "eval"):
+            f = tmp_path / Path(t[k]).relative_to("/path/to")
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text('{"input": "x", "output": "y"}\n')
+            t[k] = str(f)
+    data["deepspeed"] = str((src.parent / data["deepspeed"]).resolve())
+    cfg = load_config(None, data=data)
+    assert len(cfg.tasks) == ntasks and cfg.train.lr == 1e-5 and cfg.train.global_batch_size == 8
+    assert cfg.model.dtype == "bfloat16" and cfg.train.epochs == 1 and cfg.method.name == "osft"
+    batch = lc.check_batch(cfg.deepspeed, 8, cfg.train.micro_batch_size, None, cfg.train.global_batch_size)
+    assert str(batch) == "train_batch_size 8 = micro 1 x grad_accum 1 x world 8"
+    with pytest.raises(lc.LaunchError, match="does not fit world size 16"):
+        lc.check_batch(cfg.deepspeed, 16, cfg.train.micro_batch_size, None, cfg.train.global_batch_size)
