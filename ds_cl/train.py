@@ -468,6 +468,11 @@ class Trainer:
         st = self.checkpoints.load(path, self.engine, self.projector)
         st.pop("world_size", None)
         self.state = RunState(**st)
+        if self.dist.rank == 0 and (self.out / "metrics.jsonl").is_file():
+            # Drop records of steps after the checkpoint (a crash after it): they are about to be redone.
+            lines = (self.out / "metrics.jsonl").read_text().splitlines()
+            keep = [l for l in lines if json.loads(l).get("step", 0) <= self.state.global_step]
+            (self.out / "metrics.jsonl").write_text("".join(l + "\n" for l in keep))
         self._log_rank0(f"resumed from {path} (task {self.state.phase}, step {self.state.step_in_phase})")
         return True
 
