@@ -1,0 +1,243 @@
+"""Subspace maths of "Sculpting Subspaces" (arXiv 2504.07097) on full matrices, in one process.
+
+Nothing here knows about DeepSpeed: `ds_cl.projector` moves sharded gradients and weights to the
+rank that owns a matrix and calls these functions on the full m x n view.
+
+For a target weight W = U S V^T we keep r top singular directions, U_h = U[:, :r], V_h = V[:, :r]
+(the "high" subspace), and constrain every update dW of the next task by
+
+* ``two_sided`` (default): dW' = (I - U_h U_h^T) dW (I - V_h V_h^T), so U_h^T dW' = 0 and dW' V_h = 0.
+  This is the subspace the authors' released trainers enforce.
+* ``paper``: dW' = dW - U_h U_h^T dW V_h V_h^T, the formula printed in the paper. It only removes the
+  high-high block, a weaker constraint: U_h^T dW' need not vanish.
+
+Rank policies give r per matrix as a fraction of min(m, n):
+
+* ``FixedRank(ratio)``: one ratio for every matrix.
+* ``AdaptiveRank(mrr, trr)``: the paper's r_l = mrr + I_l (trr - mrr) with layer importance I_l in [0, 1].
+  I_l comes from c_l = mean over (unmasked) tokens of cos(x_in, x_out) of decoder layer l. The paper
+  leaves the normalisation open; we use min-max over the layers of the model,
+  I_l = (c_l - min_k c_k) / (max_k c_k - min_k c_k), so the least similar layer keeps mrr and the most
+  similar keeps trr. When every layer has the same c (or there is one layer) all get I = 1: with no
+  evidence to tell layers apart, protect as much as the policy allows. ``normalize="none"`` uses
+  I_l = clamp(c_l, 0, 1) instead.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+PROJECTIONS = ("two_sided", "paper")
+
+# Attention q/k/v/o and MLP gate/up/down of LLaMA-style models; never embeddings, lm_head, norms, biases.
+DEFAULT_TARGET_PATTERNS = (r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$",)
+
+# "model.layers.12.self_attn.q_proj.weight" -> "model.layers.12": the decoder layer a parameter lives in.
+_LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|block|layer)\.\d+)\.")
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+@dataclass(frozen=True)
+class FixedRank:
+    """Keep ``ratio`` x min(m, n) top directions of every target (the authors' production default is 0.75)."""
+
+    ratio: float = 0.5
+
+    def __post_init__(self):
+        if not 0.0 <= self.ratio <= 1.0:
+            raise ValueError(f"FixedRank.ratio must be in [0, 1], got {self.ratio}")
+
+    needs_importance = False
+
+    def rank(self, shape: Sequence[int], importance: float | None = None) -> int:
+        return _ratio_to_rank(self.ratio, shape, self.ratio, self.ratio)
+
+
+@dataclass(frozen=True)
+class AdaptiveRank:
+    """The paper's adaptive rank: ratio = mrr + importance * (trr - mrr), importance in [0, 1]."""
+
+    mrr: float = 0.1
+    trr: float = 0.8
+    normalize: str = "minmax"
+
+    def __post_init__(self):
+        if not 0.0 <= self.mrr <= self.trr <= 1.0:
+            raise ValueError(f"AdaptiveRank needs 0 <= mrr <= trr <= 1, got mrr={self.mrr}, trr={self.trr}")
+        if self.normalize not in ("minmax", "none"):
+            raise ValueError(f"AdaptiveRank.normalize must be 'minmax' or 'none', got {self.normalize!r}")
+
+    needs_importance = True
+
+    def ratio(self, importance: float) -> float:
+        if not 0.0 <= importance <= 1.0 or math.isnan(importance):
+            raise ValueError(f"layer importance must be in [0, 1], got {importance}")
+        return self.mrr + importance * (self.trr - self.mrr)
+
+    def rank(self, shape: Sequence[int], importance: float | None = None) -> int:
+        if importance is None:
+            raise ValueError("AdaptiveRank needs a layer importance; give importance batches to fit()")
+        return _ratio_to_rank(self.ratio(importance), shape, self.mrr, self.trr)
+
+
+RankPolicy = FixedRank | AdaptiveRank
+
+
+def rank_policy_from(spec) -> RankPolicy:
+    """Accept a policy object, "fixed"/"adaptive" (defaults), or a dict {"policy": ..., **options}."""
+    if isinstance(spec, (FixedRank, AdaptiveRank)):
+        return spec
+    if isinstance(spec, str):
+        spec = {"policy": spec}
+    if isinstance(spec, Mapping):
+        opts = dict(spec)
+        kind = opts.pop("policy", None)
+        if kind == "fixed":
+            return FixedRank(**opts)
+        if kind == "adaptive":
+            return AdaptiveRank(**opts)
+        raise ValueError(f"rank policy must be 'fixed' or 'adaptive', got {kind!r}")
+    raise TypeError(f"rank_policy must be FixedRank, AdaptiveRank, 'fixed', 'adaptive' or a dict, got {type(spec)}")
+
+
+def _ratio_to_rank(ratio: float, shape: Sequence[int], lo: float, hi: float) -> int:
+    k = min(int(shape[0]), int(shape[1]))
+    # Rounding could step outside [lo, hi] x k by half a direction; clamp so policies keep their bounds.
+    r = round(ratio * k)
+    return int(min(max(r, math.ceil(lo * k - 1e-9)), math.floor(hi * k + 1e-9)))
+
+
+def layer_importance(cos_sum: Mapping[str, float], count: Mapping[str, float],
+                     normalize: str = "minmax") -> dict[str, float]:
+    """Importance per layer from summed token cosines and token counts (already reduced over ranks)."""
+    if not cos_sum:
+        raise ValueError("no decoder layer saw any token: importance batches are empty or all masked")
+    mean = {}
+    for layer, s in cos_sum.items():
+        n = count[layer]
+        if n <= 0:
+            raise ValueError(f"layer {layer} saw no unmasked token in the importance batches")
+        mean[layer] = float(s) / float(n)
+    if normalize == "none":
+        return {k: min(max(v, 0.0), 1.0) for k, v in mean.items()}
+    lo, hi = min(mean.values()), max(mean.values())
+    if hi - lo <= 1e-12:
+        return {k: 1.0 for k in mean}
+    return {k: (v - lo) / (hi - lo) for k, v in mean.items()}
+
+
+def token_cosine_sum(x_in: torch.Tensor, x_out: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, float]:
+    """Sum over unmasked tokens of cos(x_in, x_out) along the hidden dimension, and the token count."""
+    cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1, eps=1e-8)
+    if mask is not None:
+        m = mask.to(cos.dtype)
+        return float((cos * m).sum()), float(m.sum())
+    return float(cos.sum()), float(cos.numel())
+
+
+def layer_of(param_name: str) -> str | None:
+    """The decoder-layer prefix a parameter belongs to, e.g. 'model.layers.3', or None."""
+    m = _LAYER_RE.match(param_name)
+    return m.group(1) if m else None
+
+
+# --------------------------------------------------------------------------------------------- targets
+def select_targets(names: Iterable[str], patterns: Sequence[str] | None = None) -> list[str]:
+    """Names matching any pattern (regex, `re.search`), in the given order.
+
+    A pattern that matches nothing is an error naming it: a typo would otherwise leave a model
+    silently unconstrained.
+    """
+    names = list(names)
+    patterns = list(DEFAULT_TARGET_PATTERNS if patterns is None else patterns)
+    if not patterns:
+        raise ValueError("targets is empty: give at least one module-name pattern")
+    compiled = []
+    for p in patterns:
+        try:
+            compiled.append(re.compile(p))
+        except re.error as e:
+            raise ValueError(f"target pattern {p!r} is not a valid regular expression: {e}") from None
+    for p, c in zip(patterns, compiled):
+        if not any(c.search(n) for n in names):
+            sample = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+            raise ValueError(f"target pattern {p!r} matches no parameter (parameters: {sample})")
+    return [n for n in names if any(c.search(n) for c in compiled)]
+
+
+# ------------------------------------------------------------------------------------------------- SVD
+def svd_bases(weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-`rank` left and right singular vectors (U_h: m x r, V_h: n x r) of `weight`, returned in fp32.
+
+    `dtype=torch.float64` computes the SVD in double precision (slower, for ill-conditioned weights).
+    A driver that fails to converge is retried in float64 before giving up.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"SVD needs a 2-D weight, got shape {tuple(weight.shape)}")
+    m, n = weight.shape
+    if not 0 <= rank <= min(m, n):
+        raise ValueError(f"rank {rank} outside [0, min(m, n) = {min(m, n)}] for a {m} x {n} weight")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight has non-finite entries; refusing to fit bases from it")
+    w = weight.to(dtype)
+    try:
+        u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    except RuntimeError:
+        if dtype == torch.float64:
+            raise
+        u, _, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+    return u[:, :rank].float().contiguous(), vh[:rank].T.float().contiguous()
+
+
+def check_bases(name: str, shape: Sequence[int], u_h: torch.Tensor, v_h: torch.Tensor, tol: float = 1e-4) -> None:
+    """Raise a ValueError naming `name` unless (U_h, V_h) are orthonormal bases fitting an m x n weight."""
+    m, n = int(shape[0]), int(shape[1])
+    if u_h.dim() != 2 or v_h.dim() != 2:
+        raise ValueError(f"{name}: bases must be 2-D, got U_h {tuple(u_h.shape)}, V_h {tuple(v_h.shape)}")
+    if u_h.shape[0] != m or v_h.shape[0] != n:
+        raise ValueError(f"{name}: weight is {m} x {n}, so U_h must be {m} x r and V_h {n} x r; "
+                         f"got U_h {tuple(u_h.shape)}, V_h {tuple(v_h.shape)}")
+    if u_h.shape[1] != v_h.shape[1]:
+        raise ValueError(f"{name}: U_h has {u_h.shape[1]} columns but V_h has {v_h.shape[1]}")
+    r = u_h.shape[1]
+    if r > min(m, n):
+        raise ValueError(f"{name}: rank {r} > min(m, n) = {min(m, n)}")
+    for label, b in (("U_h", u_h), ("V_h", v_h)):
+        if not b.is_floating_point() or not torch.isfinite(b).all():
+            raise ValueError(f"{name}: {label} must be finite floating point")
+        if r:
+            err = (b.double().T @ b.double() - torch.eye(r, dtype=torch.float64)).abs().max().item()
+            if err > tol:
+                raise ValueError(f"{name}: {label} is not orthonormal (max |B^T B - I| = {err:.2e} > {tol:.0e})")
+
+
+# ------------------------------------------------------------------------------------------ projection
+def project(g: torch.Tensor, u_h: torch.Tensor, v_h: torch.Tensor, kind: str = "two_sided") -> torch.Tensor:
+    """Project an m x n update (or a batch b x m x n with batched bases) away from the high subspace.
+
+    two_sided costs ~8 m n r flops: A = U^T G; G1 = G - U A; B = G1 V; G' = G1 - B V^T.
+    """
+    if u_h.shape[-1] == 0:
+        return g
+    ut = u_h.transpose(-1, -2)
+    if kind == "two_sided":
+        g1 = g - u_h @ (ut @ g)
+        return g1 - (g1 @ v_h) @ v_h.transpose(-1, -2)
+    if kind == "paper":
+        return g - u_h @ ((ut @ g) @ v_h) @ v_h.transpose(-1, -2)
+    raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
+
+
+def leak(dw: torch.Tensor, u_h: torch.Tensor, v_h: torch.Tensor) -> float:
+    """max(|U_h^T dW|, |dW V_h|) / |dW| (Frobenius); 0 for a zero update or empty bases."""
+    norm = torch.linalg.vector_norm(dw.double())
+    if norm == 0 or u_h.shape[-1] == 0:
+        return 0.0
+    a = torch.linalg.vector_norm(u_h.double().T @ dw.double())
+    b = torch.linalg.vector_norm(dw.double() @ v_h.double())
+    return float(torch.maximum(a, b) / norm)

@@ -1,0 +1,153 @@
+"""Subspace maths on full matrices, against float64 references."""
+
+import math
+
+import pytest
+import torch
+
+from ds_cl import subspace as S
+
+
+def orthonormal(m, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64))
+    return q
+
+
+@pytest.mark.parametrize("m, n, r", [(37, 51, 9), (64, 16, 8), (20, 20, 1)])
+def test_two_sided_matches_float64_formula(m, n, r):
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(m, n, generator=g, dtype=torch.float64)
+    U, V = orthonormal(m, r, 1), orthonormal(n, r, 2)
+    expected = (torch.eye(m, dtype=torch.float64) - U @ U.T) @ G @ (torch.eye(n, dtype=torch.float64) - V @ V.T)
+    got = S.project(G.float(), U.float(), V.float(), "two_sided").double()
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert S.leak(got, U.float(), V.float()) < 1e-6
+    # A projection: applying it twice changes nothing.
+    assert torch.allclose(S.project(got.float(), U.float(), V.float()).double(), got, atol=1e-5)
+
+
+def test_paper_formula_removes_only_the_high_high_block():
+    m, n, r = 30, 40, 6
+    G = torch.randn(m, n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    U, V = orthonormal(m, r, 4), orthonormal(n, r, 5)
+    expected = G - U @ U.T @ G @ V @ V.T
+    got = S.project(G, U, V, "paper")
+    assert torch.allclose(got, expected, atol=1e-12)
+    assert (U.T @ got @ V).norm() < 1e-10
+    assert S.leak(got, U, V) > 0.1  # the weaker constraint: U_h^T G' is not zero
+
+
+def test_batched_projection_equals_per_matrix():
+    G = torch.randn(3, 12, 10, dtype=torch.float64)
+    U = torch.stack([orthonormal(12, 4, i) for i in range(3)])
+    V = torch.stack([orthonormal(10, 4, 10 + i) for i in range(3)])
+    batched = S.project(G, U, V)
+    for i in range(3):
+        assert torch.allclose(batched[i], S.project(G[i], U[i], V[i]), atol=1e-12)
+
+
+def test_rank_zero_and_zero_update():
+    G = torch.randn(5, 4)
+    assert S.project(G, torch.zeros(5, 0), torch.zeros(4, 0)) is G
+    assert S.leak(torch.zeros(5, 4), orthonormal(5, 2, 0).float(), orthonormal(4, 2, 1).float()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_svd_bases_are_top_singular_vectors(dtype):
+    W = torch.randn(40, 25, generator=torch.Generator().manual_seed(7))
+    U, V = S.svd_bases(W, 10, dtype)
+    assert U.dtype == torch.float32 and U.shape == (40, 10) and V.shape == (25, 10)
+    u, s, vh = torch.linalg.svd(W.double(), full_matrices=False)
+    ref_u, ref_v = u[:, :10], vh[:10].T
+    assert torch.allclose(U.double() @ U.double().T, ref_u @ ref_u.T, atol=1e-5)
+    assert torch.allclose(V.double() @ V.double().T, ref_v @ ref_v.T, atol=1e-5)
+    # The high subspace carries the top singular values: U_h^T W V_h = diag(s[:r]).
+    assert torch.allclose((U.double().T @ W.double() @ V.double()).diagonal().abs(), s[:10], rtol=1e-4)
+
+
+def test_svd_rejects_bad_input():
+    with pytest.raises(ValueError, match="rank 6 outside"):
+        S.svd_bases(torch.randn(5, 4), 6)
+    with pytest.raises(ValueError, match="non-finite"):
+        S.svd_bases(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), 1)
+    with pytest.raises(ValueError, match="2-D"):
+        S.svd_bases(torch.randn(3), 1)
+
+
+def test_fixed_rank_policy():
+    assert S.FixedRank(0.5).rank((37, 51)) == round(0.5 * 37)
+    assert S.FixedRank(1.0).rank((8, 3)) == 3
+    assert S.FixedRank(0.0).rank((8, 3)) == 0
+    with pytest.raises(ValueError):
+        S.FixedRank(1.5)
+
+
+@pytest.mark.parametrize("k", [3, 10, 37, 51, 4096])  # k = 1 has no integer in [0.1, 0.8]
+def test_adaptive_rank_stays_within_bounds_and_follows_importance(k):
+    policy = S.AdaptiveRank(0.1, 0.8)
+    ranks = [policy.rank((k, k + 5), imp) for imp in [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]]
+    for r in ranks:
+        assert math.ceil(0.1 * k - 1e-9) <= r <= math.floor(0.8 * k + 1e-9)
+    assert ranks == sorted(ranks)  # more important layers keep more directions
+    if k >= 100:
+        assert ranks[0] == round(0.1 * k) and ranks[-1] == math.floor(0.8 * k)  # 3276.8 is clamped down
+        assert ranks[3] == round(0.45 * k)  # r = mrr + I (trr - mrr) at I = 0.5
+
+
+def test_adaptive_rank_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="mrr <= trr"):
+        S.AdaptiveRank(0.9, 0.2)
+    with pytest.raises(ValueError, match="importance"):
+        S.AdaptiveRank().rank((10, 10), 1.5)
+    with pytest.raises(ValueError, match="needs a layer importance"):
+        S.AdaptiveRank().rank((10, 10), None)
+
+
+def test_rank_policy_from_specs():
+    assert S.rank_policy_from("fixed") == S.FixedRank()
+    assert S.rank_policy_from({"policy": "adaptive", "mrr": 0.2}) == S.AdaptiveRank(mrr=0.2)
+    with pytest.raises(ValueError, match="'fixed' or 'adaptive'"):
+        S.rank_policy_from({"policy": "maybe"})
+
+
+def test_layer_importance_minmax_normalisation():
+    imp = S.layer_importance({"a": 9.0, "b": 5.0, "c": 7.0}, {"a": 10, "b": 10, "c": 10})
+    assert imp == pytest.approx({"a": 1.0, "b": 0.0, "c": 0.5})
+    # No evidence to tell layers apart: protect all as much as the policy allows.
+    assert S.layer_importance({"a": 3.0, "b": 6.0}, {"a": 4, "b": 8}) == {"a": 1.0, "b": 1.0}
+    assert S.layer_importance({"a": -2.0, "b": 6.0}, {"a": 4, "b": 4}, "none") == {"a": 0.0, "b": 1.0}
+    with pytest.raises(ValueError, match="no unmasked token"):
+        S.layer_importance({"a": 0.0}, {"a": 0})
+
+
+def test_token_cosine_sum_ignores_masked_tokens():
+    x = torch.randn(2, 4, 8)
+    y = x.clone()
+    y[:, 2:] = -x[:, 2:]  # masked positions would drag the mean to 0
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]])
+    s, c = S.token_cosine_sum(x, y, mask)
+    assert c == 4 and s == pytest.approx(4.0, abs=1e-5)
+
+
+def test_default_targets_on_llama_names():
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.bias",
+             "model.layers.0.mlp.down_proj.weight", "model.layers.0.input_layernorm.weight", "lm_head.weight"]
+    assert S.select_targets(names) == ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"]
+    assert S.layer_of("model.layers.12.mlp.up_proj.weight") == "model.layers.12"
+    assert S.layer_of("lm_head.weight") is None
+    with pytest.raises(ValueError, match="'nope' matches no parameter"):
+        S.select_targets(names, ["q_proj", "nope"])
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        S.select_targets(names, ["q_proj("])
+
+
+def test_check_bases():
+    U, V = orthonormal(6, 2, 0).float(), orthonormal(4, 2, 1).float()
+    S.check_bases("w", (6, 4), U, V)
+    with pytest.raises(ValueError, match="w: weight is 6 x 4"):
+        S.check_bases("w", (6, 4), V, U)
+    with pytest.raises(ValueError, match="not orthonormal"):
+        S.check_bases("w", (6, 4), U * 1.1, V)
+    with pytest.raises(ValueError, match="columns"):
+        S.check_bases("w", (6, 4), U, orthonormal(4, 3, 2).float())
