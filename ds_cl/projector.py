@@ -1,0 +1,437 @@
+"""SubspaceProjector: exact orthogonal-subspace fine-tuning on a DeepSpeed engine (ZeRO-3 first).
+
+Usage (one task of a sequence)::
+
+    proj = SubspaceProjector(engine)                      # targets: LLaMA q/k/v/o/gate/up/down by default
+    proj.fit(rank_policy=AdaptiveRank(), importance_batches=batches)   # task boundary (collective)
+    for batch in data:
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        proj.step()                                       # instead of engine.step()
+    proj.audit()                                          # {param_name: leak} of the last optimizer step
+
+Design: one owner rank per matrix ("per-shard bases", design.md section 3).
+Each target matrix is assigned to one rank of the data-parallel group, balancing m*n*min(m, n)
+(greedy, largest first). Only the owner holds that matrix's U_h, V_h and computes its SVD at a task
+boundary. At each optimizer step the ranks send the owner their flat partitions of the matrix's
+fp32 gradient (one all_to_all_single per bucket of matrices), the owner projects the full m x n
+view with `ds_cl.subspace.project` (same-shaped matrices batched) and sends the pieces back. The
+update projection after `engine.step()` takes the same path with (W_new - W_old).
+
+Why this design and not the other one of design.md (all-reduce of the small products U_h^T G and
+G V_h from the rows each rank holds): the all-reduce design needs all of V_h (and U_h) on every
+rank, so bases memory per rank does not shrink with the world size (~5 GB per rank for an 8B model
+at r = min/2, as the authors' FSDP trainer found), or it all-gathers V_h every step; and it all-reduces
+r (m + n) elements per matrix per step, which at r = min(m, n)/2 is ~numel per matrix on every rank
+whatever the world size. The owner design sends each rank's own partition twice, ~2 N / world
+elements per rank per step (N = target parameters), keeps bases at ~total / world per rank, and
+spreads the SVDs over the ranks. `ds-cl bench` measures both quantities (bases bytes per rank,
+bytes sent per rank per step); docs/benchmarks.md records the numbers.
+
+Exactness under AdamW needs the update projected too (Adam's 1/sqrt(v) scaling and decoupled weight
+decay act after any gradient hook): before `engine.step()` we keep this rank's fp32 master partition
+of each target (extra memory: one fp32 copy of the local target partitions), and after it we set
+W = W_old + P(W_new - W_old). The low-precision working copy is refreshed from the corrected master.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ds_cl import subspace as S
+from ds_cl.zero_shards import shards_for
+
+STATE_FORMAT = 1
+
+
+def prepare_ds_config(ds_config: dict) -> dict:
+    """Return a copy of a DeepSpeed config made safe for exact projection.
+
+    Under bf16, gradients must accumulate in fp32 or a projected gradient is rounded back to bf16.
+    """
+    cfg = dict(ds_config)
+    if cfg.get("bf16", {}).get("enabled") in (True, "auto"):
+        data_types = dict(cfg.get("data_types") or {})
+        data_types.setdefault("grad_accum_dtype", "fp32")
+        cfg["data_types"] = data_types
+    return cfg
+
+
+class SubspaceProjector:
+    """Constrain a DeepSpeed engine's updates of target matrices to the complement of their top subspace.
+
+    Args:
+        engine: a `deepspeed.DeepSpeedEngine` (ZeRO stage 3 or 2, or stage 0 on one process).
+        targets: regex patterns matched (re.search) against `engine.module.named_parameters()` names;
+            default: q/k/v/o/gate/up/down projection weights of LLaMA-style models.
+        projection: "two_sided" (default) or "paper" (see `ds_cl.subspace`).
+        project_update: project (W_new - W_old) after the optimizer step, making the constraint exact
+            under AdamW with weight decay (default True).
+        audit: compute each target's leak at every optimizer step (cheap next to the projection; with
+            project_update=False it costs sending the update to the owners, without sending it back).
+        svd_dtype: torch.float32 (default) or torch.float64 for the task-boundary SVD.
+        bucket_numel: most target elements exchanged in one collective; bounds the full matrices held
+            at once on an owner.
+    """
+
+    def __init__(self, engine, targets: Sequence[str] | None = None, projection: str = "two_sided",
+                 project_update: bool = True, *, audit: bool = True, svd_dtype: torch.dtype = torch.float32,
+                 bucket_numel: int = 1 << 27):
+        if projection not in S.PROJECTIONS:
+            raise ValueError(f"projection must be one of {S.PROJECTIONS}, got {projection!r}")
+        if svd_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"svd_dtype must be torch.float32 or torch.float64, got {svd_dtype}")
+        if bucket_numel < 1:
+            raise ValueError(f"bucket_numel must be positive, got {bucket_numel}")
+        if isinstance(targets, str):
+            targets = [targets]
+        self.engine = engine
+        self.projection = projection
+        self.project_update = project_update
+        self.audit_enabled = audit
+        self.svd_dtype = svd_dtype
+
+        all_params = dict(engine.module.named_parameters())
+        self.names: list[str] = S.select_targets(all_params.keys(), targets)
+        named = {}
+        for name in self.names:
+            p = all_params[name]
+            shape = tuple(getattr(p, "ds_shape", p.shape))
+            if len(shape) != 2:
+                raise ValueError(f"target {name} has shape {shape}; only 2-D weights can be projected "
+                                 f"(narrow the target patterns)")
+            if not p.requires_grad:
+                raise ValueError(f"target {name} does not require grad; remove it from the targets")
+            named[name] = p
+        self.shards = shards_for(engine, named)
+        self.group, self.world, self.rank = self.shards.group, self.shards.world, self.shards.rank
+        self.shapes = {n: self.shards.shape(n) for n in self.names}
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self.owner = self._assign_owners()
+        self.buckets = self._make_buckets(bucket_numel)
+
+        self.ranks: dict[str, int] = {n: 0 for n in self.names}
+        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # owned targets only
+        self.importance: dict[str, float] | None = None
+        self._leaks: dict[str, float] = {}
+        self.stats = {"optimizer_steps": 0, "sent_bytes": 0}
+
+    # ------------------------------------------------------------------------------------ layout
+    def _assign_owners(self) -> dict[str, int]:
+        # Greedy longest-processing-time: SVD and projection costs both grow like m * n * min(m, n).
+        load = [0.0] * self.world
+        owner = {}
+        cost = lambda n: self.shapes[n][0] * self.shapes[n][1] * min(self.shapes[n])  # noqa: E731
+        for name in sorted(self.names, key=lambda n: (-cost(n), self.index[n])):
+            k = min(range(self.world), key=lambda r: (load[r], r))
+            owner[name] = k
+            load[k] += cost(name)
+        return owner
+
+    def _make_buckets(self, bucket_numel: int) -> list[list[str]]:
+        buckets, current, size = [], [], 0
+        for name in self.names:
+            numel = math.prod(self.shapes[name])
+            if current and size + numel > bucket_numel:
+                buckets.append(current)
+                current, size = [], 0
+            current.append(name)
+            size += numel
+        if current:
+            buckets.append(current)
+        return buckets
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def owned(self, names: Iterable[str] | None = None) -> list[str]:
+        return [n for n in (self.names if names is None else names) if self.owner[n] == self.rank]
+
+    # ------------------------------------------------------------------------------ communication
+    def _to_owners(self, names: list[str], local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Send every rank's flat piece of each matrix to its owner; return the owned full flat tensors."""
+        mine = self.owned(names)
+        if self.world == 1:
+            return {n: local[n] for n in mine}
+        per_dest = [[local[n] for n in names if self.owner[n] == d] for d in range(self.world)]
+        in_split = [sum(t.numel() for t in ts) for ts in per_dest]
+        send = torch.cat([t for ts in per_dest for t in ts]) if sum(in_split) else torch.empty(0, device=self.device)
+        out_split = [sum(self.shards.ranges[n][s][1] for n in mine) for s in range(self.world)]
+        recv = send.new_empty(sum(out_split))
+        dist.all_to_all_single(recv, send, out_split, in_split, group=self.group)
+        self.stats["sent_bytes"] += (sum(in_split) - in_split[self.rank]) * send.element_size()
+        full = {n: send.new_empty(math.prod(self.shapes[n])) for n in mine}
+        offset = 0
+        for s in range(self.world):
+            for n in mine:
+                start, k = self.shards.ranges[n][s]
+                full[n][start:start + k] = recv[offset:offset + k]
+                offset += k
+        return full
+
+    def _from_owners(self, names: list[str], full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Inverse of `_to_owners`: return this rank's flat piece of every matrix in `names`."""
+        mine = self.owned(names)
+        if self.world == 1:
+            return dict(full)
+        pieces = [[full[n][slice(*self._span(n, d))] for n in mine] for d in range(self.world)]
+        in_split = [sum(t.numel() for t in ts) for ts in pieces]
+        ref = next(iter(full.values()), None)
+        ref = ref if ref is not None else torch.empty(0, device=self.device)
+        send = torch.cat([t for ts in pieces for t in ts]) if sum(in_split) else ref.new_empty(0)
+        out_split = [sum(self.shards.ranges[n][self.rank][1] for n in names if self.owner[n] == s)
+                     for s in range(self.world)]
+        recv = send.new_empty(sum(out_split))
+        dist.all_to_all_single(recv, send, out_split, in_split, group=self.group)
+        self.stats["sent_bytes"] += (sum(in_split) - in_split[self.rank]) * send.element_size()
+        local, offset = {}, 0
+        for s in range(self.world):
+            for n in names:
+                if self.owner[n] == s:
+                    k = self.shards.ranges[n][self.rank][1]
+                    local[n] = recv[offset:offset + k]
+                    offset += k
+        return local
+
+    def _span(self, name: str, rank: int) -> tuple[int, int]:
+        start, k = self.shards.ranges[name][rank]
+        return start, start + k
+
+    # -------------------------------------------------------------------------------- projection
+    def _project_owned(self, full: dict[str, torch.Tensor], leaks: dict[str, float] | None = None) -> None:
+        """Project the owned full flat tensors in place, batching matrices of the same shape and rank."""
+        groups: dict[tuple, list[str]] = defaultdict(list)
+        for n in full:
+            if self.ranks[n] > 0:
+                groups[(self.shapes[n], self.ranks[n])].append(n)
+        for (shape, _), names in groups.items():
+            g = torch.stack([full[n].view(shape) for n in names])
+            u = torch.stack([self.bases[n][0] for n in names])
+            v = torch.stack([self.bases[n][1] for n in names])
+            out = S.project(g, u, v, self.projection)
+            for i, n in enumerate(names):
+                full[n].copy_(out[i].reshape(-1))
+                if leaks is not None:
+                    leaks[n] = S.leak(out[i], self.bases[n][0], self.bases[n][1])
+
+    @property
+    def active(self) -> bool:
+        return any(r > 0 for r in self.ranks.values())
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Use instead of `engine.step()` after every `engine.backward(loss)` (every micro step)."""
+        engine = self.engine
+        if not self.active or not engine.is_gradient_accumulation_boundary():
+            engine.step()
+            return
+        constrained = [n for n in self.names if self.ranks[n] > 0]
+        for bucket in self.buckets:
+            names = [n for n in bucket if self.ranks[n] > 0]
+            if not names:
+                continue
+            full = self._to_owners(names, {n: self.shards.get_grad(n).float() for n in names})
+            self._project_owned(full)
+            for n, g in self._from_owners(names, full).items():
+                self.shards.set_grad(n, g)
+
+        need_update = self.project_update or self.audit_enabled
+        old = {n: self.shards.get_master(n).detach().clone() for n in constrained} if need_update else {}
+        engine.step()
+        self.stats["optimizer_steps"] += 1
+        if not need_update:
+            return
+        leaks: dict[str, float] = {}
+        for bucket in self.buckets:
+            names = [n for n in bucket if self.ranks[n] > 0]
+            if not names:
+                continue
+            delta = {n: self.shards.get_master(n).float() - old[n] for n in names}
+            full = self._to_owners(names, delta)
+            if not self.project_update:
+                leaks.update({n: S.leak(full[n].view(self.shapes[n]), *self.bases[n]) for n in full})
+                continue
+            self._project_owned(full, leaks if self.audit_enabled else None)
+            for n, d in self._from_owners(names, full).items():
+                self.shards.set_master(n, old[n] + d)
+        if self.project_update:
+            self.shards.finish_master_updates(constrained, self.engine.optimizer)
+        if self.audit_enabled:
+            self._leaks = self._share_leaks(leaks, constrained)
+
+    def _share_leaks(self, leaks: dict[str, float], names: list[str]) -> dict[str, float]:
+        vec = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+        for n, value in leaks.items():
+            vec[self.index[n]] = value
+        if self.world > 1:
+            dist.all_reduce(vec, group=self.group)
+        return {n: float(vec[self.index[n]]) for n in names}
+
+    def audit(self) -> dict[str, float]:
+        """{param_name: leak} of the last optimizer step, for every constrained target (same on all ranks).
+
+        leak = max(|U_h^T dW|, |dW V_h|) / |dW| of the update dW applied to the fp32 master (with
+        project_update=False: of the optimizer's unprojected update). Empty before the first step.
+        """
+        if not self.audit_enabled:
+            raise RuntimeError("audit() needs SubspaceProjector(..., audit=True)")
+        return dict(self._leaks)
+
+    # ------------------------------------------------------------------------------- task boundary
+    @torch.no_grad()
+    def fit(self, rank_policy=None, importance_batches: Sequence[Mapping[str, torch.Tensor]] | None = None) -> dict[str, int]:
+        """Task boundary (collective): SVD of the current fp32 master weights, each on its owner rank.
+
+        rank_policy: FixedRank / AdaptiveRank / "fixed" / "adaptive" / {"policy": ..., ...};
+            default AdaptiveRank() when importance batches are given, else FixedRank(0.5).
+        importance_batches: batches (dicts with input_ids and optional attention_mask) for the
+            adaptive policy's layer importance; the same number on every rank (each rank its own
+            data); the sums are reduced over the data-parallel group.
+        Returns {param_name: rank}.
+        """
+        if rank_policy is None:
+            rank_policy = S.AdaptiveRank() if importance_batches is not None else S.FixedRank(0.5)
+        policy = S.rank_policy_from(rank_policy)
+        importance = None
+        if policy.needs_importance:
+            if importance_batches is None:
+                raise ValueError("the adaptive rank policy needs importance_batches (samples of the previous "
+                                 "task or general data); or use FixedRank")
+            importance = self.layer_importance(importance_batches, policy.normalize)
+        ranks = {}
+        for n in self.names:
+            layer_imp = None
+            if importance is not None:
+                # A target outside any decoder layer gets the policy's most protective ratio.
+                layer_imp = importance.get(S.layer_of(n), 1.0)
+            ranks[n] = policy.rank(self.shapes[n], layer_imp)
+        self.importance = importance
+
+        bases = {}
+        for bucket in self.buckets:
+            full = self._to_owners(bucket, {n: self.shards.get_master(n).float() for n in bucket})
+            for n, w in full.items():
+                try:
+                    bases[n] = S.svd_bases(w.view(self.shapes[n]), ranks[n], self.svd_dtype)
+                except ValueError as e:
+                    raise ValueError(f"{n}: {e}") from None
+            del full
+        self.bases, self.ranks, self._leaks = bases, ranks, {}
+        return dict(ranks)
+
+    def layer_importance(self, batches: Sequence[Mapping[str, torch.Tensor]], normalize: str = "minmax") -> dict[str, float]:
+        """Per decoder layer, normalised importance from input/output cosine similarity (collective)."""
+        batches = list(batches)
+        counts = torch.tensor([len(batches), -len(batches)], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self.group)
+            if counts[0] != len(batches) or -counts[1] != len(batches):
+                raise ValueError(f"importance batches differ in number across ranks (this rank {len(batches)}, "
+                                 f"max {int(counts[0])}, min {int(-counts[1])}); ZeRO-3 forwards are collective")
+        if not batches:
+            raise ValueError("importance_batches is empty")
+        model = self.engine.module
+        layers = sorted({S.layer_of(n) for n in self.names} - {None}, key=lambda s: (len(s), s))
+        if not layers:
+            raise ValueError("no target lives in a decoder layer ('...layers.N...'); use FixedRank")
+        sums = {layer: [0.0, 0.0] for layer in layers}
+        state = {"mask": None}
+
+        def hook(layer):
+            def fn(module, args, kwargs, output):
+                x_in = args[0] if args else kwargs["hidden_states"]
+                x_out = output[0] if isinstance(output, (tuple, list)) else output
+                s, c = S.token_cosine_sum(x_in, x_out, state["mask"])
+                sums[layer][0] += s
+                sums[layer][1] += c
+            return fn
+
+        handles = [model.get_submodule(layer).register_forward_hook(hook(layer), with_kwargs=True)
+                   for layer in layers]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    if "input_ids" not in batch:
+                        raise ValueError("each importance batch needs 'input_ids'")
+                    ids = batch["input_ids"].to(self.device)
+                    mask = batch.get("attention_mask")
+                    mask = mask.to(self.device) if mask is not None else None
+                    state["mask"] = mask
+                    model(input_ids=ids, attention_mask=mask)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        vec = torch.tensor([v for layer in layers for v in sums[layer]], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(vec, group=self.group)
+        cos_sum = {layer: float(vec[2 * i]) for i, layer in enumerate(layers)}
+        count = {layer: float(vec[2 * i + 1]) for i, layer in enumerate(layers)}
+        return S.layer_importance(cos_sum, count, normalize)
+
+    def set_bases(self, bases: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Use explicit full bases {param_name: (U_h, V_h)}, the same on every rank; targets not named
+        are left unconstrained. Each rank keeps only the matrices it owns."""
+        unknown = [n for n in bases if n not in self.index]
+        if unknown:
+            raise ValueError(f"set_bases: {unknown[0]!r} is not a projector target "
+                             f"(targets: {', '.join(self.names[:4])}{', ...' if len(self.names) > 4 else ''})")
+        ranks, mine = {n: 0 for n in self.names}, {}
+        for n, pair in bases.items():
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"set_bases: {n} needs a pair (U_h, V_h)")
+            u, v = pair
+            S.check_bases(n, self.shapes[n], u, v)
+            ranks[n] = int(u.shape[1])
+            if self.owner[n] == self.rank:
+                mine[n] = (u.detach().to(self.device, torch.float32).contiguous(),
+                           v.detach().to(self.device, torch.float32).contiguous())
+        self.bases, self.ranks, self._leaks = mine, ranks, {}
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def bases_bytes(self) -> int:
+        """Bytes of bases held by this rank."""
+        return sum(u.numel() * u.element_size() + v.numel() * v.element_size() for u, v in self.bases.values())
+
+    def state_dict(self) -> dict:
+        """This rank's state (its owned bases, every rank's ranks): save one file per rank."""
+        return {
+            "format": STATE_FORMAT,
+            "projection": self.projection,
+            "world": self.world,
+            "rank": self.rank,
+            "targets": list(self.names),
+            "owner": dict(self.owner),
+            "ranks": dict(self.ranks),
+            "importance": self.importance,
+            "bases": {n: (u.cpu(), v.cpu()) for n, (u, v) in self.bases.items()},
+        }
+
+    def load_state_dict(self, sd: Mapping) -> None:
+        if sd.get("format") != STATE_FORMAT:
+            raise ValueError(f"projector state format {sd.get('format')!r}, expected {STATE_FORMAT}")
+        if list(sd["targets"]) != self.names:
+            raise ValueError("projector state was saved for other targets than this engine's "
+                             f"({len(sd['targets'])} saved, {len(self.names)} now)")
+        if sd["world"] != self.world or sd["rank"] != self.rank or dict(sd["owner"]) != self.owner:
+            raise ValueError(f"projector state of rank {sd['rank']} of {sd['world']} cannot be loaded on rank "
+                             f"{self.rank} of {self.world}: bases are sharded by owner rank; resume on the same "
+                             f"number of ranks, or re-fit at the task boundary")
+        if sd["projection"] != self.projection:
+            raise ValueError(f"projector state uses projection {sd['projection']!r}, this projector {self.projection!r}")
+        bases = {}
+        for n, (u, v) in sd["bases"].items():
+            S.check_bases(n, self.shapes[n], u, v)
+            bases[n] = (u.to(self.device, torch.float32), v.to(self.device, torch.float32))
+        missing = [n for n in self.owned() if sd["ranks"][n] > 0 and n not in bases]
+        if missing:
+            raise ValueError(f"projector state lacks the bases of {missing[0]} (rank {sd['ranks'][missing[0]]})")
+        self.bases, self.ranks, self.importance, self._leaks = bases, dict(sd["ranks"]), sd.get("importance"), {}

@@ -1,0 +1,189 @@
+"""Rank script for the projector tests: run one or more cases on real DeepSpeed engines.
+
+    deepspeed --num_gpus N tests/projector_ranks.py OUT_DIR CASE [CASE ...]
+
+Each case builds the same tiny LLaMA (awkward sizes: hidden 51, intermediate 37), trains it with
+`SubspaceProjector.step()` on this rank's share of a fixed global batch set, and rank 0 writes
+OUT_DIR/CASE.pt with the gathered fp32 weights, losses and per-step audit() leaks. The test compares
+that against a one-process pure-torch run of the same maths (tests/reference.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ds_cl import SubspaceProjector  # noqa: E402
+from ds_cl.subspace import AdaptiveRank, FixedRank  # noqa: E402
+from tests.reference import (EPS, GAS, LR, MICRO_BS, STEPS, WEIGHT_DECAY, CLIP, global_batches,  # noqa: E402
+                             tiny_llama)
+
+# case name -> (ds_config overrides, projector kwargs)
+BASE_ZERO3 = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+              "stage3_param_persistence_threshold": 0}
+CASES = {
+    "z3": ({"zero_optimization": BASE_ZERO3}, {}),
+    "z3_nooverlap": ({"zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": False}}, {}),
+    "z3_persist": ({"zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True}}, {}),
+    "z3_nooverlap0": ({"zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": False,
+                                            "stage3_param_persistence_threshold": 0}}, {}),
+    "z3_offload": ({"zero_optimization": {**BASE_ZERO3, "offload_optimizer": {"device": "cpu"}},
+                    "zero_force_ds_cpu_optimizer": False}, {}),
+    "z3_paper": ({"zero_optimization": BASE_ZERO3}, {"projection": "paper"}),
+    "z3_noupdate": ({"zero_optimization": BASE_ZERO3}, {"project_update": False}),
+    "z3_bf16": ({"zero_optimization": BASE_ZERO3, "bf16": {"enabled": True},
+                 "data_types": {"grad_accum_dtype": "fp32"}}, {}),
+    "z2": ({"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True}}, {}),
+    "z0": ({"zero_optimization": {"stage": 0}}, {}),
+}
+
+
+def ds_config(overrides: dict, world: int) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": MICRO_BS,
+        "gradient_accumulation_steps": GAS,
+        "train_batch_size": MICRO_BS * GAS * world,
+        "gradient_clipping": CLIP,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def make_engine(overrides: dict, world: int):
+    model = tiny_llama()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(overrides, world))
+    return engine
+
+
+def gather_weights(engine) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)  # None without ZeRO: the parameter is the master
+        out[name] = (p if full is None else full).detach().float().cpu().clone()
+    return out
+
+
+def run_training(name: str, out_dir: Path, rank: int, world: int) -> None:
+    overrides, kwargs = CASES[name]
+    engine = make_engine(overrides, world)
+    proj = SubspaceProjector(engine, **kwargs)
+    bases = torch.load(out_dir / "bases.pt", weights_only=True)
+    proj.set_bases(bases)
+    batches = global_batches()
+    losses, leaks = [], []
+    for step in range(STEPS):
+        for micro in range(GAS):
+            ids = batches[step][micro][rank].to(engine.device)
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            proj.step()
+            lt = loss.detach().float().clone()
+            dist.all_reduce(lt)
+            losses.append(float(lt) / world)
+        leaks.append(proj.audit())
+    weights = gather_weights(engine)
+    if rank == 0:
+        torch.save({"weights": weights, "losses": losses, "leaks": leaks,
+                    "bases_bytes": proj.bases_bytes(), "owner": proj.owner}, out_dir / f"{name}.pt")
+    # every rank reports its own bases bytes, for the sharding check
+    per_rank = [None] * world
+    dist.all_gather_object(per_rank, proj.bases_bytes())
+    if rank == 0:
+        (out_dir / f"{name}.bases_bytes.json").write_text(json.dumps(per_rank))
+    engine.destroy()
+
+
+def run_fit(out_dir: Path, rank: int, world: int) -> None:
+    """fit() end to end: bases from the gathered fp32 weights, fixed and adaptive policies."""
+    engine = make_engine(CASES["z3"][0], world)
+    proj = SubspaceProjector(engine)
+    ranks_fixed = proj.fit(FixedRank(0.5))
+    bases_fixed = {n: tuple(t.cpu() for t in b) for n, b in proj.bases.items()}
+    ids = global_batches()[0][0][rank].to(engine.device)
+    mask = torch.ones_like(ids)
+    mask[:, -3:] = 0  # masked tokens must not count
+    ranks_adaptive = proj.fit(AdaptiveRank(0.1, 0.8), importance_batches=[{"input_ids": ids, "attention_mask": mask}])
+    bases_adaptive = {n: tuple(t.cpu() for t in b) for n, b in proj.bases.items()}
+    weights = gather_weights(engine)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, {"fixed": bases_fixed, "adaptive": bases_adaptive})
+    if rank == 0:
+        torch.save({"weights": weights, "ranks_fixed": ranks_fixed, "ranks_adaptive": ranks_adaptive,
+                    "importance": proj.importance, "bases": everyone, "owner": proj.owner},
+                   out_dir / "fit.pt")
+    engine.destroy()
+
+
+def run_errors(out_dir: Path, rank: int, world: int) -> None:
+    """Bad input: each case records the error message (or 'no error')."""
+    results = {}
+
+    def record(key, fn):
+        try:
+            fn()
+            results[key] = "no error"
+        except (ValueError, TypeError, RuntimeError) as e:
+            results[key] = f"{type(e).__name__}: {e}"
+
+    engine = make_engine(CASES["z3"][0], world)
+    record("pattern_matches_nothing", lambda: SubspaceProjector(engine, targets=[r"q_proj\.weight$", "no_such_module"]))
+    record("not_2d", lambda: SubspaceProjector(engine, targets=[r"input_layernorm\.weight$"]))
+    record("bad_projection", lambda: SubspaceProjector(engine, projection="sideways"))
+    proj = SubspaceProjector(engine)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    m, n = proj.shapes[q]
+    u, _ = torch.linalg.qr(torch.randn(m, 4))
+    v, _ = torch.linalg.qr(torch.randn(n, 4))
+    record("wrong_shape", lambda: proj.set_bases({q: (v, u)}))
+    record("not_orthonormal", lambda: proj.set_bases({q: (u * 2, v)}))
+    o = "model.layers.0.self_attn.o_proj.weight"  # 51 x 42: an orthonormal U_h of 43 columns exists
+    record("rank_too_big", lambda: proj.set_bases({o: (torch.linalg.qr(torch.randn(51, 43))[0], torch.randn(42, 43))}))
+    record("unknown_name", lambda: proj.set_bases({"model.embed_tokens.weight": (u, v)}))
+    record("adaptive_without_batches", lambda: proj.fit("adaptive"))
+    record("bad_policy", lambda: proj.fit("sometimes"))
+    engine.destroy()
+    engine = make_engine({"zero_optimization": {"stage": 1}}, world)
+    record("zero_stage_1", lambda: SubspaceProjector(engine))
+    engine.destroy()
+    engine = make_engine({"zero_optimization": BASE_ZERO3, "bf16": {"enabled": True}}, world)
+    record("bf16_without_fp32_accum", lambda: SubspaceProjector(engine))
+    engine.destroy()
+    if rank == 0:
+        (out_dir / "errors.json").write_text(json.dumps(results, indent=1))
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    out_dir, cases = Path(args[0]), args[1:]
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    try:
+        for case in cases:
+            if case == "fit":
+                run_fit(out_dir, rank, world)
+            elif case == "errors":
+                run_errors(out_dir, rank, world)
+            else:
+                run_training(case, out_dir, rank, world)
+    except Exception:
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.exit(1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""SubspaceProjector on real DeepSpeed engines (CPU ranks, gloo) against a one-process reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ds_cl import subspace as S
+from tests.dist_utils import REPO, launch
+from tests.reference import STEPS, GAS, fixed_bases, global_batches, reference_run, tiny_llama
+
+pytestmark = pytest.mark.distributed
+SCRIPT = REPO / "tests" / "projector_ranks.py"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Launch the cases once: world 2 (ZeRO-3 variants, ZeRO-2, fit, errors), world 3, world 1 (no ZeRO)."""
+    out = tmp_path_factory.mktemp("projector")
+    torch.save(fixed_bases(tiny_llama()), out / "bases.pt")
+    launch(SCRIPT, 2, out, "z3", "z3_offload", "z3_paper", "z3_noupdate", "z3_bf16", "z2", "fit", "errors")
+    launch(SCRIPT, 3, out, "z3_nooverlap")
+    launch(SCRIPT, 1, out, "z0")
+    return out
+
+
+def load(out, case):
+    return torch.load(out / f"{case}.pt", weights_only=False)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+# case -> (world, reference kwargs)
+EXACT = {
+    "z3": (2, {}),                 # overlap_comm + contiguous_gradients on, persistence threshold 0
+    "z3_offload": (2, {}),         # offload_optimizer to CPU
+    "z2": (2, {}),                 # ZeRO-2: fragments of flattened groups
+    "z3_nooverlap": (3, {}),       # 3 ranks, overlap/contiguous off, default persistence (small params stay gathered)
+    "z0": (1, {}),                 # no ZeRO, one process
+}
+
+
+@pytest.mark.parametrize("case", list(EXACT))
+def test_exact_constraint_and_equal_to_one_process(runs, case):
+    world, kwargs = EXACT[case]
+    bases = torch.load(runs / "bases.pt", weights_only=True)
+    got = load(runs, case)
+    ref_w, ref_losses, _ = reference_run(world, bases, **kwargs)
+    init = dict(tiny_llama().named_parameters())
+
+    for name, w in ref_w.items():
+        assert rel(got["weights"][name], w) <= TOL, f"{case}: {name} differs from the one-process run"
+    for name, (u, v) in bases.items():
+        total = got["weights"][name] - init[name].detach()
+        assert total.norm() / init[name].norm() > 1e-3, f"{name} did not train"
+        # Independent of audit(): the whole trained change, read back from the gathered fp32 masters.
+        assert S.leak(total, u, v) <= TOL, f"{case}: {name} left the complement"
+    for step_leaks in got["leaks"]:
+        assert set(step_leaks) == set(bases)
+        assert max(step_leaks.values()) <= TOL
+    # Gradients flow through the constraint: the same sequences every step, so the loss falls.
+    first, last = sum(got["losses"][:GAS]) / GAS, sum(got["losses"][-GAS:]) / GAS
+    assert last < first - 0.05, (first, last)
+    assert got["losses"] == pytest.approx(ref_losses, abs=1e-5)
+
+
+def test_paper_projection_removes_only_high_high_block(runs):
+    bases = torch.load(runs / "bases.pt", weights_only=True)
+    got = load(runs, "z3_paper")
+    ref_w, _, _ = reference_run(2, bases, projection="paper")
+    init = dict(tiny_llama().named_parameters())
+    offdiag = []
+    for name, (u, v) in bases.items():
+        assert rel(got["weights"][name], ref_w[name]) <= TOL
+        d = (got["weights"][name] - init[name].detach()).double()
+        assert (u.double().T @ d @ v.double()).norm() / d.norm() <= TOL
+        offdiag.append(S.leak(d, u, v))
+    # ...and is the weaker constraint: the update does reach U_h or V_h.
+    assert max(offdiag) > 1e-2
+
+
+def test_without_update_projection_adamw_leaks(runs):
+    """Why project_update exists: projected gradients alone leak under AdamW (design.md section 1)."""
+    bases = torch.load(runs / "bases.pt", weights_only=True)
+    got = load(runs, "z3_noupdate")
+    ref_w, _, ref_leaks = reference_run(2, bases, project_update=False)
+    for name in ref_w:
+        assert rel(got["weights"][name], ref_w[name]) <= TOL
+    worst = max(max(step.values()) for step in got["leaks"])
+    assert worst > 1e-2
+    for mine, ref in zip(got["leaks"], ref_leaks):
+        for name in ref:
+            assert mine[name] == pytest.approx(ref[name], rel=1e-3, abs=1e-7)
+
+
+def test_bf16_leak_bound(runs):
+    """bf16 working weights, fp32 masters and gradient accumulation: the update projection stays exact."""
+    bases = torch.load(runs / "bases.pt", weights_only=True)
+    got = load(runs, "z3_bf16")
+    # DeepSpeed's fp32 masters start from the bf16-cast model, so that is the starting point.
+    init = {n: p.detach().bfloat16().float() for n, p in tiny_llama().named_parameters()}
+    measured = max(S.leak(got["weights"][n] - init[n], u, v) for n, (u, v) in bases.items())
+    audited = max(max(step.values()) for step in got["leaks"])
+    print(f"bf16 leak: measured on fp32 masters {measured:.2e}, audit() {audited:.2e}")
+    assert measured <= TOL and audited <= TOL
+    assert sum(got["losses"][-GAS:]) < sum(got["losses"][:GAS]) - 0.05
+
+
+def test_bases_are_sharded(runs):
+    bases = torch.load(runs / "bases.pt", weights_only=True)
+    total = sum(u.numel() * 4 + v.numel() * 4 for u, v in bases.values())
+    for case, world in (("z3", 2), ("z3_nooverlap", 3)):
+        per_rank = json.loads((runs / f"{case}.bases_bytes.json").read_text())
+        assert len(per_rank) == world and sum(per_rank) == total
+        assert max(per_rank) <= 1.25 * total / world, per_rank
+
+
+def test_fit_matches_one_process_svd_and_importance(runs):
+    fit = torch.load(runs / "fit.pt", weights_only=False)
+    weights = fit["weights"]
+    merged = {k: {} for k in ("fixed", "adaptive")}
+    for per_rank in fit["bases"]:
+        for k in merged:
+            merged[k].update(per_rank[k])
+    names = S.select_targets(weights)
+    assert set(merged["fixed"]) == set(names)
+    for name in names:
+        w = weights[name]
+        r = fit["ranks_fixed"][name]
+        assert r == S.FixedRank(0.5).rank(w.shape)
+        u_ref, v_ref = S.svd_bases(w.double(), r, torch.float64)
+        u, v = merged["fixed"][name]
+        # Singular vectors are defined up to sign: compare the subspaces through their projectors.
+        assert torch.allclose(u.double() @ u.double().T, u_ref.double() @ u_ref.double().T, atol=1e-4)
+        assert torch.allclose(v.double() @ v.double().T, v_ref.double() @ v_ref.double().T, atol=1e-4)
+
+    # Importance: recompute in one process on the same tokens and masks the two ranks used.
+    model = tiny_llama()
+    model.load_state_dict(weights)
+    model.eval()
+    layers = sorted({S.layer_of(n) for n in names})
+    sums = {layer: [0.0, 0.0] for layer in layers}
+    state = {}
+
+    def hook(layer):
+        def fn(module, args, kwargs, output):
+            x_in = args[0] if args else kwargs["hidden_states"]
+            x_out = output[0] if isinstance(output, tuple) else output
+            s, c = S.token_cosine_sum(x_in, x_out, state["mask"])
+            sums[layer][0] += s
+            sums[layer][1] += c
+        return fn
+
+    for layer in layers:
+        model.get_submodule(layer).register_forward_hook(hook(layer), with_kwargs=True)
+    with torch.no_grad():
+        for rank in range(2):
+            ids = global_batches()[0][0][rank]
+            mask = torch.ones_like(ids)
+            mask[:, -3:] = 0
+            state["mask"] = mask
+            model(input_ids=ids, attention_mask=mask)
+    expected = S.layer_importance({k: v[0] for k, v in sums.items()}, {k: v[1] for k, v in sums.items()})
+    assert fit["importance"] == pytest.approx(expected, abs=1e-5)
+    for name in names:
+        k = min(weights[name].shape)
+        r = fit["ranks_adaptive"][name]
+        assert 0.1 * k - 1e-9 <= r <= 0.8 * k + 1e-9
+        assert r == S.AdaptiveRank(0.1, 0.8).rank(weights[name].shape, expected[S.layer_of(name)])
+        assert merged["adaptive"][name][0].shape == (weights[name].shape[0], r)
+
+
+@pytest.mark.parametrize("case, needles", [
+    ("pattern_matches_nothing", ["no_such_module", "matches no parameter"]),
+    ("not_2d", ["input_layernorm.weight", "2-D"]),
+    ("bad_projection", ["sideways"]),
+    ("wrong_shape", ["q_proj.weight", "42 x 51"]),
+    ("not_orthonormal", ["q_proj.weight", "orthonormal"]),
+    ("rank_too_big", ["o_proj.weight", "rank 43 > min(m, n) = 42"]),
+    ("unknown_name", ["embed_tokens.weight", "not a projector target"]),
+    ("adaptive_without_batches", ["importance_batches"]),
+    ("bad_policy", ["sometimes"]),
+    ("zero_stage_1", ["ZeRO stage 1"]),
+    ("bf16_without_fp32_accum", ["grad_accum_dtype"]),
+])
+def test_bad_input_is_a_clear_error(runs, case, needles):
+    msg = json.loads((runs / "errors.json").read_text())[case]
+    assert msg.startswith("ValueError"), msg
+    for needle in needles:
+        assert needle in msg, msg
