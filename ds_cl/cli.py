@@ -23,6 +23,8 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # The deepspeed launcher puts --local_rank=N before our arguments; ranks read LOCAL_RANK instead.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
