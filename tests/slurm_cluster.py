@@ -150,6 +150,11 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
     def _start_munge(self) -> None:
         if self._munge_works():  # someone else's munged: use it, do not own it
             return
+        key = Path("/etc/munge/munge.key")
+        if not key.exists():  # Debian's postinst makes one; some images skip it
+            subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
+            shutil.chown(key, "munge", "munge")
+            key.chmod(0o600)
         run_dir = MUNGE_SOCKET.parent
         run_dir.mkdir(parents=True, exist_ok=True)
         shutil.chown(run_dir, "munge", "munge")
