@@ -115,12 +115,25 @@ def run_fit(out_dir: Path, rank: int, world: int) -> None:
     mask[:, -3:] = 0  # masked tokens must not count
     ranks_adaptive = proj.fit(AdaptiveRank(0.1, 0.8), importance_batches=[{"input_ids": ids, "attention_mask": mask}])
     bases_adaptive = {n: tuple(t.cpu() for t in b) for n, b in proj.bases.items()}
+    # state_dict round trip through a file, as a checkpoint does it (one file per rank)
+    torch.save(proj.state_dict(), out_dir / f"proj_state_{rank}.pt")
+    restored = SubspaceProjector(engine)
+    restored.load_state_dict(torch.load(out_dir / f"proj_state_{rank}.pt", weights_only=True))
+    same = restored.ranks == proj.ranks and restored.bases.keys() == proj.bases.keys() and all(
+        torch.equal(restored.bases[n][i], proj.bases[n][i]) for n in proj.bases for i in (0, 1))
+    wrong_world = dict(proj.state_dict(), world=world + 1)
+    try:
+        restored.load_state_dict(wrong_world)
+        wrong_world_error = "no error"
+    except ValueError as e:
+        wrong_world_error = str(e)
     weights = gather_weights(engine)
     everyone = [None] * world
     dist.all_gather_object(everyone, {"fixed": bases_fixed, "adaptive": bases_adaptive})
     if rank == 0:
         torch.save({"weights": weights, "ranks_fixed": ranks_fixed, "ranks_adaptive": ranks_adaptive,
-                    "importance": proj.importance, "bases": everyone, "owner": proj.owner},
+                    "importance": proj.importance, "bases": everyone, "owner": proj.owner,
+                    "state_round_trip": same, "wrong_world_error": wrong_world_error},
                    out_dir / "fit.pt")
     engine.destroy()
 

@@ -193,3 +193,9 @@ def test_bad_input_is_a_clear_error(runs, case, needles):
     assert msg.startswith("ValueError"), msg
     for needle in needles:
         assert needle in msg, msg
+
+
+def test_state_dict_round_trip(runs):
+    fit = torch.load(runs / "fit.pt", weights_only=False)
+    assert fit["state_round_trip"] is True
+    assert "resume on the same number of ranks" in fit["wrong_world_error"]

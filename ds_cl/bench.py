@@ -1,0 +1,264 @@
+"""`ds-cl bench`: plain ZeRO-3 steps against projected steps, SVD phase time, bases memory, traffic.
+
+    ds-cl bench [--world N] [--model tiny|small|llama2-7b-shapes] [--layers K] [--json]
+
+The command launches `deepspeed --num_gpus W` runs of this module's worker (CPU ranks over gloo
+where there is no GPU): one run at world N that alternates, step by step on the same engine and
+data, plain `engine.step()`, `proj.step()` with gradient projection only, and with gradient +
+update projection (and the same with audit() on); and one SVD-phase run per world 1..N. It prints
+a table and, with --json, one JSON object as the last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODELS = {
+    # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
+    "tiny": (64, 172, 2, 4, 4, 512),
+    "small": (256, 688, 4, 8, 8, 2048),
+    "llama2-7b-shapes": (4096, 11008, 32, 32, 32, 32000),
+}
+MODES = ("plain", "grad", "grad_update", "grad_update_audit")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="ds-cl bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--world", type=int, default=2, help="ranks for the step comparison (SVD phase: 1..world)")
+    p.add_argument("--model", choices=sorted(MODELS), default="small")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per micro step")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per mode (>= 20)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--ratio", type=float, default=0.5, help="fixed rank ratio of the bases")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.add_argument("--worker", choices=["steps", "svd"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args([a for a in argv if not a.startswith("--local_rank")])
+    if args.world < 1:
+        p.error(f"--world must be >= 1, got {args.world}")
+    if args.steps < 1 or args.micro_batch < 1 or args.seq < 2 or args.grad_accum < 1:
+        p.error("--steps, --micro-batch, --grad-accum must be >= 1 and --seq >= 2")
+    if args.layers is not None and args.layers < 1:
+        p.error(f"--layers must be >= 1, got {args.layers}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ worker
+def _peak_mem_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _build(args):
+    import deepspeed
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ds_cl.projector import prepare_ds_config
+
+    hidden, inter, layers, heads, kv, vocab = MODELS[args.model]
+    layers = args.layers or layers
+    on_gpu = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = prepare_ds_config({
+        "train_micro_batch_size_per_gpu": args.micro_batch,
+        "gradient_accumulation_steps": args.grad_accum,
+        "train_batch_size": args.micro_batch * args.grad_accum * world,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 3, "overlap_comm": on_gpu, "contiguous_gradients": True},
+        "bf16": {"enabled": on_gpu},
+        "steps_per_print": 10**9,
+        "zero_force_ds_cpu_optimizer": False,
+    })
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max(args.seq, 64))
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = LlamaForCausalLM(cfg)
+    if on_gpu:
+        model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
+    return engine, cfg
+
+
+def _barrier_time(fn):
+    import torch
+    import torch.distributed as dist
+
+    dist.barrier()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    dist.barrier()
+    return time.perf_counter() - t, out
+
+
+def worker(args) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from ds_cl import SubspaceProjector
+    from ds_cl.subspace import FixedRank
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if not torch.cuda.is_available():
+        # Same cores in total whatever the world size, so SVD/step times compare across worlds.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    engine, cfg = _build(args)
+    proj = SubspaceProjector(engine, audit=False)
+    proj.fit(FixedRank(args.ratio))  # warm-up: the first LAPACK call pays one-time set-up
+    svd_s, _ = _barrier_time(lambda: proj.fit(FixedRank(args.ratio)))
+    result = {"world": world, "svd_seconds": svd_s}
+    bases = [None] * world
+    dist.all_gather_object(bases, proj.bases_bytes())
+    result["bases_bytes_by_rank"] = bases
+
+    if args.worker == "steps":
+        g = torch.Generator().manual_seed(rank)
+        ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq), generator=g).to(engine.device)
+        times = {m: [] for m in MODES}
+        comm = []
+
+        def one_step(mode):
+            for _ in range(args.grad_accum):
+                loss = engine(input_ids=ids, labels=ids).loss
+                engine.backward(loss)
+                if mode == "plain":
+                    engine.step()
+                else:
+                    proj.step()
+
+        for i in range(args.warmup + args.steps):
+            for mode in MODES:
+                proj.project_update = mode.startswith("grad_update")
+                proj.audit_enabled = mode == "grad_update_audit"
+                before = proj.stats["sent_bytes"]
+                dt, _ = _barrier_time(lambda: one_step(mode))
+                if i >= args.warmup:
+                    times[mode].append(dt)
+                    if mode == "grad_update":
+                        comm.append(proj.stats["sent_bytes"] - before)
+        ratios = {}
+        for mode in MODES[1:]:
+            r = [t / p for t, p in zip(times[mode], times["plain"])]
+            ratios[mode] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, {"comm": max(comm), "peak": _peak_mem_bytes(engine.device)})
+        result.update(
+            step_seconds={m: statistics.median(v) for m, v in times.items()},
+            ratios=ratios,
+            comm_bytes_per_rank_per_step=max(x["comm"] for x in per_rank),
+            peak_mem_bytes_per_rank=max(x["peak"] for x in per_rank),
+            tokens_per_step=args.micro_batch * args.seq * args.grad_accum * world,
+            target_params=sum(int(torch.tensor(proj.shapes[n]).prod()) for n in proj.names),
+            targets=len(proj.names),
+            layers=cfg.num_hidden_layers,
+            device=(torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                    else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads/rank)"),
+        )
+    if rank == 0:
+        Path(args.result).write_text(json.dumps(result))
+    engine.destroy()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------- launcher
+def _launch(args, world: int, mode: str, result: Path) -> dict:
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port", str(port),
+           "--module", "ds_cl.bench", "--worker", mode, "--result", str(result),
+           "--model", args.model, "--micro-batch", str(args.micro_batch), "--seq", str(args.seq),
+           "--grad-accum", str(args.grad_accum), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--ratio", str(args.ratio)]
+    if args.layers:
+        cmd += ["--layers", str(args.layers)]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"ds-cl bench: the world-{world} {mode} run failed (exit {proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(result.read_text())
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker:
+        worker(args)
+        return 0
+    from tqdm import tqdm
+
+    runs = [(w, "svd") for w in range(1, args.world)] + [(args.world, "steps")]
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {}
+        for world, mode in tqdm(runs, desc="ds-cl bench", disable=args.json):
+            results[world] = _launch(args, world, mode, Path(tmp) / f"w{world}.json")
+    steps = results[args.world]
+    out = {
+        "model": args.model,
+        "layers": steps["layers"],
+        "world": args.world,
+        "device": steps["device"],
+        "tokens_per_step": steps["tokens_per_step"],
+        "target_params": steps["target_params"],
+        "rank_ratio": args.ratio,
+        "step_seconds": steps["step_seconds"],
+        "step_ratio_grad": steps["ratios"]["grad"]["median"],
+        "step_ratio_grad_update": steps["ratios"]["grad_update"]["median"],
+        "step_ratio_grad_update_audit": steps["ratios"]["grad_update_audit"]["median"],
+        "step_ratio_minmax": {m: [r["min"], r["max"]] for m, r in steps["ratios"].items()},
+        "svd_seconds": {str(w): r["svd_seconds"] for w, r in sorted(results.items())},
+        "bases_bytes_per_rank": max(steps["bases_bytes_by_rank"]),
+        "bases_bytes_by_rank": steps["bases_bytes_by_rank"],
+        "bases_bytes_total": sum(steps["bases_bytes_by_rank"]),
+        "comm_bytes_per_rank_per_step": steps["comm_bytes_per_rank_per_step"],
+        "peak_mem_bytes_per_rank": steps["peak_mem_bytes_per_rank"],
+        "steps_measured": args.steps,
+    }
+    mib = 1 << 20
+    print(f"model {args.model} ({out['layers']} layers, {out['target_params'] / 1e6:.1f}M target params), "
+          f"world {args.world}, {out['tokens_per_step']} tokens/step, device {out['device']}")
+    print(f"  step time plain {out['step_seconds']['plain']:.3f}s | ratio grad {out['step_ratio_grad']:.3f} | "
+          f"grad+update {out['step_ratio_grad_update']:.3f} | +audit {out['step_ratio_grad_update_audit']:.3f} "
+          f"(median of {args.steps})")
+    print("  svd phase " + ", ".join(f"world {w}: {s:.2f}s" for w, s in out["svd_seconds"].items()))
+    print(f"  bases {out['bases_bytes_total'] / mib:.1f} MiB total, {out['bases_bytes_per_rank'] / mib:.1f} MiB max "
+          f"per rank | sent {out['comm_bytes_per_rank_per_step'] / mib:.2f} MiB/rank/step | "
+          f"peak mem {out['peak_mem_bytes_per_rank'] / mib:.0f} MiB/rank")
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
