@@ -43,6 +43,9 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per mode (>= 20)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ratio", type=float, default=0.5, help="fixed rank ratio of the bases")
+    p.add_argument("--threads-per-rank", type=int, default=1,
+                   help="CPU only: torch threads per rank (default 1: a rank stands for one device, so adding "
+                        "ranks adds compute, as adding GPUs does)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--worker", choices=["steps", "svd"], default=None, help=argparse.SUPPRESS)
@@ -52,6 +55,8 @@ def parse_args(argv):
         p.error(f"--world must be >= 1, got {args.world}")
     if args.steps < 1 or args.micro_batch < 1 or args.seq < 2 or args.grad_accum < 1:
         p.error("--steps, --micro-batch, --grad-accum must be >= 1 and --seq >= 2")
+    if args.threads_per_rank < 1:
+        p.error(f"--threads-per-rank must be >= 1, got {args.threads_per_rank}")
     if args.layers is not None and args.layers < 1:
         p.error(f"--layers must be >= 1, got {args.layers}")
     return args
@@ -124,8 +129,7 @@ def worker(args) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if not torch.cuda.is_available():
-        # Same cores in total whatever the world size, so SVD/step times compare across worlds.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(args.threads_per_rank)
     engine, cfg = _build(args)
     proj = SubspaceProjector(engine, audit=False)
     proj.fit(FixedRank(args.ratio))  # warm-up: the first LAPACK call pays one-time set-up
@@ -196,7 +200,7 @@ def _launch(args, world: int, mode: str, result: Path) -> dict:
            "--module", "ds_cl.bench", "--worker", mode, "--result", str(result),
            "--model", args.model, "--micro-batch", str(args.micro_batch), "--seq", str(args.seq),
            "--grad-accum", str(args.grad_accum), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--ratio", str(args.ratio)]
+           "--ratio", str(args.ratio), "--threads-per-rank", str(args.threads_per_rank)]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
     env = dict(os.environ)

@@ -316,11 +316,18 @@ class SubspaceProjector:
         bases = {}
         for bucket in self.buckets:
             full = self._to_owners(bucket, {n: self.shards.get_master(n).float() for n in bucket})
-            for n, w in full.items():
+            by_shape: dict[tuple, list[str]] = defaultdict(list)
+            for n in full:
+                by_shape[self.shapes[n]].append(n)
+            for shape, names in by_shape.items():
+                # One batched LAPACK/cuSOLVER call per shape instead of one per matrix.
+                weights = torch.stack([full[n].view(shape) for n in names])
                 try:
-                    bases[n] = S.svd_bases(w.view(self.shapes[n]), ranks[n], self.svd_dtype)
+                    us, vs = S.svd_bases(weights, max(ranks[n] for n in names), self.svd_dtype)
                 except ValueError as e:
-                    raise ValueError(f"{n}: {e}") from None
+                    raise ValueError(f"{', '.join(names)}: {e}") from None
+                for i, n in enumerate(names):
+                    bases[n] = (us[i, :, : ranks[n]].contiguous(), vs[i, :, : ranks[n]].contiguous())
             del full
         self.bases, self.ranks, self._leaks = bases, ranks, {}
         return dict(ranks)
