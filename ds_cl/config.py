@@ -63,6 +63,10 @@ class OSFTConfig:
     # Fit before the first task too, protecting the base model; false leaves task 0 unconstrained
     # (the paper's T5 runs).
     fit_before_first_task: bool = True
+    # Learning rate of the parameters outside the targets (embeddings, norms, lm_head), as a fraction of
+    # train.lr, while the subspace constraint is on. 1.0: trained like the targets (the method as
+    # published); 0.0: frozen, so only constrained weights change. See docs/demo.md for why it matters.
+    non_target_lr_scale: float = 1.0
     # Samples (per task) used for layer importance: the previous task's training data.
     importance_samples: int = 32
     # General data for the importance before the first task (a data file, read with `input_field`
@@ -260,7 +264,7 @@ def apply_override(data: dict, item: str, src: str = "command line") -> None:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"{src}: override {key}: value {raw!r} is not valid YAML ({e})") from None
+        raise ConfigError(f"{src}: override {key}: value {raw!r} is not valid YAML ({str(e).splitlines()[0]})") from None
     parts = key.strip().split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
@@ -347,6 +351,7 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     o = cfg.method.osft
     need(0 <= o.mrr <= o.trr <= 1, "method.osft.mrr", f"need 0 <= mrr <= trr <= 1, got mrr={o.mrr} trr={o.trr}")
     need(0 <= o.ratio <= 1, "method.osft.ratio", f"must be in [0, 1], got {o.ratio}")
+    need(o.non_target_lr_scale >= 0, "method.osft.non_target_lr_scale", "must be >= 0")
     need(o.importance_samples >= 1, "method.osft.importance_samples", "must be >= 1")
     if o.first_task_importance_data:
         o.first_task_importance_data = _resolve(o.first_task_importance_data, base)

@@ -155,11 +155,22 @@ def build_model(cfg: RunConfig, ds_config: dict, seed: int):
     return model, keepalive
 
 
-def build_engine(model, ds_config: dict):
+def build_engine(cfg: RunConfig, model, ds_config: dict):
+    """The DeepSpeed engine. For osft the optimizer gets two parameter groups, the projector's targets
+    and the rest, so that `method.osft.non_target_lr_scale` can give the rest its own learning rate."""
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                     if p.requires_grad], config=ds_config)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.method.name == "osft":
+        from ds_cl.subspace import select_targets
+
+        targets = set(select_targets([n for n, _ in named], cfg.method.osft.targets))
+        groups = [{"params": [p for n, p in named if n in targets]},
+                  {"params": [p for n, p in named if n not in targets]}]
+        params = [g for g in groups if g["params"]]
+    else:
+        params = [p for _, p in named]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=ds_config)
     return engine
 
 
@@ -273,7 +284,7 @@ class Trainer:
         self.tasks = [load_task(t, i, self.tokenizer, cfg.train.max_seq_len, cfg.seed) for i, t in enumerate(cfg.tasks)]
         self.phases = plan_phases(cfg, self.tasks)
         self.model, self._hf_ds_keepalive = build_model(cfg, self.ds_config, cfg.seed)
-        self.engine = build_engine(self.model, self.ds_config)
+        self.engine = build_engine(cfg, self.model, self.ds_config)
         self.projector = build_projector(cfg, self.engine)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", dist_info.rank, dist_info.world,
                                              cfg.checkpoint.keep)
@@ -359,8 +370,11 @@ class Trainer:
         order = epoch_order(len(ph["train"]), self.cfg.seed, phase, epoch)
         micro = rank_micro_batches(order, in_epoch, d.rank, d.world, t.micro_batch_size, self.gas)
         lr = self.lr_at(step, ph["steps"])
-        for g in self.engine.optimizer.param_groups:
-            g["lr"] = lr
+        groups = self.engine.optimizer.param_groups
+        constrained = self.projector is not None and (phase > 0 or self.cfg.method.osft.fit_before_first_task)
+        for k, g in enumerate(groups):
+            # Group 1 (osft): the non-target parameters.
+            g["lr"] = lr * self.cfg.method.osft.non_target_lr_scale if (constrained and k == 1) else lr
         t0 = time.time()
         loss_sum, tokens = 0.0, 0
         self.engine.train()
