@@ -1,0 +1,120 @@
+"""End to end on 2 real ZeRO-3 CPU ranks: a 2-task run writes every output; the exported model loads
+and generates; `--resume` (at a task boundary and mid-task) ends with the same weights as one run."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.dist_utils import REPO, launch
+from tests.fixtures import FIXTURES, train_sentencepiece
+
+pytestmark = pytest.mark.distributed
+
+METHOD = "osft"
+
+
+def run_config(tmp, out, method=METHOD, **extra):
+    cfg = {
+        "output_dir": str(out),
+        "seed": 7,
+        "deepspeed": {"zero_optimization": {"stage": 3}},
+        "model": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             "vocab_size": 400, "max_position_embeddings": 128},
+                  "tokenizer": str(tmp / "tok.model"), "dtype": "float32"},
+        "method": {"name": method, "osft": {"rank": "fixed", "ratio": 0.5}},
+        "train": {"lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 8, "max_seq_len": 96,
+                  "max_steps_per_task": 4},
+        "eval": {"batch_size": 8, "max_new_tokens": 3},
+        "output": {"export_dtype": "float32"},
+        "tasks": [
+            {"name": "a", "train": str(FIXTURES / "task_a.jsonl"), "eval_size": 6,
+             "instruction": "Is the review positive or negative?"},
+            {"name": "b", "train": str(FIXTURES / "task_b.csv"), "input_field": "text", "output_field": "label",
+             "eval_size": 6},
+        ],
+    }
+    for k, v in extra.items():
+        sec, key = k.split("__")
+        cfg[sec][key] = v
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(config, *args):
+    return launch(REPO / "ds_cl" / "train.py", 2, str(config), *args, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    train_sentencepiece(tmp / "tok.model")
+    out = tmp / "full"
+    proc = train(run_config(tmp, out))
+    return tmp, out, proc
+
+
+def test_two_task_run_writes_every_output(full_run):
+    tmp, out, proc = full_run
+    for f in ("config.yaml", "metrics.jsonl", "cl_matrix.json", "summary.json", "cl_matrix.png", "loss.png"):
+        assert (out / f).is_file(), f
+    summ = json.loads((out / "summary.json").read_text())
+    assert set(summ) >= {"AA", "BWT", "matrix", "final_scores"} and summ["complete"]
+    assert [len(r) for r in summ["matrix"]] == [1, 2]
+    assert summ["AA"] == pytest.approx(sum(summ["matrix"][1]) / 2)
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(1, 9)) and [r["task"] for r in recs] == ["a"] * 4 + ["b"] * 4
+    assert all(r["loss"] > 0 and r["grad_norm"] > 0 and r["tokens_per_s"] > 0 for r in recs)
+    assert recs[-1]["loss"] < recs[0]["loss"]  # it learns
+    if METHOD == "osft":
+        assert all(r["leak"] < 1e-4 for r in recs)
+    assert (out / "cl_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert "AA=" in proc.stdout and "outputs in" in proc.stdout
+
+
+def test_exported_model_loads_and_generates(full_run):
+    from transformers import AutoModelForCausalLM
+
+    from ds_cl.data import load_tokenizer
+
+    tmp, out, _ = full_run
+    folder = out / "task_1_b"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    sd = load_file(folder / "model.safetensors")
+    # Full shapes, not the empty ZeRO-3 placeholders.
+    assert sd["model.layers.0.mlp.up_proj.weight"].shape == (64, 32)
+    assert sum(v.numel() for v in sd.values()) == sum(p.numel() for p in model.parameters())
+    tok = load_tokenizer(str(folder))
+    ids = torch.tensor([[tok.bos_id] + tok.encode_prompt("the meal was great. Answer:")])
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_id)
+    assert gen.shape[1] > ids.shape[1]
+    # task_0 and task_1 differ: the second task trained the weights further.
+    sd0 = load_file(out / "task_0_a" / "model.safetensors")
+    assert not torch.equal(sd0["model.layers.0.mlp.up_proj.weight"], sd["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_resume_at_boundary_and_mid_task_equals_uninterrupted(full_run):
+    tmp, full, _ = full_run
+    out = tmp / "resumed"
+    cfg = run_config(tmp, out)
+    train(cfg, "checkpoint.stop_after_steps=4")  # stops at the task boundary (after task a's checkpoint)
+    assert json.loads((out / "summary.json").read_text())["complete"] is False
+    train(cfg, "checkpoint.stop_after_steps=2", "--resume")  # refit after resume, stop mid task b
+    state = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+                        / "trainer_state.json").read_text())
+    assert (state["phase"], state["step_in_phase"]) == (1, 2)
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    train(cfg, "--resume")
+    a, b = load_file(full / "task_1_b" / "model.safetensors"), load_file(out / "task_1_b" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    full_sum, res_sum = (json.loads((d / "summary.json").read_text()) for d in (full, out))
+    assert full_sum["matrix"] == res_sum["matrix"]
+    losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert losses(full) == losses(out)
