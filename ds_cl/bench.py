@@ -27,6 +27,7 @@ MODELS = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
     "tiny": (64, 172, 2, 4, 4, 512),
     "small": (256, 688, 4, 8, 8, 2048),
+    "medium": (1024, 2752, 2, 16, 16, 4096),
     "llama2-7b-shapes": (4096, 11008, 32, 32, 32, 32000),
 }
 MODES = ("plain", "grad", "grad_update", "grad_update_audit")
@@ -134,7 +135,11 @@ def worker(args) -> None:
     proj = SubspaceProjector(engine, audit=False)
     proj.fit(FixedRank(args.ratio))  # warm-up: the first LAPACK call pays one-time set-up
     svd_s, _ = _barrier_time(lambda: proj.fit(FixedRank(args.ratio)))
-    result = {"world": world, "svd_seconds": svd_s}
+    # Share of the SVD work (m n min(m, n) per matrix) each rank owns: what the design divides,
+    # whether or not the hardware runs the ranks in parallel.
+    cost = {n: proj.shapes[n][0] * proj.shapes[n][1] * min(proj.shapes[n]) for n in proj.names}
+    shares = [sum(c for n, c in cost.items() if proj.owner[n] == r) / sum(cost.values()) for r in range(world)]
+    result = {"world": world, "svd_seconds": svd_s, "svd_work_share_by_rank": shares}
     bases = [None] * world
     dist.all_gather_object(bases, proj.bases_bytes())
     result["bases_bytes_by_rank"] = bases
@@ -240,6 +245,7 @@ def main(argv=None) -> int:
         "step_ratio_grad_update_audit": steps["ratios"]["grad_update_audit"]["median"],
         "step_ratio_minmax": {m: [r["min"], r["max"]] for m, r in steps["ratios"].items()},
         "svd_seconds": {str(w): r["svd_seconds"] for w, r in sorted(results.items())},
+        "svd_work_share_max": {str(w): max(r["svd_work_share_by_rank"]) for w, r in sorted(results.items())},
         "bases_bytes_per_rank": max(steps["bases_bytes_by_rank"]),
         "bases_bytes_by_rank": steps["bases_bytes_by_rank"],
         "bases_bytes_total": sum(steps["bases_bytes_by_rank"]),
@@ -253,7 +259,8 @@ def main(argv=None) -> int:
     print(f"  step time plain {out['step_seconds']['plain']:.3f}s | ratio grad {out['step_ratio_grad']:.3f} | "
           f"grad+update {out['step_ratio_grad_update']:.3f} | +audit {out['step_ratio_grad_update_audit']:.3f} "
           f"(median of {args.steps})")
-    print("  svd phase " + ", ".join(f"world {w}: {s:.2f}s" for w, s in out["svd_seconds"].items()))
+    print("  svd phase " + ", ".join(f"world {w}: {s:.2f}s (largest rank share of the work "
+                                     f"{out['svd_work_share_max'][w]:.2f})" for w, s in out["svd_seconds"].items()))
     print(f"  bases {out['bases_bytes_total'] / mib:.1f} MiB total, {out['bases_bytes_per_rank'] / mib:.1f} MiB max "
           f"per rank | sent {out['comm_bytes_per_rank_per_step'] / mib:.2f} MiB/rank/step | "
           f"peak mem {out['peak_mem_bytes_per_rank'] / mib:.0f} MiB/rank")

@@ -24,6 +24,7 @@ def test_bench_json_reports_every_quantity():
     assert out["step_ratio_grad"] > 0 and out["step_ratio_grad_update"] > 0
     # Owner-per-matrix: bases are split across the two ranks, nobody holds them all.
     assert out["bases_bytes_per_rank"] <= 0.55 * out["bases_bytes_total"]
+    assert out["svd_work_share_max"]["1"] == 1.0 and out["svd_work_share_max"]["2"] <= 0.6
     # Each rank sends its partitions of the target gradients and updates, minus what it owns itself:
     # at least a quarter of 2 x 4 bytes x targets / world, at most all of it.
     n = out["target_params"]
