@@ -23,7 +23,7 @@ import yaml
 
 # Local data formats we read ourselves; anything else is a `datasets` name or a saved dataset folder.
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
-METHODS = ("osft", "seqft", "replay", "multitask")
+METHODS = ("osft", "seqft", "replay", "multitask", "olora", "inclora")
 
 # The O-LoRA prompt style (design.md §6) for classification tasks.
 DEFAULT_INSTRUCTION = "What is the topic of the following paragraph? Choose one from the option."
@@ -82,10 +82,29 @@ class ReplayConfig:
 
 
 @dataclass
+class LoRAConfig:
+    # Methods olora / inclora (ds_cl/lora.py; defaults from O-LoRA's released scripts, docs/baselines.md).
+    rank: int = 8
+    alpha: float = 32.0  # adapter output scaled by alpha / rank
+    dropout: float = 0.1  # on the adapter's input
+    # Target Linear modules: names equal to an entry or ending in "." + entry (PEFT's rule).
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # O-LoRA's loss: task + lambda_orth * sum_{i<t} ||A_i A_t^T||^2 + lambda_l2 * (||A_t||^2 + ||B_t||^2).
+    # inclora ignores lambda_orth.
+    lambda_orth: float = 0.5
+    lambda_l2: float = 0.0
+    # fro2: squared Frobenius norm (the paper's formula); l1: sum of |entries| (the authors' trainer code).
+    orth_norm: Literal["fro2", "l1"] = "fro2"
+    # Learning rate of the adapters (O-LoRA's scripts: 1e-3); null: train.lr. The schedule still applies.
+    lr: Optional[float] = 1e-3
+
+
+@dataclass
 class MethodConfig:
-    name: Literal["osft", "seqft", "replay", "multitask"] = "osft"
+    name: Literal["osft", "seqft", "replay", "multitask", "olora", "inclora"] = "osft"
     osft: OSFTConfig = field(default_factory=OSFTConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass
@@ -357,6 +376,14 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
         o.first_task_importance_data = _resolve(o.first_task_importance_data, base)
         need(os.path.exists(o.first_task_importance_data), "method.osft.first_task_importance_data",
              f"no such file: {o.first_task_importance_data}")
+    lo = cfg.method.lora
+    need(lo.rank >= 1, "method.lora.rank", f"must be >= 1, got {lo.rank}")
+    need(lo.alpha > 0, "method.lora.alpha", f"must be > 0, got {lo.alpha}")
+    need(0 <= lo.dropout < 1, "method.lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    need(len(lo.targets) >= 1 and all(lo.targets), "method.lora.targets", "needs at least one module name")
+    need(lo.lambda_orth >= 0, "method.lora.lambda_orth", f"must be >= 0, got {lo.lambda_orth}")
+    need(lo.lambda_l2 >= 0, "method.lora.lambda_l2", f"must be >= 0, got {lo.lambda_l2}")
+    need(lo.lr is None or lo.lr > 0, "method.lora.lr", f"must be > 0 (or null: train.lr), got {lo.lr}")
     r = cfg.method.replay.fraction
     need(0 <= r <= 10, "method.replay.fraction", f"must be in [0, 10], got {r}")
     if cfg.output.tensorboard:

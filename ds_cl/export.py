@@ -30,9 +30,21 @@ def _gathered(p):
     return contextlib.nullcontext()
 
 
+def full_tensors(model):
+    """(name, full CPU tensor on rank 0 / None elsewhere) per parameter, one gathered at a time. Collective."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    # named_parameters() lists a tied weight (lm_head = embed_tokens) once, as HF's own save does.
+    for name, p in model.named_parameters():
+        with _gathered(p):
+            t = p.detach().to("cpu").clone() if rank == 0 else None
+        yield name, t
+
+
 def export_hf(model, out_dir: str | os.PathLike, tokenizer=None, dtype: str = "bfloat16",
-              shard_bytes: int = 4 << 30) -> Path | None:
-    """Write `model` (the engine's module) to out_dir. Collective; returns the folder on rank 0."""
+              shard_bytes: int = 4 << 30, tensors=None) -> Path | None:
+    """Write `model` (the engine's module) to out_dir. Collective; returns the folder on rank 0.
+    `tensors`: an iterator like `full_tensors(model)` to write instead of the module's own parameters
+    (ds_cl.lora: base weights with the adapters merged)."""
     from safetensors.torch import save_file
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -45,13 +57,11 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None, dtype: str = "b
     shards: list[dict] = []
     current: dict[str, torch.Tensor] = {}
     size = 0
-    # named_parameters() lists a tied weight (lm_head = embed_tokens) once, as HF's own save does.
-    for name, p in model.named_parameters():
-        with _gathered(p):
-            if rank == 0:
-                t = p.detach().to("cpu", to).clone()
-                current[name] = t
-                size += t.numel() * t.element_size()
+    for name, t in (full_tensors(model) if tensors is None else tensors):
+        if rank == 0:
+            t = t.to(to)
+            current[name] = t
+            size += t.numel() * t.element_size()
         if rank == 0 and size >= shard_bytes:
             shards.append(current)
             save_file(current, tmp / f"shard-{len(shards):05d}.safetensors", metadata={"format": "pt"})

@@ -155,13 +155,16 @@ def build_model(cfg: RunConfig, ds_config: dict, seed: int):
     return model, keepalive
 
 
-def build_engine(cfg: RunConfig, model, ds_config: dict):
+def build_engine(cfg: RunConfig, model, ds_config: dict, lora=None):
     """The DeepSpeed engine. For osft the optimizer gets two parameter groups, the projector's targets
-    and the rest, so that `method.osft.non_target_lr_scale` can give the rest its own learning rate."""
+    and the rest, so that `method.osft.non_target_lr_scale` can give the rest its own learning rate.
+    For olora/inclora (`lora`, ds_cl/lora.py): one group per task's adapter, the base frozen."""
     import deepspeed
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if cfg.method.name == "osft":
+    if lora is not None:
+        params = lora.param_groups()
+    elif cfg.method.name == "osft":
         from ds_cl.subspace import select_targets
 
         targets = set(select_targets([n for n, _ in named], cfg.method.osft.targets))
@@ -268,6 +271,7 @@ class Trainer:
     model: Any  # transformers PreTrainedModel (partitioned under ZeRO-3)
     engine: Any  # deepspeed.DeepSpeedEngine
     projector: Any  # ds_cl.projector.SubspaceProjector | None (method osft only)
+    lora: Any  # ds_cl.lora.LoRAAdapters | None (methods olora, inclora only)
     checkpoints: Any  # ds_cl.checkpoint.CheckpointManager
     metrics: MetricsLog
     state: RunState
@@ -280,11 +284,18 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.gas = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dist_info.world)
         self.ds_config = build_ds_config(cfg, dist_info.world, dist_info.device == "cpu")
+        if cfg.method.name in ("olora", "inclora"):
+            from ds_cl.lora import check_targets
+
+            check_targets(cfg)  # on the meta device: a clear error before data and weights are loaded
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.chat_template)
         self.tasks = [load_task(t, i, self.tokenizer, cfg.train.max_seq_len, cfg.seed) for i, t in enumerate(cfg.tasks)]
         self.phases = plan_phases(cfg, self.tasks)
         self.model, self._hf_ds_keepalive = build_model(cfg, self.ds_config, cfg.seed)
-        self.engine = build_engine(cfg, self.model, self.ds_config)
+        from ds_cl.lora import build_lora
+
+        self.lora = build_lora(cfg, self.model, len(self.phases))
+        self.engine = build_engine(cfg, self.model, self.ds_config, self.lora)
         self.projector = build_projector(cfg, self.engine)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", dist_info.rank, dist_info.world,
                                              cfg.checkpoint.keep)
@@ -375,19 +386,28 @@ class Trainer:
         for k, g in enumerate(groups):
             # Group 1 (osft): the non-target parameters.
             g["lr"] = lr * self.cfg.method.osft.non_target_lr_scale if (constrained and k == 1) else lr
+            if self.lora is not None:  # group k: task k's adapter; only the current task's learns
+                lora_lr = lr * (self.cfg.method.lora.lr or t.lr) / t.lr
+                g["lr"] = self.lora.group_lr(k, lora_lr)
         t0 = time.time()
         loss_sum, tokens = 0.0, 0
+        reg_sum: dict = {}  # olora/inclora: orth_loss, l2_loss (mean over micro batches)
         self.engine.train()
         for idx in micro:
             batch = {k: v.to(self.engine.device) for k, v in collate([ph["train"][i] for i in idx],
                                                                      self.tokenizer.pad_id).items()}
             loss = self.engine(**batch).loss
+            if self.lora is not None:  # + the O-LoRA regularisers computed in this forward
+                task_loss = loss
+                loss, reg = self.lora.add_regularisers(loss)
+                for key, v in reg.items():
+                    reg_sum[key] = reg_sum.get(key, 0.0) + v / len(micro)
             self.engine.backward(loss)
             if self.projector is not None:
                 self.projector.step()
             else:
                 self.engine.step()
-            loss_sum += float(loss.detach())
+            loss_sum += float((task_loss if self.lora is not None else loss).detach())
             tokens += int(batch["attention_mask"].sum())
         stats = torch.tensor([loss_sum / len(micro), float(tokens)], dtype=torch.float64)
         dist.all_reduce(stats)
@@ -403,6 +423,9 @@ class Trainer:
                     rec["leak"] = max(float(v) for v in leaks.values())
             except Exception:  # before any fit there is nothing to audit
                 pass
+        if self.lora is not None:
+            rec["lr"] = groups[phase]["lr"]  # the current adapter's
+            rec.update(reg_sum)  # the same on every rank (adapters are replicated in value)
         return rec
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -513,6 +536,8 @@ class Trainer:
             self._log_rank0(f"before training: {fmt_row(st.baseline)}")
         for phase in range(st.phase, len(self.phases)):
             ph = self.phases[phase]
+            if self.lora is not None:
+                self.lora.start_task(phase)  # adapters 0..phase in the forward, only this task's learns
             if st.step_in_phase == 0:
                 if phase > 0 and cfg.train.reset_optimizer_each_task:
                     self.reset_optimizer()
@@ -553,7 +578,8 @@ class Trainer:
                 from ds_cl.export import export_hf
 
                 export_hf(self.engine.module, self.out / f"task_{phase}_{ph['name']}", self.tokenizer,
-                          cfg.output.export_dtype)
+                          cfg.output.export_dtype,
+                          tensors=self.lora.merged_tensors(self.engine.module) if self.lora is not None else None)
             st.phase, st.step_in_phase = phase + 1, 0
             st.done = st.phase == len(self.phases)
             self.write_results()

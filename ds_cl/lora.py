@@ -1,0 +1,254 @@
+"""LoRA baselines in the same harness: O-LoRA (Wang et al. 2023, "Orthogonal Subspace Learning for
+Language Model Continual Learning") and incremental LoRA (the same without the orthogonality term).
+
+Per task t a new LoRA adapter (A_t: r x in, B_t: out x r) on every target Linear; the frozen base plus
+every adapter trained so far gives the output  y = W x + b + (alpha / r) * sum_{s<=t} B_s A_s dropout(x).
+Earlier adapters are frozen (requires_grad False, learning rate 0), the base is frozen throughout.
+
+Loss of task t (O-LoRA, eq. in the paper; sums over every target layer):
+
+    L = L_task + lambda_orth * sum_{i<t} ||A_i A_t^T||^2 + lambda_l2 * (||A_t||^2 + ||B_t||^2)
+
+with ||.||^2 the squared Frobenius norm (`orth_norm: fro2`, the paper's formula). `orth_norm: l1` is the
+entry-wise sum of |A_i A_t^T| that the authors' released trainer computes. Defaults and why: docs/baselines.md.
+
+Own code, not PEFT (docs/baselines.md): a target `nn.Linear` keeps its class's forward and its parameter
+names (`...q_proj.weight`), and gains direct parameters `lora_A_<t>`, `lora_B_<t>` for every task, all
+created before `deepspeed.initialize`. Direct parameters matter on ZeRO-3: its hooks gather a module's own
+parameters around that module's forward and backward, so the adapters and the regulariser computed in
+the same forward are available where they are used. The adapters of all tasks exist from the start (their
+B is zero until trained), so the engine and its optimizer are built once; one optimizer parameter group per
+task lets the trainer give every group but the current task's a learning rate of 0.
+
+Evaluation runs base + all trained adapters; `merged_tensors` yields W + (alpha / r) sum_s B_s A_s per
+target for `ds_cl.export.export_hf`, so an export is a plain HF model (no adapter keys).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LORA_METHODS = ("olora", "inclora")
+
+
+class LoRAMixin:
+    """Mixed into a target Linear's class: the base forward plus the active adapters (see module doc)."""
+
+    lora_rank: int
+    lora_scale: float
+    lora_dropout: float
+    lora_tasks: int  # adapters held (one per task)
+    lora_active: int  # adapters in the forward (tasks trained so far, the current one included)
+    lora_ctl: "LoRAAdapters"
+
+    def lora_pair(self, s: int) -> tuple[nn.Parameter, nn.Parameter]:
+        return getattr(self, f"lora_A_{s}"), getattr(self, f"lora_B_{s}")
+
+    def forward(self, x):
+        y = super().forward(x)
+        n = self.lora_active
+        if n == 0:
+            return y
+        h = F.dropout(x, self.lora_dropout, self.training) if self.lora_dropout > 0 else x
+        for s in range(n):
+            a, b = self.lora_pair(s)
+            y = y + self.lora_scale * F.linear(F.linear(h, a), b)
+        if self.training:
+            # The regulariser of the current adapter, here where ZeRO-3 has the adapters gathered
+            # (they are this module's own parameters; its backward runs inside this module's backward).
+            self.lora_ctl._regularise(self, n - 1)
+        return y
+
+
+def _lora_class(cls: type) -> type:
+    return type(f"LoRA{cls.__name__}", (LoRAMixin, cls), {})
+
+
+def match_targets(module_names: list[str], targets: list[str]) -> list[str]:
+    """Names equal to a target or ending in '.' + target (PEFT's rule), e.g. `q_proj`, `self_attn.o_proj`."""
+    return [n for n in module_names if any(n == t or n.endswith("." + t) for t in targets)]
+
+
+def target_linears(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Linear]]:
+    """The Linear modules named by `targets`; a one-line error when they match none."""
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = match_targets(list(linears), targets)
+    if not names:
+        sample = sorted({n.rsplit(".", 1)[-1] for n in linears})[:12]
+        raise ValueError(f"method.lora.targets={targets} match no Linear module of the model "
+                         f"(its Linear names end in: {', '.join(sample)})")
+    return [(n, linears[n]) for n in names]
+
+
+def check_targets(cfg) -> int:
+    """Before any heavy work: build the model on the meta device (no memory, no weights) and check that
+    `method.lora.targets` match some Linear. Returns the number of target modules."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.model.name_or_path is None:
+        mc = dict(cfg.model.config)
+        hf_cfg = AutoConfig.for_model(mc.pop("model_type"), **mc)
+    else:
+        hf_cfg = AutoConfig.from_pretrained(cfg.model.name_or_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+    return len(target_linears(model, cfg.method.lora.targets))
+
+
+class LoRAAdapters:
+    """The adapters of a run: attach, per-task freezing, parameter groups, regulariser, merged export."""
+
+    def __init__(self, model: nn.Module, lcfg, n_tasks: int, orthogonal: bool, dtype: torch.dtype,
+                 seed: int = 0):
+        if lcfg.rank < 1:
+            raise ValueError(f"method.lora.rank must be >= 1, got {lcfg.rank}")
+        self.cfg = lcfg
+        self.n_tasks = n_tasks
+        self.orthogonal = orthogonal
+        self.lambda_orth = lcfg.lambda_orth if orthogonal else 0.0
+        self.lambda_l2 = lcfg.lambda_l2
+        self.current = -1
+        self._terms: list[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = []
+        for p in model.parameters():  # the base is frozen: only adapters train
+            p.requires_grad_(False)
+        self.modules = target_linears(model, lcfg.targets)
+        for idx, (name, m) in enumerate(self.modules):
+            m.__class__ = _lora_class(type(m))
+            m.lora_rank, m.lora_scale, m.lora_dropout = lcfg.rank, lcfg.alpha / lcfg.rank, lcfg.dropout
+            m.lora_tasks, m.lora_active, m.lora_ctl = n_tasks, 0, self
+            for t in range(n_tasks):
+                # PEFT's initialisation: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a=sqrt(5)), B = 0.
+                # A generator per (seed, task, module): every rank makes the same values on its own.
+                g = torch.Generator().manual_seed(seed * 1_000_003 + t * 10_007 + idx)
+                bound = 1.0 / math.sqrt(m.in_features)
+                a = (torch.rand(lcfg.rank, m.in_features, generator=g, dtype=torch.float32) * 2 - 1) * bound
+                m.register_parameter(f"lora_A_{t}", nn.Parameter(a.to(dtype)))
+                m.register_parameter(f"lora_B_{t}", nn.Parameter(torch.zeros(m.out_features, lcfg.rank, dtype=dtype)))
+
+    # -- parameters -----------------------------------------------------------------------------
+
+    def adapter_params(self, t: int) -> list[tuple[str, nn.Parameter]]:
+        out = []
+        for name, m in self.modules:
+            a, b = m.lora_pair(t)
+            out += [(f"{name}.lora_A_{t}", a), (f"{name}.lora_B_{t}", b)]
+        return out
+
+    def param_groups(self) -> list[dict]:
+        """One optimizer group per task (group t: adapter t of every target). Every adapter must be
+        trainable when the engine is built (ZeRO registers its gradient hooks then)."""
+        groups = []
+        for t in range(self.n_tasks):
+            params = [p for _, p in self.adapter_params(t)]
+            for p in params:
+                p.requires_grad_(True)
+            groups.append({"params": params})
+        return groups
+
+    def start_task(self, t: int) -> None:
+        """Task t: adapters 0..t in the forward, only adapter t trainable. Call at every task start and
+        after a resume."""
+        if not 0 <= t < self.n_tasks:
+            raise ValueError(f"task {t} out of range: {self.n_tasks} adapters")
+        self.current = t
+        for s in range(self.n_tasks):
+            for _, p in self.adapter_params(s):
+                p.requires_grad_(s == t)
+        for _, m in self.modules:
+            m.lora_active = t + 1
+
+    def group_lr(self, group: int, lr: float) -> float:
+        return lr if group == self.current else 0.0
+
+    # -- the regulariser --------------------------------------------------------------------------
+
+    def orth_term(self, a_prev: torch.Tensor, a_new: torch.Tensor) -> torch.Tensor:
+        o = a_prev.float() @ a_new.float().T  # r x r
+        return o.abs().sum() if self.cfg.orth_norm == "l1" else o.pow(2).sum()
+
+    def _regularise(self, m: LoRAMixin, t: int) -> None:
+        a_t, b_t = m.lora_pair(t)
+        orth = l2 = None
+        if t > 0:  # logged for inclora too (no gradient there)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.lambda_orth > 0):
+                orth = sum(self.orth_term(m.lora_pair(i)[0], a_t) for i in range(t))
+        if self.lambda_l2 > 0:
+            l2 = a_t.float().pow(2).sum() + b_t.float().pow(2).sum()
+        self._terms.append((orth, l2))
+
+    def add_regularisers(self, loss: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Task loss + the regulariser terms of the forward just run; returns (loss, values to log)."""
+        terms, self._terms = self._terms, []
+        orth = [o for o, _ in terms if o is not None]
+        l2 = [q for _, q in terms if q is not None]
+        logs = {}
+        if orth:
+            total = torch.stack([o.float() for o in orth]).sum()
+            logs["orth_loss"] = float(total.detach())
+            if self.lambda_orth > 0:
+                loss = loss + self.lambda_orth * total.to(loss.dtype)
+        if l2:
+            total = torch.stack(l2).sum()
+            logs["l2_loss"] = float(total.detach())
+            loss = loss + self.lambda_l2 * total.to(loss.dtype)
+        return loss, logs
+
+    def clear(self) -> None:
+        self._terms = []
+
+    # -- export -----------------------------------------------------------------------------------
+
+    def merged_tensors(self, model: nn.Module) -> Iterator[tuple[str, Optional[torch.Tensor]]]:
+        """(name, full tensor on rank 0 / None elsewhere) for every base parameter, with
+        W + (alpha / r) sum_s B_s A_s for the targets (in fp32, over the trained adapters); no adapter
+        keys. Collective under ZeRO-3: every rank iterates."""
+        import torch.distributed as dist
+
+        from ds_cl.export import _gathered
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        wrapped = {id(m): m for _, m in self.modules}
+        seen = set()  # a tied weight (lm_head = embed_tokens) once, as named_parameters() lists it
+        for mod_name, mod in model.named_modules():
+            for pname, p in mod.named_parameters(recurse=False):
+                if pname.startswith("lora_") or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                name = f"{mod_name}.{pname}" if mod_name else pname
+                if id(mod) in wrapped and pname == "weight" and mod.lora_active > 0:
+                    pairs = [mod.lora_pair(s) for s in range(mod.lora_active)]
+                    with _gathered_all([p] + [x for ab in pairs for x in ab]):
+                        t = None
+                        if rank == 0:
+                            w = p.detach().to("cpu", torch.float32).clone()
+                            for a, b in pairs:
+                                w += mod.lora_scale * (b.detach().to("cpu", torch.float32)
+                                                       @ a.detach().to("cpu", torch.float32))
+                            t = w
+                else:
+                    with _gathered(p):
+                        t = p.detach().to("cpu").clone() if rank == 0 else None
+                yield name, t
+
+
+def _gathered_all(params):
+    import contextlib
+
+    import deepspeed
+
+    if any(hasattr(p, "ds_id") for p in params):
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def build_lora(cfg, model, n_tasks: int) -> Optional[LoRAAdapters]:
+    """The adapters for method olora / inclora (None for the other methods)."""
+    if cfg.method.name not in LORA_METHODS:
+        return None
+    return LoRAAdapters(model, cfg.method.lora, n_tasks, orthogonal=cfg.method.name == "olora",
+                        dtype=getattr(torch, cfg.model.dtype), seed=cfg.seed)
