@@ -125,6 +125,9 @@ class TrainConfig:
     # Cap on optimizer steps per task (null: the epochs decide).
     max_steps_per_task: Optional[int] = None
     log_every: int = 1
+    # A non-finite loss or gradient norm: "stop" the run (exit 3, naming step and task; the step's update
+    # is not applied) or "skip" the step (DeepSpeed drops its update) and go on. docs/reliability.md.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
 
 
 @dataclass

@@ -128,19 +128,41 @@ def read_records(source: str, split: str, key: str = "data") -> list[dict]:
     """Rows of a .json/.jsonl/.csv/.parquet file, a `save_to_disk` folder, or a `datasets` name."""
     p = Path(source)
     if p.is_file():
+        if p.suffix in (".jsonl", ".json", ".csv"):
+            raw = p.read_bytes()
+            try:
+                text = raw.decode("utf-8-sig")
+            except UnicodeDecodeError as e:
+                line = raw[: e.start].count(b"\n") + 1
+                raise ValueError(f"{key}: {p}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+                                 "re-encode the file as UTF-8") from None
+            if not text.strip():
+                raise ValueError(f"{key}: {p} is empty")
         if p.suffix == ".jsonl":
-            with open(p) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{key}: {p}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{key}: {p}:{n}: expected a JSON object per line, got {type(row).__name__}")
+                rows.append(row)
         elif p.suffix == ".json":
-            with open(p) as f:
-                rows = json.load(f)
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{key}: {p}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
             if isinstance(rows, dict) and split in rows:  # {"train": [...], "test": [...]}
                 rows = rows[split]
             if not isinstance(rows, list):
                 raise ValueError(f"{key}: {p} must hold a list of records (or a mapping of split -> list)")
         elif p.suffix == ".csv":
-            with open(p, newline="") as f:
-                rows = list(csv.DictReader(f))
+            import io
+
+            rows = list(csv.DictReader(io.StringIO(text, newline="")))
         elif p.suffix == ".parquet":
             import pyarrow.parquet as pq
 

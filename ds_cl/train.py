@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ds_cl.config import ConfigError, RunConfig, load_config, save_config
+from ds_cl.faults import fault_point
 
 log = logging.getLogger("ds_cl.train")
 
@@ -302,6 +303,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out, dist_info.rank, cfg.output.tensorboard)
         self.state = RunState()
         self.steps_this_process = 0
+        self.preempted = False  # SIGTERM received (set by the handler, agreed on in train_step)
 
     # -- plan ---------------------------------------------------------------------------------
 
@@ -368,8 +370,13 @@ class Trainer:
         batches = self.importance_batches(phase) if o.rank == "adaptive" else None
         policy = AdaptiveRank(mrr=o.mrr, trr=o.trr) if batches is not None else FixedRank(ratio=o.ratio)
         t0 = time.time()
-        self.projector.fit(rank_policy=policy, importance_batches=batches)
+        try:
+            self.projector.fit(rank_policy=policy, importance_batches=batches)
+        except ValueError as e:  # e.g. non-finite weights: never fit bases from them
+            raise ValueError(f"task {phase} ({self.phases[phase]['name']}): subspace fit refused on rank "
+                             f"{self.dist.rank}: {e}") from None
         self._log_rank0(f"phase {phase}: subspace fitted ({type(policy).__name__}) in {time.time() - t0:.1f}s")
+        fault_point("fit", self.dist.rank, phase=phase)
 
     def train_step(self, phase: int, step: int) -> dict:
         import torch
@@ -402,6 +409,8 @@ class Trainer:
                 loss, reg = self.lora.add_regularisers(loss)
                 for key, v in reg.items():
                     reg_sum[key] = reg_sum.get(key, 0.0) + v / len(micro)
+            if fault_point("loss", d.rank, step=self.state.global_step + 1):
+                loss = loss * float("nan")  # reliability tests: a real NaN through backward and step
             self.engine.backward(loss)
             if self.projector is not None:
                 self.projector.step()
@@ -409,8 +418,10 @@ class Trainer:
                 self.engine.step()
             loss_sum += float((task_loss if self.lora is not None else loss).detach())
             tokens += int(batch["attention_mask"].sum())
-        stats = torch.tensor([loss_sum / len(micro), float(tokens)], dtype=torch.float64)
+        # [3]: ranks that received SIGTERM (they agree on the step after which to checkpoint and stop).
+        stats = torch.tensor([loss_sum / len(micro), float(tokens), float(self.preempted)], dtype=torch.float64)
         dist.all_reduce(stats)
+        self.preempted = bool(stats[2] > 0)
         gn = self.engine.get_global_grad_norm()
         rec = {"step": self.state.global_step + 1, "task": ph["name"], "phase": phase, "task_step": step + 1,
                "loss": float(stats[0]) / d.world, "lr": lr,
@@ -498,11 +509,11 @@ class Trainer:
         self.checkpoints.save(self.engine, self.projector, self.state.__dict__, self.state.global_step)
 
     def resume(self) -> bool:
-        path = self.checkpoints.latest()
-        if path is None:
+        found = self.checkpoints.load_latest(self.engine, self.projector, log=self._log_rank0)
+        if found is None:
             self._log_rank0("--resume: no complete checkpoint found; starting from the beginning")
             return False
-        st = self.checkpoints.load(path, self.engine, self.projector)
+        path, st = found
         st.pop("world_size", None)
         self.state = RunState(**st)
         if self.dist.rank == 0 and (self.out / "metrics.jsonl").is_file():
@@ -523,6 +534,7 @@ class Trainer:
         from tqdm import tqdm
 
         cfg, st = self.cfg, self.state
+        self._install_sigterm()
         if resume:
             self.resume()
             st = self.state
@@ -552,6 +564,7 @@ class Trainer:
                 st.global_step += 1
                 self.steps_this_process += 1
                 st.losses.append(rec["loss"])
+                self._check_finite(rec, phase)
                 if st.global_step % cfg.train.log_every == 0 or st.step_in_phase == ph["steps"]:
                     self.metrics.write(rec)
                 bar.update(1)
@@ -559,10 +572,12 @@ class Trainer:
                 mid = st.step_in_phase < ph["steps"]
                 if mid and cfg.checkpoint.every_steps and st.step_in_phase % cfg.checkpoint.every_steps == 0:
                     self.save_checkpoint()
-                if mid and self._should_stop():
+                if mid and (self._should_stop() or self.preempted):
                     if not (cfg.checkpoint.every_steps and st.step_in_phase % cfg.checkpoint.every_steps == 0):
                         self.save_checkpoint()
                     bar.close()
+                    if self.preempted:
+                        return self._preempted_exit()
                     self._log_rank0(f"stopping after {self.steps_this_process} steps (checkpoint.stop_after_steps)")
                     return 0
             bar.close()
@@ -584,11 +599,81 @@ class Trainer:
             st.done = st.phase == len(self.phases)
             self.write_results()
             self.save_checkpoint()
+            if not st.done and self._agree_preempted():
+                return self._preempted_exit()
             if not st.done and self._should_stop():
                 self._log_rank0(f"stopping after {self.steps_this_process} steps (checkpoint.stop_after_steps)")
                 return 0
         self.metrics.close()
         return 0
+
+    # -- reliability: preemption and non-finite steps (docs/reliability.md) ---------------------
+
+    def _install_sigterm(self) -> None:
+        """SIGTERM (SLURM preemption, the deepspeed launcher passing one on) asks for a checkpoint after
+        the current optimizer step; a second SIGTERM ends the process at once."""
+        import signal
+
+        def on_term(signum, frame):
+            self.preempted = True
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            print(f"[ds-cl] rank {self.dist.rank}: SIGTERM: checkpointing after the current step, then exiting",
+                  flush=True)
+
+        try:
+            signal.signal(signal.SIGTERM, on_term)
+        except ValueError:  # not the main thread (embedded use): leave the default
+            pass
+
+    def _agree_preempted(self) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([float(self.preempted)])
+        dist.all_reduce(t)
+        self.preempted = bool(t.item() > 0)
+        return self.preempted
+
+    def _preempted_exit(self) -> int:
+        st = self.state
+        self._log_rank0(f"preempted: checkpoint {self.checkpoints.latest()} written (task {st.phase}, step "
+                        f"{st.step_in_phase}); rerun with --resume to continue")
+        self.metrics.close()
+        return 143  # 128 + SIGTERM: a scheduler sees an interrupted run, not a finished one
+
+    def _weights_finite(self) -> bool:
+        """Collective: every rank's share of every parameter is finite."""
+        import torch
+        import torch.distributed as dist
+
+        bad = 0.0
+        for p in self.engine.module.parameters():
+            local = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+            if not torch.isfinite(local).all():
+                bad = 1.0
+                break
+        t = torch.tensor([bad])
+        dist.all_reduce(t)
+        return t.item() == 0
+
+    def _check_finite(self, rec: dict, phase: int) -> None:
+        """A non-finite loss or gradient norm (the same on every rank: both are reduced): skip or stop."""
+        gn = rec.get("grad_norm")
+        if math.isfinite(rec["loss"]) and (gn is None or math.isfinite(gn)):
+            return
+        what = (f"non-finite {'loss' if not math.isfinite(rec['loss']) else 'gradient norm'} "
+                f"(loss={rec['loss']}, grad_norm={gn}) at step {rec['step']} (task {phase} {rec['task']!r}, "
+                f"task step {rec['task_step']})")
+        if not self._weights_finite():
+            raise NonFiniteError(f"{what}: the weights are non-finite now; stopped without checkpointing "
+                                 f"(last checkpoint: {self.checkpoints.latest()}); fix the data or lower train.lr, "
+                                 "then --resume")
+        if self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteError(f"{what}: stopped (train.on_nonfinite=stop); the step's update was not applied "
+                                 f"and nothing was checkpointed after it (last checkpoint: "
+                                 f"{self.checkpoints.latest()}); set train.on_nonfinite=skip to skip such steps")
+        rec["skipped"] = True
+        self._log_rank0(f"warning: {what}: step skipped (train.on_nonfinite=skip; its update was not applied)")
 
     def _should_stop(self) -> bool:
         n = self.cfg.checkpoint.stop_after_steps
@@ -616,6 +701,10 @@ class Trainer:
             loss_curve(st.losses, st.boundaries, self.out / "loss.png")
 
 
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient with train.on_nonfinite=stop (or weights gone non-finite)."""
+
+
 def fmt_row(scores: list[float]) -> str:
     return " ".join(f"{100 * s:5.1f}" for s in scores)
 
@@ -630,6 +719,12 @@ def format_matrix(matrix: list[list[float]], names: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _exit_now(rc: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -647,8 +742,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
+        # Every input that can be read cheaply, before DeepSpeed starts or any output is written.
+        from ds_cl.preflight import check_inputs
+
+        check_inputs(cfg, resume=args.resume)
     except ConfigError as e:
-        print(f"ds-cl train: {e}", file=sys.stderr)
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # one copy of the line
+            print(f"ds-cl train: {e}", file=sys.stderr)
         return 2
     info = build_distributed()
     import torch.distributed as dist
@@ -668,9 +768,20 @@ def main(argv: list[str] | None = None) -> int:
                   + format_matrix(trainer.state.matrix, [t.name for t in trainer.tasks]), flush=True)
             print(f"[ds-cl] outputs in {out}", flush=True)
     except (ConfigError, ValueError) as e:
-        if info.rank == 0:
-            print(f"ds-cl train: {e}", file=sys.stderr)
+        if info.rank == 0 or not isinstance(e, ConfigError):  # a ValueError may be one rank's alone
+            print(f"ds-cl train: {'' if isinstance(e, ConfigError) else f'rank {info.rank}: '}{e}", file=sys.stderr)
         rc = 2
+        if not isinstance(e, ConfigError):
+            _exit_now(rc)
+    except Exception as e:
+        from ds_cl.checkpoint import CheckpointError
+
+        if not isinstance(e, (CheckpointError, NonFiniteError, OSError)):
+            raise
+        # One line, from every rank that failed; no barrier (the other ranks may be inside a collective:
+        # the launcher ends them when this process exits).
+        print(f"ds-cl train: rank {info.rank}: {e}", file=sys.stderr)
+        _exit_now(3 if isinstance(e, NonFiniteError) else 1)
     dist.barrier()
     dist.destroy_process_group()
     return rc

@@ -1,0 +1,150 @@
+"""Checks `ds-cl train` runs in each process before DeepSpeed, the model or any output is touched:
+every input that can be read cheaply is read once, so that a bad one fails in seconds with one line
+naming what and where (docs/reliability.md has the table of cases), not after minutes on GPUs.
+
+    check_inputs(cfg, world, resume)   # raises ConfigError
+
+What is checked beyond the run config's own validation (ds_cl/config.py): the output folder, the
+tokenizer, the model folder (config, safetensors weights), tokenizer/model vocabulary sizes, every
+task's data files (read and mapped to prompts; tokenisation is left to the trainer) and the
+DeepSpeed config against the run config and the world size.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ds_cl.config import ConfigError, RunConfig
+
+
+def world_size() -> int:
+    """The world size this process will join (torch/deepspeed env, SLURM, else 1)."""
+    for k in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 1
+
+
+def check_output_dir(cfg: RunConfig, resume: bool) -> None:
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir: {out}: {probe} is not writable")
+    latest = out / "checkpoints" / "latest"
+    if not resume and latest.is_file():
+        raise ConfigError(f"output_dir: {out} already holds a run (checkpoint {latest.read_text().strip()}); "
+                          "pass --resume to continue it, or choose a new output_dir (nothing was overwritten)")
+
+
+def _model_vocab(cfg: RunConfig) -> int | None:
+    m = cfg.model
+    if m.name_or_path is None:
+        return (m.config or {}).get("vocab_size")
+    from transformers import AutoConfig
+
+    try:
+        hf = AutoConfig.from_pretrained(m.name_or_path)
+    except Exception as e:  # transformers raises OSError / ValueError with long texts
+        raise ConfigError(f"model.name_or_path: {m.name_or_path}: not a loadable model "
+                          f"({str(e).splitlines()[0][:200]})") from None
+    return getattr(hf, "vocab_size", None) or getattr(getattr(hf, "text_config", None), "vocab_size", None)
+
+
+def check_model(cfg: RunConfig) -> None:
+    p = cfg.model.name_or_path
+    if p is None or not os.path.exists(p):
+        return  # built from model.config, or a hub name (loaded later)
+    folder = Path(p)
+    if not folder.is_dir():
+        raise ConfigError(f"model.name_or_path: {folder} is a file; give the model folder")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: {folder} has no config.json (not an HF model folder)")
+    if not any(folder.glob("*.safetensors")):
+        pickled = sorted(x.name for x in folder.glob("*.bin")) + sorted(x.name for x in folder.glob("*.pt"))
+        hint = (f" ({', '.join(pickled[:2])} are pickles, which ds-cl does not load: convert them with "
+                "save_pretrained(..., safe_serialization=True))") if pickled else ""
+        raise ConfigError(f"model.name_or_path: {folder} has no *.safetensors weights{hint}")
+
+
+def tokenizer_size(tok) -> int:
+    if getattr(tok, "kind", None) == "sentencepiece":
+        return tok.sp.get_piece_size()
+    return len(tok.tok)
+
+
+def check_tokenizer(cfg: RunConfig):
+    from ds_cl.data import load_tokenizer
+
+    path = cfg.model.tokenizer or cfg.model.name_or_path
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+    try:
+        tok = load_tokenizer(path, cfg.model.chat_template)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    except Exception as e:
+        raise ConfigError(f"{key}: {path}: cannot load a tokenizer ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    vocab = _model_vocab(cfg)
+    n = tokenizer_size(tok)
+    if vocab is not None and n > vocab:
+        raise ConfigError(f"{key}: the tokenizer {path} has {n} tokens but the model's vocab_size is {vocab}: "
+                          "token ids past the embedding would crash training; use the model's own tokenizer")
+    return tok
+
+
+def check_data(cfg: RunConfig) -> None:
+    from ds_cl.data import read_records, task_labels, to_examples
+
+    for i, task in enumerate(cfg.tasks):
+        key = f"tasks.{i} ({task.name})"
+        try:
+            rows = read_records(task.train, task.train_split, f"{key}.train")
+            if not rows:
+                raise ValueError(f"{key}.train: {task.train} holds no records")
+            labels = task_labels(task, rows)
+            to_examples(task, rows, labels, f"{key}.train")
+            if task.eval is not None:
+                ev = read_records(task.eval, task.eval_split, f"{key}.eval")
+                if not ev:
+                    raise ValueError(f"{key}.eval: {task.eval} holds no records")
+                to_examples(task, ev, labels, f"{key}.eval")
+            elif len(rows) < 2:
+                raise ValueError(f"{key}.train: {task.train} has {len(rows)} record; holding out evaluation "
+                                 "samples needs at least 2 (or set tasks.*.eval)")
+        except ConfigError:
+            raise
+        except (ValueError, OSError) as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
+        if task.metric != "exact_match":
+            from ds_cl.data import resolve_metric
+
+            try:
+                resolve_metric(task.metric)
+            except (ImportError, AttributeError) as e:
+                raise ConfigError(f"{key}.metric: cannot import {task.metric!r} ({e})") from None
+
+
+def check_deepspeed(cfg: RunConfig, world: int) -> None:
+    from ds_cl import launch_checks as lc
+    from ds_cl.train import build_ds_config
+
+    build_ds_config(cfg, world, on_cpu=True)  # batch arithmetic and precision conflicts (ConfigError)
+    try:
+        lc.check_zero_stage(cfg.deepspeed, world, cfg.method.name, src="deepspeed")
+    except lc.LaunchError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_inputs(cfg: RunConfig, world: int | None = None, resume: bool = False) -> None:
+    """Everything above, cheapest first. Raises ConfigError (one line)."""
+    world = world_size() if world is None else world
+    check_output_dir(cfg, resume)
+    check_deepspeed(cfg, world)
+    check_model(cfg)
+    check_tokenizer(cfg)
+    check_data(cfg)

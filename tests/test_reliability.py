@@ -1,0 +1,189 @@
+"""Reliability on 2 real ZeRO-3 CPU ranks (docs/reliability.md): kill -9 of one rank at a task boundary
+and mid-save, a damaged checkpoint, SIGTERM preemption, a failing disk, NaN steps. Every interrupted
+sequence, resumed, must end with the weights, accuracy matrix and losses of one uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ds_cl.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
+from tests.dist_utils import REPO, cpu_env
+from tests.fixtures import train_sentencepiece
+from tests.reliability_utils import explain, launch_cmd, run, tiny_config
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rel")
+    train_sentencepiece(d / "tok.model")
+    return d
+
+
+@pytest.fixture(scope="module")
+def reference(tmp):
+    out = tmp / "reference"
+    p = run(tiny_config(tmp, out))
+    assert p.returncode == 0, explain(p)
+    return out
+
+
+def latest(out: Path) -> str:
+    return (out / "checkpoints" / "latest").read_text().strip()
+
+
+def assert_same_run(ref: Path, out: Path) -> None:
+    a, b = (load_file(d / "task_1_b" / "model.safetensors") for d in (ref, out))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra, rb = (json.loads((d / "cl_matrix.json").read_text()) for d in (ref, out))
+    assert ra["matrix"] == rb["matrix"] and len(ra["matrix"]) == 2
+    losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert losses(ref) == losses(out)
+
+
+def test_kill_at_boundary_and_mid_save_then_damaged_checkpoint_resume_equals_uninterrupted(tmp, reference):
+    out = tmp / "killed"
+    cfg = tiny_config(tmp, out)
+    # 1. kill -9 of rank 1 at the task boundary: after task b's subspace fit, before its first step.
+    p = run(cfg, fault="kill@fit:phase=1,rank=1")
+    assert p.returncode != 0 and "kill -9 of rank 1 at fit" in p.stdout, explain(p)
+    assert latest(out) == "step_00000003" and not (out / "summary.json").read_text().count('"complete": true')
+    # 2. resume; kill -9 of rank 1 in the middle of writing checkpoint 5 (its shards are on disk).
+    p = run(cfg, "--resume", fault="kill@save:step=5,rank=1")
+    assert p.returncode != 0 and "at save" in p.stdout, explain(p)
+    ck = out / "checkpoints"
+    assert latest(out) == "step_00000004" and (ck / ".tmp-step_00000005").is_dir()
+    # 3. damage the newest complete checkpoint: truncate rank 0's optimizer shard.
+    shard = ck / "step_00000004" / "deepspeed" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    problems = verify_checkpoint(ck / "step_00000004")
+    assert problems == [f"{shard}: {size // 2} bytes, the manifest says {size} (truncated or changed)"]
+    # A missing projector state is named too (on a copy: the original stays the fallback).
+    copy = tmp / "copy_step3"
+    shutil.copytree(ck / "step_00000003", copy)
+    (copy / "projector_rank1.pt").unlink()
+    assert verify_checkpoint(copy) == [f"{copy / 'projector_rank1.pt'}: missing"]
+    # 4. --resume skips the damaged step 4 (naming the file), loads step 3, and finishes the sequence.
+    p = run(cfg, "--resume")
+    assert p.returncode == 0, explain(p)
+    assert f"checkpoint {ck / 'step_00000004'} is damaged" in p.stdout and str(shard) in p.stdout
+    assert "resumed from" in p.stdout and "step_00000003" in p.stdout
+    assert not list(ck.glob(".tmp-*"))
+    assert_same_run(reference, out)
+
+
+def test_sigterm_checkpoints_then_requeue_resumes(tmp, reference):
+    out = tmp / "preempted"
+    cfg = tiny_config(tmp, out, checkpoint={"every_steps": 0})  # checkpoints only at task ends...
+    proc = subprocess.Popen(launch_cmd(cfg), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        metrics, t0 = out / "metrics.jsonl", time.time()
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):  # task b has begun
+            assert proc.poll() is None and time.time() - t0 < 240, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)  # to the launcher, which passes it to the ranks (as srun does)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0, stdout
+    assert "SIGTERM: checkpointing after the current step" in stdout and "preempted: checkpoint" in stdout, stdout
+    state = json.loads((out / "checkpoints" / latest(out) / "trainer_state.json").read_text())
+    # ...so a checkpoint inside task b can only be the preemption's.
+    assert state["phase"] == 1 and 1 <= state["step_in_phase"] < 3, state
+    p = run(cfg, "--resume")  # the requeued job
+    assert p.returncode == 0, explain(p)
+    assert_same_run(reference, out)
+
+
+def test_write_failure_while_saving_keeps_previous_checkpoint(tmp, reference):
+    """A file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as on a full disk) hits the
+    optimizer shards mid-save: the error says so, the partial save is removed, the last checkpoint
+    still verifies and a later --resume works from it."""
+    out = tmp / "diskfull"
+    cfg = tiny_config(tmp, out)
+    out.mkdir()
+    shutil.copytree(reference / "checkpoints" / "step_00000004", out / "checkpoints" / "step_00000004")
+    (out / "checkpoints" / "latest").write_text("step_00000004\n")
+    biggest = max(f.stat().st_size for f in (out / "checkpoints").rglob("*.pt"))
+    limit = biggest // 2
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    p = run(cfg, "--resume", preexec_fn=cap)
+    assert p.returncode == 1, explain(p)
+    err = [l for l in p.stderr.splitlines() if l.startswith("ds-cl train: rank")]
+    assert err and all("writing checkpoint step_00000005 failed" in l and "File too large" in l and
+                       f"the previous checkpoint {out / 'checkpoints' / 'step_00000004'} is intact" in l
+                       for l in err), p.stderr
+    assert latest(out) == "step_00000004" and verify_checkpoint(out / "checkpoints" / "step_00000004") == []
+    assert not (out / "checkpoints" / "step_00000005").exists()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 4 MiB tmpfs (root only), unmounted by the test's finalizer."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if p.returncode != 0:
+        print(f"cannot mount a tmpfs here ({p.stderr.strip()}): skipped")
+        pytest.skip(f"needs root and mount: {p.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_refuses_to_start_a_save_and_keeps_previous(small_fs, reference):
+    ck = small_fs / "checkpoints"
+    shutil.copytree(reference / "checkpoints" / "step_00000004", ck / "step_00000004")
+    (ck / "latest").write_text("step_00000004\n")
+    free = shutil.disk_usage(small_fs).free
+    (small_fs / "filler").write_bytes(b"\0" * (free - 64 * 1024))  # a real, nearly full filesystem
+    mgr = CheckpointManager(ck, rank=0, world=1)
+    with pytest.raises(CheckpointError, match=r"not enough space in .* for checkpoint step_00000005: \d+ bytes free.*"
+                                              r"nothing was written and the previous checkpoint .*step_00000004 is intact"):
+        mgr.save(engine=None, projector=None, state={}, global_step=5)
+    assert verify_checkpoint(ck / "step_00000004") == [] and not list(ck.glob(".tmp-*"))
+
+
+def test_nan_step_skip_and_stop(tmp):
+    # skip: step 2's loss is NaN; DeepSpeed drops its update, the run goes on.
+    out = tmp / "nan_skip"
+    cfg = tiny_config(tmp, out, train={"on_nonfinite": "skip"}, checkpoint={"every_steps": 1, "stop_after_steps": 3})
+    p = run(cfg, fault="nan@loss:step=2")
+    assert p.returncode == 0, explain(p)
+    assert "non-finite loss (loss=nan, grad_norm=inf) at step 2 (task 0 'a', task step 2): step skipped" in p.stdout
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in recs] == [False, True, False]
+    # The weights (fp32 master partitions) of step 2 are those of step 1: nothing was applied.
+    ck = out / "checkpoints"
+    for r in (0, 1):
+        f = f"deepspeed/state/zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        s1, s2, s3 = (torch.load(ck / f"step_0000000{i}" / f, weights_only=False)["optimizer_state_dict"]
+                      ["fp32_flat_groups"] for i in (1, 2, 3))
+        assert all(torch.equal(a, b) for a, b in zip(s1, s2)) and not all(torch.equal(a, b) for a, b in zip(s2, s3))
+    # stop (the default): exit 3, one line naming step and task, no checkpoint after it.
+    out = tmp / "nan_stop"
+    p = run(tiny_config(tmp, out), fault="nan@loss:step=2")
+    assert p.returncode == 3, explain(p)
+    assert ("non-finite loss (loss=nan, grad_norm=inf) at step 2 (task 0 'a', task step 2): stopped "
+            "(train.on_nonfinite=stop)") in p.stderr, explain(p)
+    assert latest(out) == "step_00000001"
