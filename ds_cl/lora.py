@@ -27,6 +27,7 @@ target for `ds_cl.export.export_hf`, so an export is a plain HF model (no adapte
 from __future__ import annotations
 
 import math
+import os
 from typing import Iterator, Optional
 
 import torch
@@ -234,6 +235,33 @@ class LoRAAdapters:
                     with _gathered(p):
                         t = p.detach().to("cpu").clone() if rank == 0 else None
                 yield name, t
+
+
+    def save_adapters(self, path) -> None:
+        """Every trained adapter (tasks 0..current) as full tensors, `<module>.lora_A_<t>` /
+        `<module>.lora_B_<t>`, to a safetensors file on rank 0. Collective under ZeRO-3."""
+        import json
+        from pathlib import Path
+
+        import torch.distributed as dist
+        from safetensors.torch import save_file
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        out = {}
+        for t in range(self.current + 1):
+            named = self.adapter_params(t)
+            with _gathered_all([p for _, p in named]):
+                if rank == 0:
+                    out.update({n: p.detach().to("cpu").clone().contiguous() for n, p in named})
+        if rank == 0:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            meta = {"rank": str(self.cfg.rank), "alpha": str(self.cfg.alpha), "tasks": str(self.current + 1),
+                    "targets": json.dumps(self.cfg.targets)}
+            save_file(out, str(path) + ".tmp", metadata=meta)
+            os.replace(str(path) + ".tmp", path)
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def _gathered_all(params):

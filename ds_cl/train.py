@@ -595,6 +595,8 @@ class Trainer:
                 export_hf(self.engine.module, self.out / f"task_{phase}_{ph['name']}", self.tokenizer,
                           cfg.output.export_dtype,
                           tensors=self.lora.merged_tensors(self.engine.module) if self.lora is not None else None)
+                if self.lora is not None:  # the adapters themselves, unmerged: adapters/task_<i>_<name>.safetensors
+                    self.lora.save_adapters(self.out / "adapters" / f"task_{phase}_{ph['name']}.safetensors")
             st.phase, st.step_in_phase = phase + 1, 0
             st.done = st.phase == len(self.phases)
             self.write_results()
