@@ -1,0 +1,210 @@
+"""The bad-input table of docs/reliability.md, kept true: every row is run here (one process, no
+DeepSpeed ranks), must exit 2 with exactly one error line containing the row's text, and must leave
+an existing output folder as it was. Plus the security basics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ds_cl import launch_checks
+from ds_cl import train as ds_train
+from tests.dist_utils import REPO
+from tests.fixtures import FIXTURES, train_sentencepiece
+from tests.reliability_utils import tiny_config
+
+DOC = REPO / "docs" / "reliability.md"
+
+
+def table() -> list[tuple[str, str]]:
+    rows = []
+    for line in DOC.read_text().splitlines():
+        m = re.match(r"\| `([a-z0-9-]+)` \|.*\| `(.+)` \|\s*$", line)
+        if m:
+            rows.append((m.group(1), m.group(2)))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    train_sentencepiece(d / "tok.model")
+    return d
+
+
+def edit(path: Path, fn) -> Path:
+    cfg = yaml.safe_load(path.read_text())
+    fn(cfg)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def data_file(tmp: Path, name: str, content: bytes) -> str:
+    p = tmp / name
+    p.write_bytes(content)
+    return str(p)
+
+
+def set_task(**kv):
+    return lambda c: c["tasks"][0].update(kv)
+
+
+# Each setup gets (tmp, config path) and returns (command, argv): command "train" or "launch".
+def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
+    good = (FIXTURES / "task_a.jsonl").read_bytes()
+    if cid == "config-missing":
+        return "train", [str(tmp / "nope.yaml")]
+    if cid == "config-yaml":
+        cfg.write_text("train: [1, 2\n")
+    elif cid == "config-unknown-key":
+        edit(cfg, lambda c: c["train"].update(lrr=1))
+    elif cid == "config-type":
+        edit(cfg, lambda c: c["train"].update(lr="fast"))
+    elif cid == "config-no-tasks":
+        edit(cfg, lambda c: c.update(tasks=[]))
+    elif cid == "config-duplicate-task":
+        edit(cfg, lambda c: c["tasks"][1].update(name="a"))
+    elif cid == "override-syntax":
+        return "train", [str(cfg), "train.lr"]
+    elif cid == "data-missing":
+        edit(cfg, set_task(train=str(tmp / "none.jsonl")))
+    elif cid == "data-malformed-jsonl":
+        lines = good.splitlines()
+        edit(cfg, set_task(train=data_file(tmp, "task.jsonl", b"\n".join(lines[:2] + [b'{"input": "x",'] + lines[3:]))))
+    elif cid == "data-not-object":
+        edit(cfg, set_task(train=data_file(tmp, "task.jsonl", good.splitlines()[0] + b'\n["input", "output"]\n')))
+    elif cid == "data-empty":
+        edit(cfg, set_task(train=data_file(tmp, "task.jsonl", b"")))
+    elif cid == "data-encoding":
+        edit(cfg, set_task(train=data_file(tmp, "task.jsonl", good.splitlines()[0] + b'\n{"input": "caf\xe9", "output": "positive"}\n')))
+    elif cid == "data-missing-field":
+        edit(cfg, set_task(train=data_file(tmp, "task.jsonl", b'{"input": "a"}\n{"input": "b"}\n{"input": "c"}\n')))
+    elif cid == "data-empty-answer":
+        edit(cfg, set_task(train=data_file(tmp, "task.jsonl", good + b'\n{"input": "a", "output": " "}\n')))
+    elif cid == "data-eval-empty":
+        edit(cfg, set_task(eval=data_file(tmp, "task_eval.csv", b"")))
+    elif cid == "model-missing":
+        edit(cfg, lambda c: c["model"].update(name_or_path=str(tmp / "no_model"), config=None))
+    elif cid == "model-no-config":
+        (tmp / "m").mkdir()
+        edit(cfg, lambda c: c["model"].update(name_or_path=str(tmp / "m"), config=None))
+    elif cid == "model-pickle-only":
+        (tmp / "m").mkdir()
+        (tmp / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 400}))
+        (tmp / "m" / "pytorch_model.bin").write_bytes(b"\0")
+        edit(cfg, lambda c: c["model"].update(name_or_path=str(tmp / "m"), config=None))
+    elif cid == "tokenizer-missing":
+        edit(cfg, lambda c: c["model"].update(tokenizer=str(tmp / "none.model")))
+    elif cid == "vocab-mismatch":
+        edit(cfg, lambda c: c["model"]["config"].update(vocab_size=100))
+    elif cid == "ds-batch-conflict":
+        edit(cfg, lambda c: c["deepspeed"].update(train_batch_size=16))
+    elif cid == "ds-dtype-conflict":
+        edit(cfg, lambda c: c["deepspeed"].update(bf16={"enabled": True}))
+    elif cid == "ds-zero1-osft":
+        edit(cfg, lambda c: c["deepspeed"].update(zero_optimization={"stage": 1}))
+    elif cid == "ds-json":
+        (tmp / "ds.json").write_text("{zero: 3}")
+        edit(cfg, lambda c: c.update(deepspeed="ds.json"))
+    elif cid == "ds-world":
+        monkeypatch.setenv("WORLD_SIZE", "3")
+    elif cid == "output-exists":
+        (tmp / "out" / "checkpoints").mkdir()
+        (tmp / "out" / "checkpoints" / "latest").write_text("step_00000004\n")
+    elif cid == "output-is-file":
+        edit(cfg, lambda c: c.update(output_dir=str(tmp / "out" / "metrics.jsonl")))
+    elif cid.startswith("launch-"):
+        hf = tmp / "hostfile"
+        hf.write_text({"launch-duplicate-host": "n1 slots=2\nn2 slots=2\nn1 slots=2\n",
+                       "launch-too-many-nodes": "n1 slots=2\n",
+                       "launch-bad-slots": "n1 slots=x\n"}[cid])
+        nodes = "3" if cid == "launch-too-many-nodes" else "1"
+        return "launch", ["preflight", "--config", str(cfg), "--nodes", nodes, "--gpus-per-node", "2",
+                          "--hostfile", str(hf)]
+    else:
+        raise KeyError(cid)
+    return "train", [str(cfg)]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_table_has_20_cases_across_every_input():
+    rows = table()
+    assert len(rows) >= 20 and len({r[0] for r in rows}) == len(rows)
+    kinds = {cid.split("-")[0] for cid, _ in rows}
+    assert kinds >= {"config", "data", "model", "tokenizer", "vocab", "ds", "launch", "output", "override"}
+
+
+@pytest.mark.parametrize("cid,expect", table(), ids=[r[0] for r in table()])
+def test_bad_input(cid, expect, tok, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # an earlier run's outputs
+    (out / "config.yaml").write_text("old: true\n")
+    cfg = tiny_config(tok, out)
+    cfg = cfg.rename(tmp_path / "run.yaml")
+    command, argv = _case(cid, tmp_path, cfg, monkeypatch)
+    before = snapshot(out)
+    rc = ds_train.main(argv) if command == "train" else launch_checks.main(argv)
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert rc == 2, err
+    prefix = "ds-cl train: " if command == "train" else "ds-cl launch: error: "
+    assert len(err) == 1 and err[0].startswith(prefix), err
+    assert expect in err[0], err[0]
+    assert snapshot(out) == before  # nothing written over existing outputs
+
+
+def test_cli_exit_status_and_no_traceback(tok, tmp_path):
+    """The real command line: `ds-cl train` of a config with a malformed data file."""
+    cfg = tiny_config(tok, tmp_path / "out")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "output": "b"}\n{"input": \n')
+    edit(cfg, set_task(train=str(bad)))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "ds_cl.cli", "train", str(cfg)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (f"ds-cl train: tasks.0 (a).train: {bad}:2: malformed JSON line "
+                                                 "(Expecting value at column 11)")
+    assert not (tmp_path / "out").exists()
+
+
+# -- security basics -------------------------------------------------------------------------------
+
+SOURCES = sorted((REPO / "ds_cl").rglob("*.py")) + sorted((REPO / "launchers").rglob("*.py"))
+
+
+def test_security_torch_load_weights_only_and_no_remote_code():
+    bad = []
+    for f in SOURCES:
+        for n, line in enumerate(f.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if "torch.load(" in code and "weights_only=True" not in code:
+                bad.append(f"{f.relative_to(REPO)}:{n}: torch.load without weights_only=True: {line.strip()}")
+            if re.search(r"trust_remote_code\s*=\s*True", code):
+                bad.append(f"{f.relative_to(REPO)}:{n}: trust_remote_code=True: {line.strip()}")
+            if re.search(r"\bpickle\.loads?\(", code):
+                bad.append(f"{f.relative_to(REPO)}:{n}: pickle.load: {line.strip()}")
+            if re.search(r"\.save_pretrained\([^)]*safe_serialization\s*=\s*False", code):
+                bad.append(f"{f.relative_to(REPO)}:{n}: weights saved as a pickle: {line.strip()}")
+    assert not bad, "\n".join(bad)
+
+
+def test_security_weights_are_safetensors_only():
+    # The export writes safetensors (save_file), never torch.save of a state dict.
+    export = (REPO / "ds_cl" / "export.py").read_text()
+    assert "save_file(" in export and "torch.save(" not in export
+    # torch.save is used only by the checkpoint manager (projector/RNG states read back weights_only).
+    users = sorted(str(f.relative_to(REPO)) for f in SOURCES if "torch.save(" in f.read_text())
+    assert users in (["ds_cl/checkpoint.py"], ["ds_cl/checkpoint.py", "ds_cl/lora.py"]), users
