@@ -116,7 +116,8 @@ class SubspaceProjector:
         self.buckets = self._make_buckets(bucket_numel)
 
         self.ranks: dict[str, int] = {n: 0 for n in self.names}
-        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # owned targets only
+        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # owned targets only (views into packs)
+        self._packs: dict = {}
         self.importance: dict[str, float] | None = None
         self._leaks: dict[str, float] = {}
         self.stats = {"optimizer_steps": 0, "sent_bytes": 0}
@@ -199,26 +200,38 @@ class SubspaceProjector:
                     offset += k
         return local
 
+    def _install(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: dict[str, int]) -> None:
+        """Keep the owned bases packed per (bucket, shape, rank) group, so a step projects each group with
+        one batched product and no per-step copy of the bases; `self.bases[n]` are views into the packs."""
+        self._packs: dict[tuple, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
+        for b, bucket in enumerate(self.buckets):
+            groups: dict[tuple, list[str]] = defaultdict(list)
+            for n in bucket:
+                if n in bases and ranks[n] > 0:
+                    groups[(self.shapes[n], ranks[n])].append(n)
+            for (shape, r), names in groups.items():
+                u = torch.stack([bases[n][0] for n in names])
+                v = torch.stack([bases[n][1] for n in names])
+                self._packs[(b, shape, r)] = (names, u, v)
+        self.bases = {n: (u[i], v[i]) for names, u, v in self._packs.values() for i, n in enumerate(names)}
+        self.ranks, self._leaks = dict(ranks), {}
+
     def _span(self, name: str, rank: int) -> tuple[int, int]:
         start, k = self.shards.ranges[name][rank]
         return start, start + k
 
     # -------------------------------------------------------------------------------- projection
-    def _project_owned(self, full: dict[str, torch.Tensor], leaks: dict[str, float] | None = None) -> None:
-        """Project the owned full flat tensors in place, batching matrices of the same shape and rank."""
-        groups: dict[tuple, list[str]] = defaultdict(list)
-        for n in full:
-            if self.ranks[n] > 0:
-                groups[(self.shapes[n], self.ranks[n])].append(n)
-        for (shape, _), names in groups.items():
+    def _project_owned(self, bucket: int, full: dict[str, torch.Tensor], leaks: dict[str, float] | None = None) -> None:
+        """Project the owned full flat tensors of bucket `bucket` in place, one batched call per packed group."""
+        for (b, shape, _), (names, u, v) in self._packs.items():
+            if b != bucket:
+                continue
             g = torch.stack([full[n].view(shape) for n in names])
-            u = torch.stack([self.bases[n][0] for n in names])
-            v = torch.stack([self.bases[n][1] for n in names])
             out = S.project(g, u, v, self.projection)
             for i, n in enumerate(names):
                 full[n].copy_(out[i].reshape(-1))
                 if leaks is not None:
-                    leaks[n] = S.leak(out[i], self.bases[n][0], self.bases[n][1])
+                    leaks[n] = S.leak(out[i], u[i], v[i])
 
     @property
     def active(self) -> bool:
@@ -232,12 +245,12 @@ class SubspaceProjector:
             engine.step()
             return
         constrained = [n for n in self.names if self.ranks[n] > 0]
-        for bucket in self.buckets:
+        for b, bucket in enumerate(self.buckets):
             names = [n for n in bucket if self.ranks[n] > 0]
             if not names:
                 continue
             full = self._to_owners(names, {n: self.shards.get_grad(n).float() for n in names})
-            self._project_owned(full)
+            self._project_owned(b, full)
             for n, g in self._from_owners(names, full).items():
                 self.shards.set_grad(n, g)
 
@@ -248,7 +261,7 @@ class SubspaceProjector:
         if not need_update:
             return
         leaks: dict[str, float] = {}
-        for bucket in self.buckets:
+        for b, bucket in enumerate(self.buckets):
             names = [n for n in bucket if self.ranks[n] > 0]
             if not names:
                 continue
@@ -257,7 +270,7 @@ class SubspaceProjector:
             if not self.project_update:
                 leaks.update({n: S.leak(full[n].view(self.shapes[n]), *self.bases[n]) for n in full})
                 continue
-            self._project_owned(full, leaks if self.audit_enabled else None)
+            self._project_owned(b, full, leaks if self.audit_enabled else None)
             for n, d in self._from_owners(names, full).items():
                 self.shards.set_master(n, old[n] + d)
         if self.project_update:
@@ -329,7 +342,7 @@ class SubspaceProjector:
                 for i, n in enumerate(names):
                     bases[n] = (us[i, :, : ranks[n]].contiguous(), vs[i, :, : ranks[n]].contiguous())
             del full
-        self.bases, self.ranks, self._leaks = bases, ranks, {}
+        self._install(bases, ranks)
         return dict(ranks)
 
     def layer_importance(self, batches: Sequence[Mapping[str, torch.Tensor]], normalize: str = "minmax") -> dict[str, float]:
@@ -401,7 +414,7 @@ class SubspaceProjector:
             if self.owner[n] == self.rank:
                 mine[n] = (u.detach().to(self.device, torch.float32).contiguous(),
                            v.detach().to(self.device, torch.float32).contiguous())
-        self.bases, self.ranks, self._leaks = mine, ranks, {}
+        self._install(mine, ranks)
 
     # ---------------------------------------------------------------------------------- checkpoints
     def bases_bytes(self) -> int:
@@ -419,7 +432,7 @@ class SubspaceProjector:
             "owner": dict(self.owner),
             "ranks": dict(self.ranks),
             "importance": self.importance,
-            "bases": {n: (u.cpu(), v.cpu()) for n, (u, v) in self.bases.items()},
+            "bases": {n: (u.cpu().clone(), v.cpu().clone()) for n, (u, v) in self.bases.items()},
         }
 
     def load_state_dict(self, sd: Mapping) -> None:
@@ -441,4 +454,5 @@ class SubspaceProjector:
         missing = [n for n in self.owned() if sd["ranks"][n] > 0 and n not in bases]
         if missing:
             raise ValueError(f"projector state lacks the bases of {missing[0]} (rank {sd['ranks'][missing[0]]})")
-        self.bases, self.ranks, self.importance, self._leaks = bases, dict(sd["ranks"]), sd.get("importance"), {}
+        self._install(bases, dict(sd["ranks"]))
+        self.importance = sd.get("importance")
