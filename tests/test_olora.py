@@ -148,11 +148,8 @@ def test_bad_lora_input_is_a_one_line_error(tmp_path):
 # 2 ranks, ZeRO-3.
 
 
-@pytest.mark.distributed
-def test_two_rank_zero3_olora_run(tmp_path):
-    train_sentencepiece(tmp_path / "tok.model")
-    out = tmp_path / "olora"
-    cfg = {
+def zero3_config(tmp_path, out):
+    return {
         "output_dir": str(out), "seed": 7,
         "deepspeed": {"zero_optimization": {"stage": 3}},
         "model": {"config": TINY, "tokenizer": str(tmp_path / "tok.model"), "dtype": "float32"},
@@ -168,9 +165,25 @@ def test_two_rank_zero3_olora_run(tmp_path):
              "eval_size": 6},
         ],
     }
-    path = tmp_path / "olora.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    proc = launch(REPO / "ds_cl" / "train.py", 2, str(path), timeout=600)
+
+
+def train(path, *args):
+    return launch(REPO / "ds_cl" / "train.py", 2, str(path), *args, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def olora_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("olora")
+    train_sentencepiece(tmp / "tok.model")
+    out = tmp / "olora"
+    path = tmp / "olora.yaml"
+    path.write_text(yaml.safe_dump(zero3_config(tmp, out)))
+    return tmp, out, train(path)
+
+
+@pytest.mark.distributed
+def test_two_rank_zero3_olora_run(olora_run):
+    tmp_path, out, proc = olora_run
     assert "olora: AA=" in proc.stdout
 
     summ = json.loads((out / "summary.json").read_text())
@@ -206,3 +219,18 @@ def test_two_rank_zero3_olora_run(tmp_path):
             assert torch.equal(e0[k], e1[k]), k
     model = AutoModelForCausalLM.from_pretrained(out / "task_1_b")
     assert model(input_ids=torch.tensor([[1, 5, 9]])).logits.shape == (1, 3, 400)
+
+
+@pytest.mark.distributed
+def test_resume_mid_task_equals_uninterrupted(olora_run):
+    tmp, full, _ = olora_run
+    out = tmp / "resumed"
+    path = tmp / "resumed.yaml"
+    path.write_text(yaml.safe_dump(zero3_config(tmp, out)))
+    train(path, "checkpoint.stop_after_steps=6")  # stops in task b: adapters 0 and 1 in the checkpoint
+    train(path, "--resume")
+    for f in ("task_1_b/model.safetensors", "adapters/task_1_b.safetensors"):
+        a, b = load_file(full / f), load_file(out / f)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
+    recs = lambda d: [(r["loss"], r.get("orth_loss")) for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())]
+    assert recs(full) == recs(out)
