@@ -1,9 +1,9 @@
 """Writes the demo's three task files (sentiment.jsonl, topic.jsonl, animal.jsonl) from the word lists
 below. Run once by us; its output is shipped, so the demo reads fixed files. Deterministic.
 
-Each task is a small classification task whose answer is decided by one keyword of the input, so a
-tiny model learns it in a few hundred steps: what the demo measures is how much of the earlier tasks
-survives the later ones.
+Each task is a yes/no question whose answer is decided by one keyword of the input, so a tiny model
+learns it in a few hundred steps: what the demo measures is how much of the earlier tasks survives
+the later ones.
 """
 
 import json
@@ -44,16 +44,22 @@ ANIMAL_FRAMES = ["A {x} was seen near the river.", "The children watched a {x}."
 
 
 def main():
+    # Every task answers "yes" or "no": the tasks share their answer tokens, so forgetting shows as
+    # the old task's rule being overwritten (accuracy falling towards the 50% of guessing), not as
+    # the model no longer emitting a label word it was never asked for again.
     rng = random.Random(0)
     tasks = {}
-    rows = [{"input": f.format(t=t, a=a), "output": lab}
-            for lab, adjs in (("positive", SENT_POS), ("negative", SENT_NEG)) for a in adjs
-            for t in SENT_THINGS for f in SENT_FRAMES[:4]]
-    tasks["sentiment"] = rows
-    tasks["topic"] = [{"input": f.format(x=x), "output": lab} for lab, xs in TOPICS.items() for x in xs
-                      for f in TOPIC_FRAMES]
-    tasks["animal"] = [{"input": f.format(x=x), "output": lab} for lab, xs in ANIMALS.items() for x in xs
-                       for f in ANIMAL_FRAMES]
+    tasks["sentiment"] = [{"input": f.format(t=t, a=a), "output": "yes" if lab == "positive" else "no"}
+                          for lab, adjs in (("positive", SENT_POS), ("negative", SENT_NEG)) for a in adjs
+                          for t in SENT_THINGS for f in SENT_FRAMES[:4]]
+    # topic: is the sentence about food or music (yes) rather than sports or science (no)?
+    tasks["topic"] = [{"input": f.format(x=x), "output": "yes" if lab in ("food", "music") else "no"}
+                      for lab, xs in TOPICS.items() for x in xs for f in TOPIC_FRAMES]
+    # animal: is it a bird? Non-birds are drawn to match the birds' count.
+    birds = [{"input": f.format(x=x), "output": "yes"} for x in ANIMALS["bird"] for f in ANIMAL_FRAMES]
+    others = [{"input": f.format(x=x), "output": "no"} for lab in ("mammal", "fish") for x in ANIMALS[lab]
+              for f in ANIMAL_FRAMES]
+    tasks["animal"] = birds + rng.sample(others, len(birds))
     for name, rows in tasks.items():
         rng.shuffle(rows)
         with open(HERE / f"{name}.jsonl", "w") as f:
