@@ -367,6 +367,8 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     need(len(t.betas) == 2, "train.betas", f"needs two values, got {t.betas}")
     need(t.max_steps_per_task is None or t.max_steps_per_task >= 1, "train.max_steps_per_task", "must be >= 1")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(not cfg.eval.retention_suite or cfg.output.export_each_task, "eval.retention_suite",
+         "needs output.export_each_task: true (the suite scores the model exported after each task)")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     need(cfg.checkpoint.every_steps >= 0, "checkpoint.every_steps", "must be >= 0")
 

@@ -489,19 +489,26 @@ class Trainer:
         return scores
 
     def retention_hook(self, phase: int) -> None:
-        suite = self.cfg.eval.retention_suite
-        if not suite:
+        """eval.retention_suite: score the model exported after this task with ds_cl.evaluation
+        (`ds-cl eval`'s generate + score, on all ranks) into retention_task_<i>/. Skipped with a message
+        when that module is absent."""
+        suite_name = self.cfg.eval.retention_suite
+        if not suite_name:
             return
         try:
-            import ds_cl.evaluation as ev
-        except ImportError:
-            self._log_rank0(f"eval.retention_suite={suite!r} set but ds_cl.evaluation is not available: skipped")
+            from ds_cl.evaluation.cli import _device, evaluate_model, load_parts
+            from ds_cl.evaluation.suites import resolve_suite
+        except ImportError as e:
+            self._log_rank0(f"eval.retention_suite={suite_name!r}: ds_cl.evaluation unavailable ({e}); skipped")
             return
-        fn = getattr(ev, "evaluate_retention", None)
-        if fn is None:
-            self._log_rank0("ds_cl.evaluation has no evaluate_retention(): retention suite skipped")
-            return
-        fn(self.engine.module, self.tokenizer, suite, str(self.out / f"retention_{phase}"))
+        suite = resolve_suite(suite_name)
+        name = self.phases[phase]["name"]
+        summary = evaluate_model(str(self.out / f"task_{phase}_{name}"), suite, load_parts(suite),
+                                 self.out / f"retention_task_{phase}",
+                                 device=_device("cpu" if self.dist.device == "cpu" else "cuda"),
+                                 chat_template=self.cfg.model.chat_template)
+        if summary is not None:
+            self._log_rank0(f"retention after task {phase}: {self.out / f'retention_task_{phase}' / 'eval.json'}")
 
     # -- checkpoint ---------------------------------------------------------------------------
 
@@ -588,7 +595,6 @@ class Trainer:
                 st.matrix.append(scores)
             st.boundaries.append(st.global_step)
             self._log_rank0(f"after task {phase} ({ph['name']}): {fmt_row(scores)}")
-            self.retention_hook(phase)
             if cfg.output.export_each_task:
                 from ds_cl.export import export_hf
 
@@ -597,6 +603,7 @@ class Trainer:
                           tensors=self.lora.merged_tensors(self.engine.module) if self.lora is not None else None)
                 if self.lora is not None:  # the adapters themselves, unmerged: adapters/task_<i>_<name>.safetensors
                     self.lora.save_adapters(self.out / "adapters" / f"task_{phase}_{ph['name']}.safetensors")
+            self.retention_hook(phase)
             st.phase, st.step_in_phase = phase + 1, 0
             st.done = st.phase == len(self.phases)
             self.write_results()
