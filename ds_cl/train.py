@@ -501,12 +501,21 @@ class Trainer:
         except ImportError as e:
             self._log_rank0(f"eval.retention_suite={suite_name!r}: ds_cl.evaluation unavailable ({e}); skipped")
             return
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
         suite = resolve_suite(suite_name)
         name = self.phases[phase]["name"]
-        summary = evaluate_model(str(self.out / f"task_{phase}_{name}"), suite, load_parts(suite),
-                                 self.out / f"retention_task_{phase}",
-                                 device=_device("cpu" if self.dist.device == "cpu" else "cuda"),
-                                 chat_template=self.cfg.model.chat_template)
+        # The evaluator loads the exported model whole on each rank: with our HfDeepSpeedConfig alive,
+        # transformers would load it ZeRO-3-partitioned (empty weights). Step out of it meanwhile.
+        unset_hf_deepspeed_config()
+        try:
+            summary = evaluate_model(str(self.out / f"task_{phase}_{name}"), suite, load_parts(suite),
+                                     self.out / f"retention_task_{phase}",
+                                     device=_device("cpu" if self.dist.device == "cpu" else "cuda"),
+                                     chat_template=self.cfg.model.chat_template)
+        finally:
+            if self._hf_ds_keepalive is not None:
+                set_hf_deepspeed_config(self._hf_ds_keepalive)
         if summary is not None:
             self._log_rank0(f"retention after task {phase}: {self.out / f'retention_task_{phase}' / 'eval.json'}")
 

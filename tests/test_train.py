@@ -118,3 +118,15 @@ def test_resume_at_boundary_and_mid_task_equals_uninterrupted(full_run):
     assert full_sum["matrix"] == res_sum["matrix"]
     losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert losses(full) == losses(out)
+
+
+def test_retention_suite_scores_each_exported_model(full_run):
+    """eval.retention_suite runs ds_cl.evaluation on task_<i>_<name>/ after each task (1 rank, 1 step per task)."""
+    tmp, _, _ = full_run
+    out = tmp / "retention"
+    train_one = launch(REPO / "ds_cl" / "train.py", 1, str(run_config(tmp, out, method="seqft")),
+                       "eval.retention_suite=safety-mini", "train.max_steps_per_task=1", timeout=600)
+    assert "retention after task 1" in train_one.stdout
+    for i in (0, 1):
+        ev = json.loads((out / f"retention_task_{i}" / "eval.json").read_text())
+        assert ev["model"].endswith(f"task_{i}_{'ab'[i]}") and "safety" in ev
