@@ -240,13 +240,17 @@ class CheckpointManager:
                 os.replace(ptr_tmp, self.root / "latest")
                 for old in self.complete()[:-self.keep]:
                     shutil.rmtree(old, ignore_errors=True)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             # This rank cannot go on with the collective save; free the space and say what is safe.
+            # (torch.save reports a failed write as a RuntimeError of its zip writer, without the errno.)
             shutil.rmtree(tmp, ignore_errors=True)
-            where = e.filename or tmp
+            if isinstance(e, OSError):
+                what = f"{e.strerror or e} ({e.filename or tmp})"
+            else:
+                what = f"{str(e).splitlines()[0][:160]} ({tmp}; {shutil.disk_usage(self.root).free} bytes free)"
             kept = f"the previous checkpoint {prev} is intact" if prev else "there is no earlier checkpoint"
-            raise CheckpointError(f"writing checkpoint {name} failed on rank {self.rank}: {e.strerror or e} "
-                                  f"({where}); removed the partial {tmp.name}; {kept}") from e
+            raise CheckpointError(f"writing checkpoint {name} failed on rank {self.rank}: {what}; "
+                                  f"removed the partial {tmp.name}; {kept}") from e
         _barrier()
         return final
 

@@ -629,12 +629,14 @@ class Trainer:
 
     def _install_sigterm(self) -> None:
         """SIGTERM (SLURM preemption, the deepspeed launcher passing one on) asks for a checkpoint after
-        the current optimizer step; a second SIGTERM ends the process at once."""
+        the current optimizer step. Later SIGTERMs are ignored (SLURM signals every process and the
+        launcher forwards its own: a rank gets two); SIGKILL after the grace period ends it anyway."""
         import signal
 
         def on_term(signum, frame):
+            if self.preempted:
+                return
             self.preempted = True
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             print(f"[ds-cl] rank {self.dist.rank}: SIGTERM: checkpointing after the current step, then exiting",
                   flush=True)
 
@@ -798,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # One line, from every rank that failed; no barrier (the other ranks may be inside a collective:
         # the launcher ends them when this process exits).
-        print(f"ds-cl train: rank {info.rank}: {e}", file=sys.stderr)
+        print(f"\nds-cl train: rank {info.rank}: {e}", file=sys.stderr)  # \n: after a progress bar
         _exit_now(3 if isinstance(e, NonFiniteError) else 1)
     dist.barrier()
     dist.destroy_process_group()

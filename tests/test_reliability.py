@@ -66,7 +66,9 @@ def test_kill_at_boundary_and_mid_save_then_damaged_checkpoint_resume_equals_uni
     p = run(cfg, "--resume", fault="kill@save:step=5,rank=1")
     assert p.returncode != 0 and "at save" in p.stdout, explain(p)
     ck = out / "checkpoints"
-    assert latest(out) == "step_00000004" and (ck / ".tmp-step_00000005").is_dir()
+    # Rank 0 sees its peer gone inside the save, removes the partial .tmp-step_00000005 and says what is safe.
+    assert latest(out) == "step_00000004" and not (ck / "step_00000005").exists()
+    assert f"the previous checkpoint {ck / 'step_00000004'} is intact" in p.stderr, explain(p)
     # 3. damage the newest complete checkpoint: truncate rank 0's optimizer shard.
     shard = ck / "step_00000004" / "deepspeed" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     size = shard.stat().st_size
@@ -95,10 +97,11 @@ def test_sigterm_checkpoints_then_requeue_resumes(tmp, reference):
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         metrics, t0 = out / "metrics.jsonl", time.time()
-        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 4):  # task b has begun
+        while not (metrics.is_file() and metrics.read_text().strip()):  # step 1 of task a is done
             assert proc.poll() is None and time.time() - t0 < 240, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)  # to the launcher, which passes it to the ranks (as srun does)
+            time.sleep(0.02)
+        # As SLURM does: SIGTERM to every process of the job step (the launcher forwards one more).
+        os.killpg(proc.pid, signal.SIGTERM)
         stdout, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -106,8 +109,8 @@ def test_sigterm_checkpoints_then_requeue_resumes(tmp, reference):
     assert proc.returncode != 0, stdout
     assert "SIGTERM: checkpointing after the current step" in stdout and "preempted: checkpoint" in stdout, stdout
     state = json.loads((out / "checkpoints" / latest(out) / "trainer_state.json").read_text())
-    # ...so a checkpoint inside task b can only be the preemption's.
-    assert state["phase"] == 1 and 1 <= state["step_in_phase"] < 3, state
+    # ...so a checkpoint inside task a can only be the preemption's (unless the signal came as task a ended).
+    assert (state["phase"], state["step_in_phase"]) in ((0, 1), (0, 2), (1, 0)) and not state["done"], state
     p = run(cfg, "--resume")  # the requeued job
     assert p.returncode == 0, explain(p)
     assert_same_run(reference, out)
@@ -131,7 +134,7 @@ def test_write_failure_while_saving_keeps_previous_checkpoint(tmp, reference):
     p = run(cfg, "--resume", preexec_fn=cap)
     assert p.returncode == 1, explain(p)
     err = [l for l in p.stderr.splitlines() if l.startswith("ds-cl train: rank")]
-    assert err and all("writing checkpoint step_00000005 failed" in l and "File too large" in l and
+    assert err and all("writing checkpoint step_00000005 failed" in l and
                        f"the previous checkpoint {out / 'checkpoints' / 'step_00000004'} is intact" in l
                        for l in err), p.stderr
     assert latest(out) == "step_00000004" and verify_checkpoint(out / "checkpoints" / "step_00000004") == []
