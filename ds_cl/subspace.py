@@ -25,12 +25,15 @@ Rank policies give r per matrix as a fraction of min(m, n):
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import torch
+
+log = logging.getLogger("ds_cl.subspace")
 
 PROJECTIONS = ("two_sided", "paper")
 
@@ -187,9 +190,10 @@ def svd_bases(weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float3
         raise ValueError("weight has non-finite entries; refusing to fit bases from it")
     try:
         u, _, vh = torch.linalg.svd(weight.to(dtype), full_matrices=False)
-    except RuntimeError:
+    except RuntimeError as e:
         if dtype == torch.float64:
             raise
+        log.warning("SVD of a %s weight failed in %s (%s); retrying in float64", tuple(weight.shape), dtype, e)
         u, _, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
     return u[..., :rank].float().contiguous(), vh[..., :rank, :].transpose(-1, -2).float().contiguous()
 
