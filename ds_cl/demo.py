@@ -1,7 +1,7 @@
 """`ds-cl demo [--out DIR]`: the embedded demo. Three short classification tasks shipped with the package
 (ds_cl/demo_data/), learnt one after the other by a small LLaMA on 2 ZeRO-3 CPU ranks, once with plain
 sequential fine-tuning (seqft) and once with the orthogonal-subspace method (osft); prints both accuracy
-matrices with AA and BWT. About 10 minutes on 2 CPU cores. Why this model and these tasks: docs/demo.md.
+matrices with AA and BWT. About 3 minutes on 2 CPU cores. Why this model and these tasks: docs/demo.md.
 """
 
 from __future__ import annotations

@@ -1,0 +1,80 @@
+"""Pieces of `ds-cl train` that need no ranks: the DeepSpeed config's batch arithmetic, the phase plan of
+each method, the learning-rate schedule, and an HF tokenizer with a chat template through the data path."""
+
+import pytest
+
+from ds_cl.config import ConfigError, RunConfig, TaskConfig, TrainConfig
+from ds_cl.data import IGNORE_INDEX, Encoded, Example, encode_example
+from ds_cl.train import build_ds_config, plan_phases
+
+
+def cfg(**train):
+    c = RunConfig(output_dir="x", tasks=[TaskConfig(name="a", train="a"), TaskConfig(name="b", train="b")])
+    c.train = TrainConfig(**train)
+    c.deepspeed = {"zero_optimization": {"stage": 3}}
+    return c
+
+
+def test_batch_arithmetic_fills_and_checks_the_deepspeed_config():
+    ds = build_ds_config(cfg(micro_batch_size=2, global_batch_size=16), world=4, on_cpu=True)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 2, 16)
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["bf16"]["enabled"] is True
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"  # osft under bf16 (design.md §2)
+    with pytest.raises(ConfigError, match=r"micro_batch_size=4 x world size 3 = 12"):
+        build_ds_config(cfg(micro_batch_size=4, global_batch_size=8), world=3, on_cpu=True)
+    c = cfg(micro_batch_size=1, global_batch_size=8)
+    c.deepspeed["train_batch_size"] = 32
+    with pytest.raises(ConfigError, match=r"deepspeed.train_batch_size=32 disagrees .* 8 = micro 1 x world 2 x accumulation 4"):
+        build_ds_config(c, world=2, on_cpu=True)
+
+
+class _Task:
+    def __init__(self, name, n):
+        self.name, self.train = name, [Encoded([i], [i]) for i in range(n)]
+
+
+def test_phase_plan_per_method():
+    tasks = [_Task("a", 40), _Task("b", 20)]
+    c = cfg(global_batch_size=8, epochs=2)
+    c.method.name = "seqft"
+    assert [(p["name"], len(p["train"]), p["steps"]) for p in plan_phases(c, tasks)] == [("a", 40, 10), ("b", 20, 4)]
+    c.method.name = "replay"
+    c.method.replay.fraction = 0.5
+    ph = plan_phases(c, tasks)
+    assert len(ph[1]["train"]) == 30 and all(s in tasks[0].train for s in ph[1]["train"][20:])
+    c.method.name = "multitask"
+    ph = plan_phases(c, tasks)
+    assert len(ph) == 1 and len(ph[0]["train"]) == 60 and ph[0]["eval_upto"] == 2
+    c.method.name = "seqft"
+    with pytest.raises(ConfigError, match="3 training samples do not fill one optimizer step"):
+        plan_phases(c, [_Task("a", 3)])
+
+
+def test_hf_tokenizer_with_chat_template(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ds_cl.data import load_tokenizer
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(["the meal was great", "Answer: yes no", "user assistant"] * 20,
+                           trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+                       "{% if add_generation_prompt %}assistant:{% endif %}"
+    hf.save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path), chat_template=True)
+    assert tok.kind == "hf"
+    enc, _ = encode_example(tok, Example("the meal was great", "yes"), 64)
+    text = hf.decode(enc.input_ids)
+    assert text.startswith("<s>user: the meal was great\nassistant:") and text.endswith("yes</s>")
+    assert text.count("<s>") == 1  # the template's bos is not doubled
+    answer = [i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]
+    assert hf.decode(answer) == "yes</s>"
+    with pytest.raises(ValueError, match="no chat template"):
+        hf.chat_template = None
+        hf.save_pretrained(tmp_path / "plain")
+        load_tokenizer(str(tmp_path / "plain"), chat_template=True)
