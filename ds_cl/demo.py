@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a few steps per task, to check the wiring")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("seqft", "osft", "replay", "multitask")]
+    bad = [m for m in methods if m not in ("seqft", "osft", "replay", "multitask", "olora", "inclora")]
     if bad:
         print(f"ds-cl demo: unknown method {bad[0]!r}", file=sys.stderr)
         return 2
@@ -114,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.nprocs} ZeRO-3 ranks; outputs in {out}", flush=True)
     results = {}
     for method in methods:
+        if (out / method / "config.yaml").exists():
+            # A demo run is ours to replace; `ds-cl train` itself refuses to start over an existing run.
+            print(f"replacing the previous demo run in {out / method}", flush=True)
+            shutil.rmtree(out / method)
         cfg_path = out / f"{method}.yaml"
         cfg_path.write_text(yaml.safe_dump(run_config(method, out, tok, args.quick), sort_keys=False))
         print(f"== {method}", flush=True)
