@@ -120,14 +120,14 @@ def _barrier_time(fn):
 
 
 def worker(args) -> None:
-    import deepspeed
     import torch
     import torch.distributed as dist
 
     from ds_cl import SubspaceProjector
+    from ds_cl.distributed import init_distributed
     from ds_cl.subspace import FixedRank
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads_per_rank)

@@ -65,9 +65,10 @@ def _env_from_slurm() -> None:
 
 
 def build_distributed() -> DistInfo:
-    import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+
+    from ds_cl.distributed import init_distributed
 
     _env_from_slurm()
     if "RANK" not in os.environ:  # a plain `ds-cl train`: a world of one
@@ -75,7 +76,7 @@ def build_distributed() -> DistInfo:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
     acc = get_accelerator()
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend)
+    init_distributed(backend)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() != "cpu":
         acc.set_device(local)

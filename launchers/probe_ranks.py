@@ -14,12 +14,12 @@ import os
 import socket
 import sys
 
-import deepspeed
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
-from pathlib import Path
-
+from ds_cl.distributed import init_distributed
 from ds_cl.launch_checks import _apply_override, _get, _load_yaml
 
 
@@ -39,7 +39,7 @@ def main() -> int:
     config, rest = sys.argv[1], sys.argv[2:]
     out = output_dir(config, [a for a in rest if "=" in a]) / "probe"
     cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
-    deepspeed.init_distributed(dist_backend="gloo" if cpu else None)
+    init_distributed("gloo" if cpu else None)
     rank, world = dist.get_rank(), dist.get_world_size()
     t = torch.tensor([float(rank)])
     if not cpu:

@@ -22,6 +22,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds_cl import SubspaceProjector  # noqa: E402
+from ds_cl.distributed import init_distributed  # noqa: E402
 from ds_cl.subspace import AdaptiveRank, FixedRank  # noqa: E402
 from tests.reference import (EPS, GAS, LR, MICRO_BS, STEPS, WEIGHT_DECAY, CLIP, global_batches,  # noqa: E402
                              tiny_llama)
@@ -179,7 +180,7 @@ def run_errors(out_dir: Path, rank: int, world: int) -> None:
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     out_dir, cases = Path(args[0]), args[1:]
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     try:
