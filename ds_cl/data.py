@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from ds_cl.config import TaskConfig
+from ds_cl.records import decode_utf8, parse_jsonl
 
 log = logging.getLogger("ds_cl.data")
 
@@ -129,27 +130,11 @@ def read_records(source: str, split: str, key: str = "data") -> list[dict]:
     p = Path(source)
     if p.is_file():
         if p.suffix in (".jsonl", ".json", ".csv"):
-            raw = p.read_bytes()
-            try:
-                text = raw.decode("utf-8-sig")
-            except UnicodeDecodeError as e:
-                line = raw[: e.start].count(b"\n") + 1
-                raise ValueError(f"{key}: {p}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
-                                 "re-encode the file as UTF-8") from None
+            text = decode_utf8(p.read_bytes(), f"{key}: {p}")
             if not text.strip():
                 raise ValueError(f"{key}: {p} is empty")
         if p.suffix == ".jsonl":
-            rows = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{key}: {p}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{key}: {p}:{n}: expected a JSON object per line, got {type(row).__name__}")
-                rows.append(row)
+            rows = [row for _, row in parse_jsonl(text, f"{key}: {p}")]
         elif p.suffix == ".json":
             try:
                 rows = json.loads(text)

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
+from ds_cl.records import decode_utf8, parse_jsonl
+
 
 class EvalInputError(ValueError):
     """Bad user input (missing file, malformed line, unknown suite): reported as one line."""
@@ -24,18 +26,9 @@ def _existing(path: str | Path, what: str) -> Path:
 def read_jsonl(path: str | Path, what: str = "JSONL") -> list[dict]:
     p = _existing(path, what)
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalInputError(f"{p}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise EvalInputError(f"{p}:{n}: expected a JSON object, got {type(obj).__name__}")
-            obj["_line"] = n
-            rows.append(obj)
+    for n, obj in parse_jsonl(decode_utf8(p.read_bytes(), str(p), EvalInputError), str(p), EvalInputError):
+        obj["_line"] = n
+        rows.append(obj)
     if not rows:
         raise EvalInputError(f"{p}: no records")
     return rows

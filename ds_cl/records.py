@@ -1,0 +1,33 @@
+"""Record files (UTF-8 text, JSONL) read with one-line errors naming the file and line: shared by the
+task data (`ds_cl.data`) and the evaluation suites (`ds_cl.evaluation.io`)."""
+
+from __future__ import annotations
+
+import json
+
+
+def decode_utf8(raw: bytes, where: str, error: type[Exception] = ValueError) -> str:
+    """Text of a file's bytes (a UTF-8 BOM is dropped); `where` prefixes the error, e.g. 'key: path'."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise error(f"{where}:{line}: not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}); "
+                    "re-encode the file as UTF-8") from None
+
+
+def parse_jsonl(text: str, where: str, error: type[Exception] = ValueError) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a line that is not a JSON object is an error."""
+    rows = []
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which splitlines() breaks on.
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}:{n}: malformed JSON line ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise error(f"{where}:{n}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append((n, row))
+    return rows
