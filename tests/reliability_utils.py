@@ -6,46 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 from tests.dist_utils import REPO, cpu_env, free_port
-from tests.fixtures import FIXTURES
+from tests.fixtures import tiny_run_config, write_run_config
 
 TRAIN = REPO / "ds_cl" / "train.py"
 
 
 def tiny_config(tmp: Path, out: Path, steps: int = 3, **sections) -> Path:
-    """Write `<out>.yaml`: 2 tasks x `steps` optimizer steps, a 2-layer llama; `sections` update the tree
-    ({"checkpoint": {"every_steps": 1}} merges into the checkpoint section)."""
-    cfg = {
-        "output_dir": str(out),
-        "seed": 7,
-        "deepspeed": {"zero_optimization": {"stage": 3}},
-        "model": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                             "vocab_size": 400, "max_position_embeddings": 128},
-                  "tokenizer": str(tmp / "tok.model"), "dtype": "float32"},
-        "method": {"name": "osft", "osft": {"rank": "fixed", "ratio": 0.5}},
-        "train": {"lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 8, "max_seq_len": 96,
-                  "max_steps_per_task": steps},
-        "eval": {"batch_size": 8, "max_new_tokens": 3},
-        "checkpoint": {"every_steps": 1, "keep": 3},
-        "output": {"export_dtype": "float32", "plots": False},
-        "tasks": [
-            {"name": "a", "train": str(FIXTURES / "task_a.jsonl"), "eval_size": 6,
-             "instruction": "Is the review positive or negative?"},
-            {"name": "b", "train": str(FIXTURES / "task_b.csv"), "input_field": "text", "output_field": "label",
-             "eval_size": 6},
-        ],
-    }
-    for sec, vals in sections.items():
-        if isinstance(vals, dict) and isinstance(cfg.get(sec), dict):
-            cfg[sec].update(vals)
-        else:
-            cfg[sec] = vals
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """Write `<out>.yaml`: 2 tasks x `steps` optimizer steps, checkpoints every step; `sections` update the
+    tree ({"checkpoint": {"every_steps": 1}} merges into the checkpoint section)."""
+    base = {"train": {"max_steps_per_task": steps}, "checkpoint": {"every_steps": 1, "keep": 3},
+            "output": {"plots": False}}
+    return write_run_config(tiny_run_config(tmp, out, base, sections))
 
 
 def launch_cmd(config: Path, *args: str, nprocs: int = 2) -> list[str]:

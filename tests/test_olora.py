@@ -11,10 +11,7 @@ from safetensors.torch import load_file
 
 from ds_cl.config import ConfigError, load_config
 from tests.dist_utils import REPO, launch
-from tests.fixtures import FIXTURES, train_sentencepiece
-
-TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 400, "max_position_embeddings": 128}
+from tests.fixtures import FIXTURES, TINY_LLAMA, tiny_run_config, train_sentencepiece
 
 
 def lora_cfg(**kw):
@@ -27,7 +24,7 @@ def tiny_model(seed=0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    mc = dict(TINY)
+    mc = dict(TINY_LLAMA)
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(mc.pop("model_type"), **mc), dtype=torch.float32)
 
 
@@ -130,7 +127,7 @@ def test_merged_export_loads_and_matches_base_plus_adapters(tmp_path):
 def test_bad_lora_input_is_a_one_line_error(tmp_path):
     from ds_cl.lora import check_targets
 
-    base = {"output_dir": str(tmp_path / "o"), "model": {"config": TINY, "tokenizer": str(FIXTURES / "task_a.jsonl")},
+    base = {"output_dir": str(tmp_path / "o"), "model": {"config": TINY_LLAMA, "tokenizer": str(FIXTURES / "task_a.jsonl")},
             "tasks": [{"name": "a", "train": str(FIXTURES / "task_a.jsonl")}]}
     with pytest.raises(ConfigError, match=r"method.lora.rank: must be >= 1, got 0"):
         load_config(None, ["method.name=olora", "method.lora.rank=0"], data=base)
@@ -149,22 +146,9 @@ def test_bad_lora_input_is_a_one_line_error(tmp_path):
 
 
 def zero3_config(tmp_path, out):
-    return {
-        "output_dir": str(out), "seed": 7,
-        "deepspeed": {"zero_optimization": {"stage": 3}},
-        "model": {"config": TINY, "tokenizer": str(tmp_path / "tok.model"), "dtype": "float32"},
+    return tiny_run_config(tmp_path, out, {
         "method": {"name": "olora", "lora": {"rank": 4, "lr": 1e-2, "targets": ["q_proj", "v_proj", "up_proj"]}},
-        "train": {"lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 8, "max_seq_len": 96,
-                  "max_steps_per_task": 4, "weight_decay": 0.1},
-        "eval": {"batch_size": 8, "max_new_tokens": 3},
-        "output": {"export_dtype": "float32", "plots": False},
-        "tasks": [
-            {"name": "a", "train": str(FIXTURES / "task_a.jsonl"), "eval_size": 6,
-             "instruction": "Is the review positive or negative?"},
-            {"name": "b", "train": str(FIXTURES / "task_b.csv"), "input_field": "text", "output_field": "label",
-             "eval_size": 6},
-        ],
-    }
+        "train": {"weight_decay": 0.1}, "output": {"plots": False}})
 
 
 def train(path, *args):

@@ -2,48 +2,21 @@
 and generates; `--resume` (at a task boundary and mid-task) ends with the same weights as one run."""
 
 import json
-import shutil
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from tests.dist_utils import REPO, launch
-from tests.fixtures import FIXTURES, train_sentencepiece
+from tests.fixtures import tiny_run_config, train_sentencepiece, write_run_config
 
 pytestmark = pytest.mark.distributed
 
 METHOD = "osft"
 
 
-def run_config(tmp, out, method=METHOD, **extra):
-    cfg = {
-        "output_dir": str(out),
-        "seed": 7,
-        "deepspeed": {"zero_optimization": {"stage": 3}},
-        "model": {"config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                             "vocab_size": 400, "max_position_embeddings": 128},
-                  "tokenizer": str(tmp / "tok.model"), "dtype": "float32"},
-        "method": {"name": method, "osft": {"rank": "fixed", "ratio": 0.5}},
-        "train": {"lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 8, "max_seq_len": 96,
-                  "max_steps_per_task": 4},
-        "eval": {"batch_size": 8, "max_new_tokens": 3},
-        "output": {"export_dtype": "float32"},
-        "tasks": [
-            {"name": "a", "train": str(FIXTURES / "task_a.jsonl"), "eval_size": 6,
-             "instruction": "Is the review positive or negative?"},
-            {"name": "b", "train": str(FIXTURES / "task_b.csv"), "input_field": "text", "output_field": "label",
-             "eval_size": 6},
-        ],
-    }
-    for k, v in extra.items():
-        sec, key = k.split("__")
-        cfg[sec][key] = v
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def run_config(tmp, out, method=METHOD):
+    return write_run_config(tiny_run_config(tmp, out, {"method": {"name": method}}))
 
 
 def train(config, *args):
