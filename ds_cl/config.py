@@ -46,6 +46,9 @@ class ModelConfig:
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     # Wrap prompts with the tokenizer's chat template (HF tokenizers only).
     chat_template: bool = False
+    # Recompute activations in the backward pass (HF gradient checkpointing): what lets LLaMA-2-7B train
+    # with 1024+ token sequences on 80 GB GPUs, for ~30% more compute.
+    gradient_checkpointing: bool = False
 
 
 @dataclass

@@ -154,6 +154,9 @@ def build_model(cfg: RunConfig, ds_config: dict, seed: int):
     else:
         model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype)
     model.config.use_cache = True
+    if cfg.model.gradient_checkpointing:
+        # transformers turns the KV cache off itself while training and back on for generate().
+        model.gradient_checkpointing_enable()
     return model, keepalive
 
 

@@ -98,3 +98,17 @@ def test_range_checks(tmp_path):
     assert "method.osft.mrr" in err(tmp_path, base(tmp_path), ["method.osft.mrr=0.9", "method.osft.trr=0.5"])
     assert "train.epochs: must be >= 1" in err(tmp_path, base(tmp_path), ["train.epochs=0"])
     assert "output_dir: is required" in err(tmp_path, base(tmp_path), ["output_dir="])
+
+
+def test_gradient_checkpointing_key_reaches_the_model(tmp_path):
+    """model.gradient_checkpointing (YAML or override) switches HF gradient checkpointing on in build_model."""
+    from ds_cl.train import build_model
+    from tests.fixtures import tiny_run_config, train_sentencepiece, write_run_config
+
+    train_sentencepiece(tmp_path / "tok.model")
+    path = write_run_config(tiny_run_config(tmp_path, tmp_path / "out"))
+    for overrides, expected in (([], False), (["model.gradient_checkpointing=true"], True)):
+        cfg = load_config(path, overrides)
+        assert cfg.model.gradient_checkpointing is expected
+        model, _ = build_model(cfg, {"zero_optimization": {"stage": 0}}, seed=0)
+        assert model.is_gradient_checkpointing is expected
