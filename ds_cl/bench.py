@@ -98,7 +98,7 @@ def _build(args):
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = LlamaForCausalLM(cfg)
     if on_gpu:
-        model.gradient_checkpointing_enable()
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     return engine, cfg

@@ -156,7 +156,8 @@ def build_model(cfg: RunConfig, ds_config: dict, seed: int):
     model.config.use_cache = True
     if cfg.model.gradient_checkpointing:
         # transformers turns the KV cache off itself while training and back on for generate().
-        model.gradient_checkpointing_enable()
+        # 5.x renamed it activation checkpointing; 4.x only has the old name.
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return model, keepalive
 
 
