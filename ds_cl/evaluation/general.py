@@ -3,7 +3,8 @@
 lm-eval is not a dependency of ds-cl (it is heavy); install it with `pip install lm-eval` where
 you want general-ability scores. Task data come from the Hugging Face hub or its local cache:
 offline, pre-download on a connected machine and set `HF_DATASETS_OFFLINE=1`, or give lm-eval
-task YAMLs that read local files (`include_path` in the suite).
+task YAMLs that read local files (`include_path` in the suite; e.g. `dataset_path: json` with
+`dataset_kwargs: {data_files: {test: FILE}}`), which need no hub at all.
 """
 
 from __future__ import annotations
@@ -14,13 +15,20 @@ _DATA_ERRORS = ("ConnectionError", "DatasetNotFoundError", "LocalEntryNotFoundEr
                 "HfHubHTTPError", "FileNotFoundError", "DataFilesNotFoundError", "EmptyDatasetError")
 
 
+_MANAGERS: dict = {}   # include_path -> TaskManager: indexing lm-eval's task YAMLs takes seconds; do it once
+
+
 def _task_manager(include_path):
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise EvalInputError("general ability (suite key lm_eval) needs lm-evaluation-harness: "
                              "pip install lm-eval") from None
-    return TaskManager(include_path=include_path) if include_path else TaskManager()
+    paths = include_path if isinstance(include_path, (list, tuple)) else [include_path] if include_path else []
+    key = tuple(str(p) for p in paths)
+    if key not in _MANAGERS:
+        _MANAGERS[key] = TaskManager(include_path=list(key)) if key else TaskManager()
+    return _MANAGERS[key]
 
 
 def check_tasks(spec: dict):

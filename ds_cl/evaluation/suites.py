@@ -35,7 +35,8 @@ class Suite:
     name: str
     ifeval: Path | None = None
     safety: Path | None = None
-    lm_eval: dict | None = None   # {"tasks": [...], "limit": N, "num_fewshot": k, "batch_size": b}
+    # {"tasks": [...], "limit": N, "num_fewshot": k, "batch_size": b, "include_path": [dirs]}
+    lm_eval: dict | None = None
 
 
 def _from_yaml(path: Path) -> Suite:
@@ -61,6 +62,13 @@ def _from_yaml(path: Path) -> Suite:
         if not isinstance(le, dict) or not le.get("tasks"):
             raise EvalInputError(f"{path}: lm_eval needs a 'tasks' list")
         suite.lm_eval = dict(le)
+        if le.get("include_path"):   # lm-eval task YAML folder(s), relative to this suite YAML
+            inc = le["include_path"] if isinstance(le["include_path"], list) else [le["include_path"]]
+            dirs = [p if p.is_absolute() else (path.parent / p).resolve() for p in map(Path, inc)]
+            missing = [str(d) for d in dirs if not d.exists()]
+            if missing:
+                raise EvalInputError(f"{path}: lm_eval include_path not found: {', '.join(missing)}")
+            suite.lm_eval["include_path"] = [str(d) for d in dirs]
     if not (suite.ifeval or suite.safety or suite.lm_eval):
         raise EvalInputError(f"{path}: suite names nothing to run")
     return suite
