@@ -183,9 +183,7 @@ class SubspaceProjector:
             return dict(full)
         pieces = [[full[n][slice(*self._span(n, d))] for n in mine] for d in range(self.world)]
         in_split = [sum(t.numel() for t in ts) for ts in pieces]
-        ref = next(iter(full.values()), None)
-        ref = ref if ref is not None else torch.empty(0, device=self.device)
-        send = torch.cat([t for ts in pieces for t in ts]) if sum(in_split) else ref.new_empty(0)
+        send = torch.cat([t for ts in pieces for t in ts]) if sum(in_split) else torch.empty(0, device=self.device)
         out_split = [sum(self.shards.ranges[n][self.rank][1] for n in names if self.owner[n] == s)
                      for s in range(self.world)]
         recv = send.new_empty(sum(out_split))
