@@ -21,7 +21,6 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 # The osft projector runs on ZeRO-3 and ZeRO-2 partitions, and on whole tensors with ZeRO off
 # (stage 0) only when there is one process. Stage 1 keeps fp32 optimizer state partitioned but
@@ -230,55 +229,17 @@ class RunSettings:
     total: int | None
 
 
-def _load_yaml(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise LaunchError(f"run config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise LaunchError(f"run config {path} must be a YAML mapping")
-    return data
-
-
-def _apply_override(data: dict, item: str) -> None:
-    import yaml
-
-    key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise LaunchError(f"override {item!r} must look like key.sub=value")
-    node = data
-    parts = key.split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise LaunchError(f"override {item!r}: {p!r} is not a mapping")
-    node[parts[-1]] = yaml.safe_load(value) if value else value
-
-
-def _get(data: dict, dotted: str) -> Any:
-    node: Any = data
-    for p in dotted.split("."):
-        if not isinstance(node, dict) or p not in node:
-            return None
-        node = node[p]
-    return node
-
-
 def run_settings(config: str | Path, overrides: list[str] = ()) -> RunSettings:
     """The launch-relevant settings of a run config with overrides applied.
 
     Uses `ds_cl.config.load_config`, the same validation `ds-cl train` runs (unknown keys, types,
     missing data files), so a bad config fails here, before any node starts.
     """
+    from ds_cl.config import ConfigError, load_config
+
     path = Path(config)
     if not path.is_file():
         raise LaunchError(f"run config {path} does not exist")
-    try:
-        from ds_cl.config import ConfigError, load_config
-    except ImportError:  # the trainer is not installed: read only what the launch needs
-        return _loose_run_settings(path, overrides)
     try:
         cfg = load_config(path, list(overrides))
     except ConfigError as e:
@@ -286,24 +247,6 @@ def run_settings(config: str | Path, overrides: list[str] = ()) -> RunSettings:
     ds_src = f"{path}: deepspeed"
     return RunSettings(cfg.method.name, load_ds_config(cfg.deepspeed), ds_src, cfg.train.micro_batch_size,
                        None, cfg.train.global_batch_size)
-
-
-def _loose_run_settings(path: Path, overrides: list[str]) -> RunSettings:
-    data = _load_yaml(path)
-    for item in overrides:
-        _apply_override(data, item)
-    method = _get(data, "method.name") or _get(data, "method")
-    method = method if isinstance(method, str) else None
-    ds = _get(data, "deepspeed")
-    if ds is None:
-        raise LaunchError(f"run config {path}: no 'deepspeed' key (a DeepSpeed config path or mapping)")
-    if isinstance(ds, str):
-        ds_path = Path(ds) if Path(ds).is_absolute() else path.parent / ds
-        ds_cfg, ds_src = load_ds_config(ds_path), str(ds_path)
-    else:
-        ds_cfg, ds_src = load_ds_config(ds), f"{path}: deepspeed"
-    return RunSettings(method, ds_cfg, ds_src, _get(data, "train.micro_batch_size"), None,
-                       _get(data, "train.global_batch_size"))
 
 
 def preflight(config: str | Path, overrides: list[str], nodes: int, gpus_per_node: int,

@@ -13,25 +13,16 @@ import json
 import os
 import socket
 import sys
-
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from ds_cl.config import load_config
 from ds_cl.distributed import init_distributed
-from ds_cl.launch_checks import _apply_override, _get, _load_yaml
 
 
 def output_dir(config: str, overrides: list[str]) -> Path:
-    try:
-        from ds_cl.config import load_config
-    except ImportError:
-        data = _load_yaml(Path(config))
-        for item in overrides:
-            _apply_override(data, item)
-        out = Path(_get(data, "output_dir") or "outputs")
-        return out if out.is_absolute() else Path(config).resolve().parent / out
     return Path(load_config(config, overrides).output_dir)
 
 
