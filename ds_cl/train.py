@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -40,12 +39,6 @@ class DistInfo:
     device: str  # accelerator device name ("cpu", "cuda", ...)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env_from_slurm() -> None:
     """srun starts one task per process without torch's env variables: derive them from SLURM's."""
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ:
@@ -68,12 +61,12 @@ def build_distributed() -> DistInfo:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from ds_cl.distributed import init_distributed
+    from ds_cl.distributed import free_port, init_distributed
 
     _env_from_slurm()
     if "RANK" not in os.environ:  # a plain `ds-cl train`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     acc = get_accelerator()
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
     init_distributed(backend)
@@ -432,13 +425,10 @@ class Trainer:
                "loss": float(stats[0]) / d.world, "lr": lr,
                "grad_norm": None if gn is None else float(gn),
                "tokens_per_s": float(stats[1]) / max(time.time() - t0, 1e-9)}
-        if self.projector is not None and getattr(self.projector, "fitted", True):
-            try:
-                leaks = self.projector.audit()
-                if leaks:
-                    rec["leak"] = max(float(v) for v in leaks.values())
-            except Exception:  # before any fit there is nothing to audit
-                pass
+        if self.projector is not None:
+            leaks = self.projector.audit()  # {} before the first fit: nothing constrained yet
+            if leaks:
+                rec["leak"] = max(leaks.values())
         if self.lora is not None:
             rec["lr"] = groups[phase]["lr"]  # the current adapter's
             rec.update(reg_sum)  # the same on every rank (adapters are replicated in value)
