@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -198,9 +197,9 @@ def worker(args) -> None:
 def _launch(args, world: int, mode: str, result: Path) -> dict:
     import torch
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from ds_cl.distributed import free_port
+
+    port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port", str(port),
            "--module", "ds_cl.bench", "--worker", mode, "--result", str(result),
            "--model", args.model, "--micro-batch", str(args.micro_batch), "--seq", str(args.seq),

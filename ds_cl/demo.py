@@ -74,11 +74,9 @@ def run_config(method: str, out: Path, tokenizer: Path, quick: bool = False) -> 
 
 
 def launch(config: Path, nprocs: int, log: Path) -> int:
-    import socket
+    from ds_cl.distributed import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank on a small CPU: no oversubscription
