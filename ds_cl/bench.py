@@ -1,6 +1,7 @@
 """`ds-cl bench`: plain ZeRO-3 steps against projected steps, SVD phase time, bases memory, traffic.
 
     ds-cl bench [--world N] [--model tiny|small|llama2-7b-shapes] [--layers K] [--json]
+    ds-cl bench --plan [--model llama2-7b-shapes] [--json]    # bucket schedule by world, no run
 
 The command launches `deepspeed --num_gpus W` runs of this module's worker (CPU ranks over gloo
 where there is no GPU): one run at world N that alternates, step by step on the same engine and
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -46,6 +48,11 @@ def parse_args(argv):
     p.add_argument("--threads-per-rank", type=int, default=1,
                    help="CPU only: torch threads per rank (default 1: a rank stands for one device, so adding "
                         "ranks adds compute, as adding GPUs does)")
+    p.add_argument("--bucket-numel-per-rank", type=int, default=None,
+                   help="SubspaceProjector(bucket_numel_per_rank=...) (default: the projector's)")
+    p.add_argument("--plan", action="store_true",
+                   help="launch nothing: print, from the model's shapes, the projector's buckets and their "
+                        "schedule efficiency at worlds 1..64, for the default and a fixed 2^27-element bucket")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
     p.add_argument("--worker", choices=["steps", "svd"], default=None, help=argparse.SUPPRESS)
@@ -59,7 +66,43 @@ def parse_args(argv):
         p.error(f"--threads-per-rank must be >= 1, got {args.threads_per_rank}")
     if args.layers is not None and args.layers < 1:
         p.error(f"--layers must be >= 1, got {args.layers}")
+    if args.bucket_numel_per_rank is not None and args.bucket_numel_per_rank < 1:
+        p.error(f"--bucket-numel-per-rank must be >= 1, got {args.bucket_numel_per_rank}")
     return args
+
+
+def target_shapes(model: str, layers: int | None = None) -> dict[str, tuple[int, int]]:
+    """The default targets' shapes of a bench model, in `named_parameters()` order."""
+    hidden, inter, n_layers, heads, kv, _ = MODELS[model]
+    kv_dim = hidden // heads * kv
+    shapes = {}
+    for layer in range(layers or n_layers):
+        pre = f"model.layers.{layer}."
+        shapes.update({pre + "self_attn.q_proj.weight": (hidden, hidden), pre + "self_attn.k_proj.weight": (kv_dim, hidden),
+                       pre + "self_attn.v_proj.weight": (kv_dim, hidden), pre + "self_attn.o_proj.weight": (hidden, hidden),
+                       pre + "mlp.gate_proj.weight": (inter, hidden), pre + "mlp.up_proj.weight": (inter, hidden),
+                       pre + "mlp.down_proj.weight": (hidden, inter)})
+    return shapes
+
+
+def plan(args) -> dict:
+    """Schedule efficiency of the projector's buckets (ds_cl.projector.plan_buckets), computed from shapes."""
+    from ds_cl.projector import DEFAULT_BUCKET_NUMEL_PER_RANK, plan_buckets, schedule_efficiency
+
+    shapes = target_shapes(args.model, args.layers)
+    names = list(shapes)
+    per_rank = args.bucket_numel_per_rank or DEFAULT_BUCKET_NUMEL_PER_RANK
+    rows = []
+    for world in (1, 2, 4, 8, 16, 32, 64):
+        row = {"world": world}
+        for label, numel in (("per_rank", per_rank), ("fixed_buckets", (1 << 27) // world)):
+            buckets, owner = plan_buckets(shapes, names, world, max(1, numel))
+            held = max(sum(math.prod(shapes[n]) for n in b if owner[n] == r) for b in buckets for r in range(world))
+            row[label] = {"buckets": len(buckets), "schedule_efficiency": schedule_efficiency(shapes, buckets, owner, world),
+                          "max_owned_numel_per_bucket": held}
+        rows.append(row)
+    return {"model": args.model, "layers": args.layers or MODELS[args.model][2], "bucket_numel_per_rank": per_rank,
+            "target_params": sum(math.prod(s) for s in shapes.values()), "plan": rows}
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -124,6 +167,7 @@ def worker(args) -> None:
 
     from ds_cl import SubspaceProjector
     from ds_cl.distributed import init_distributed
+    from ds_cl.projector import matrix_cost
     from ds_cl.subspace import FixedRank
 
     init_distributed("nccl" if torch.cuda.is_available() else "gloo")
@@ -131,12 +175,13 @@ def worker(args) -> None:
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads_per_rank)
     engine, cfg = _build(args)
-    proj = SubspaceProjector(engine, audit=False)
+    kwargs = {"bucket_numel_per_rank": args.bucket_numel_per_rank} if args.bucket_numel_per_rank else {}
+    proj = SubspaceProjector(engine, audit=False, **kwargs)
     proj.fit(FixedRank(args.ratio))  # warm-up: the first LAPACK call pays one-time set-up
     svd_s, _ = _barrier_time(lambda: proj.fit(FixedRank(args.ratio)))
     # Share of the SVD work (m n min(m, n) per matrix) each rank owns: what the design divides,
     # whether or not the hardware runs the ranks in parallel.
-    cost = {n: proj.shapes[n][0] * proj.shapes[n][1] * min(proj.shapes[n]) for n in proj.names}
+    cost = {n: matrix_cost(proj.shapes[n]) for n in proj.names}
     shares = [sum(c for n, c in cost.items() if proj.owner[n] == r) / sum(cost.values()) for r in range(world)]
     result = {"world": world, "svd_seconds": svd_s, "svd_work_share_by_rank": shares}
     bases = [None] * world
@@ -182,6 +227,7 @@ def worker(args) -> None:
             tokens_per_step=args.micro_batch * args.seq * args.grad_accum * world,
             target_params=sum(int(torch.tensor(proj.shapes[n]).prod()) for n in proj.names),
             targets=len(proj.names),
+            buckets=len(proj.buckets),
             layers=cfg.num_hidden_layers,
             device=(torch.cuda.get_device_name(0) if torch.cuda.is_available()
                     else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads/rank)"),
@@ -207,6 +253,8 @@ def _launch(args, world: int, mode: str, result: Path) -> dict:
            "--ratio", str(args.ratio), "--threads-per-rank", str(args.threads_per_rank)]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
+    if args.bucket_numel_per_rank:
+        cmd += ["--bucket-numel-per-rank", str(args.bucket_numel_per_rank)]
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -221,6 +269,18 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.worker:
         worker(args)
+        return 0
+    if args.plan:
+        out = plan(args)
+        print(f"model {out['model']} ({out['layers']} layers, {out['target_params'] / 1e9:.2f}B target params): "
+              f"schedule efficiency (sum over buckets of the busiest rank's work / an even split; 1.00 is ideal)")
+        print(f"  world | buckets of {out['bucket_numel_per_rank']} x world elements | fixed buckets of 2^27 elements")
+        for row in out["plan"]:
+            a, b = row["per_rank"], row["fixed_buckets"]
+            print(f"  {row['world']:5d} | {a['buckets']:4d} buckets, {a['schedule_efficiency']:.2f}"
+                  f" | {b['buckets']:4d} buckets, {b['schedule_efficiency']:.2f}")
+        if args.json:
+            print(json.dumps(out))
         return 0
     from tqdm import tqdm
 
@@ -250,6 +310,7 @@ def main(argv=None) -> int:
         "bases_bytes_total": sum(steps["bases_bytes_by_rank"]),
         "comm_bytes_per_rank_per_step": steps["comm_bytes_per_rank_per_step"],
         "peak_mem_bytes_per_rank": steps["peak_mem_bytes_per_rank"],
+        "buckets": steps["buckets"],
         "steps_measured": args.steps,
     }
     mib = 1 << 20

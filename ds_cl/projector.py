@@ -14,9 +14,10 @@ Design: one owner rank per matrix ("per-shard bases", design.md section 3).
 Each target matrix is assigned to one rank of the data-parallel group, balancing m*n*min(m, n)
 (greedy, largest first). Only the owner holds that matrix's U_h, V_h and computes its SVD at a task
 boundary. At each optimizer step the ranks send the owner their flat partitions of the matrix's
-fp32 gradient (one all_to_all_single per bucket of matrices), the owner projects the full m x n
-view with `ds_cl.subspace.project` (same-shaped matrices batched) and sends the pieces back. The
-update projection after `engine.step()` takes the same path with (W_new - W_old).
+fp32 gradient (one asynchronous all_to_all_single per bucket of matrices), the owner projects the
+full m x n view with `ds_cl.subspace.project` (same-shaped matrices batched) and sends the pieces
+back; the exchanges of the neighbouring buckets run while a bucket is projected. The update
+projection after `engine.step()` takes the same path with (W_new - W_old).
 
 Why this design and not the other one of design.md (all-reduce of the small products U_h^T G and
 G V_h from the rows each rank holds): the all-reduce design needs all of V_h (and U_h) on every
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,7 @@ from ds_cl import subspace as S
 from ds_cl.zero_shards import shards_for
 
 STATE_FORMAT = 1
+DEFAULT_BUCKET_NUMEL_PER_RANK = 1 << 26  # 256 MiB of fp32 full matrices per owner per bucket
 
 
 def prepare_ds_config(ds_config: dict) -> dict:
@@ -62,6 +64,55 @@ def prepare_ds_config(ds_config: dict) -> dict:
     return cfg
 
 
+def matrix_cost(shape: Sequence[int]) -> int:
+    """Relative cost of a matrix's SVD and projection: both grow like m n min(m, n)."""
+    return shape[0] * shape[1] * min(shape)
+
+
+def plan_buckets(shapes: Mapping[str, Sequence[int]], names: Sequence[str], world: int,
+                 numel_per_rank: int) -> tuple[list[list[str]], dict[str, int]]:
+    """Split the targets (in order) into buckets of at most `numel_per_rank * world` elements and give
+    each matrix an owner rank.
+
+    Every bucket ends in a collective, so a step takes about the sum over buckets of the busiest
+    rank's work in that bucket: owners are balanced within each bucket (longest first, ties to the
+    rank with least work overall), and buckets grow with the world so that each has work for every
+    rank. Fixed buckets of 2^27 elements (3 or 4 LLaMA-2-7B matrices) would leave most of 8 ranks idle
+    in every bucket: `ds-cl bench --plan` prints `schedule_efficiency` for both.
+    """
+    buckets, current, size = [], [], 0
+    for name in names:
+        numel = math.prod(shapes[name])
+        if current and size + numel > numel_per_rank * world:
+            buckets.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += numel
+    if current:
+        buckets.append(current)
+    total, owner = [0] * world, {}
+    for bucket in buckets:
+        load = [0] * world
+        for name in sorted(bucket, key=lambda n: -matrix_cost(shapes[n])):
+            k = min(range(world), key=lambda r: (load[r], total[r], r))
+            owner[name] = k
+            load[k] += matrix_cost(shapes[name])
+            total[k] += matrix_cost(shapes[name])
+    return buckets, owner
+
+
+def schedule_efficiency(shapes: Mapping[str, Sequence[int]], buckets: list[list[str]], owner: Mapping[str, int],
+                        world: int) -> float:
+    """Sum over buckets of the busiest rank's work, divided by a perfect split of all work (1.0 is ideal)."""
+    busiest = 0
+    for bucket in buckets:
+        load = [0] * world
+        for n in bucket:
+            load[owner[n]] += matrix_cost(shapes[n])
+        busiest += max(load)
+    return busiest / (sum(matrix_cost(shapes[n]) for b in buckets for n in b) / world)
+
+
 class SubspaceProjector:
     """Constrain a DeepSpeed engine's updates of target matrices to the complement of their top subspace.
 
@@ -75,19 +126,22 @@ class SubspaceProjector:
         audit: compute each target's leak at every optimizer step (cheap next to the projection; with
             project_update=False it costs sending the update to the owners, without sending it back).
         svd_dtype: torch.float32 (default) or torch.float64 for the task-boundary SVD.
-        bucket_numel: most target elements exchanged in one collective; bounds the full matrices held
-            at once on an owner.
+        bucket_numel_per_rank: a bucket (the matrices exchanged in one collective) holds up to this many
+            target elements times the world size, so each owner holds ~this many elements of full
+            matrices per bucket, and at most three buckets at once (one arriving, one being projected,
+            one travelling back). Buckets grow with the world so that each has work for every rank:
+            see `plan_buckets`.
     """
 
     def __init__(self, engine, targets: Sequence[str] | None = None, projection: str = "two_sided",
                  project_update: bool = True, *, audit: bool = True, svd_dtype: torch.dtype = torch.float32,
-                 bucket_numel: int = 1 << 27):
+                 bucket_numel_per_rank: int = DEFAULT_BUCKET_NUMEL_PER_RANK):
         if projection not in S.PROJECTIONS:
             raise ValueError(f"projection must be one of {S.PROJECTIONS}, got {projection!r}")
         if svd_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"svd_dtype must be torch.float32 or torch.float64, got {svd_dtype}")
-        if bucket_numel < 1:
-            raise ValueError(f"bucket_numel must be positive, got {bucket_numel}")
+        if bucket_numel_per_rank < 1:
+            raise ValueError(f"bucket_numel_per_rank must be positive, got {bucket_numel_per_rank}")
         if isinstance(targets, str):
             targets = [targets]
         self.engine = engine
@@ -112,8 +166,7 @@ class SubspaceProjector:
         self.group, self.world, self.rank = self.shards.group, self.shards.world, self.shards.rank
         self.shapes = {n: self.shards.shape(n) for n in self.names}
         self.index = {n: i for i, n in enumerate(self.names)}
-        self.owner = self._assign_owners()
-        self.buckets = self._make_buckets(bucket_numel)
+        self.buckets, self.owner = plan_buckets(self.shapes, self.names, self.world, bucket_numel_per_rank)
 
         self.ranks: dict[str, int] = {n: 0 for n in self.names}
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # owned targets only (views into packs)
@@ -123,30 +176,6 @@ class SubspaceProjector:
         self.stats = {"optimizer_steps": 0, "sent_bytes": 0}
 
     # ------------------------------------------------------------------------------------ layout
-    def _assign_owners(self) -> dict[str, int]:
-        # Greedy longest-processing-time: SVD and projection costs both grow like m * n * min(m, n).
-        load = [0.0] * self.world
-        owner = {}
-        cost = lambda n: self.shapes[n][0] * self.shapes[n][1] * min(self.shapes[n])  # noqa: E731
-        for name in sorted(self.names, key=lambda n: (-cost(n), self.index[n])):
-            k = min(range(self.world), key=lambda r: (load[r], r))
-            owner[name] = k
-            load[k] += cost(name)
-        return owner
-
-    def _make_buckets(self, bucket_numel: int) -> list[list[str]]:
-        buckets, current, size = [], [], 0
-        for name in self.names:
-            numel = math.prod(self.shapes[name])
-            if current and size + numel > bucket_numel:
-                buckets.append(current)
-                current, size = [], 0
-            current.append(name)
-            size += numel
-        if current:
-            buckets.append(current)
-        return buckets
-
     @property
     def device(self) -> torch.device:
         return self.engine.device
@@ -155,48 +184,89 @@ class SubspaceProjector:
         return [n for n in (self.names if names is None else names) if self.owner[n] == self.rank]
 
     # ------------------------------------------------------------------------------ communication
-    def _to_owners(self, names: list[str], local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Send every rank's flat piece of each matrix to its owner; return the owned full flat tensors."""
+    def _send_to_owners(self, names: list[str], read: Callable[[str], torch.Tensor]) -> "_InFlight":
+        """Start sending every rank's flat piece of each matrix in `names` (`read(name)`) to its owner.
+
+        `.wait()` on the result gives {name: full flat tensor} of the matrices this rank owns. The
+        exchange runs asynchronously, so the caller can project another bucket meanwhile.
+        """
         mine = self.owned(names)
         if self.world == 1:
-            return {n: local[n] for n in mine}
-        per_dest = [[local[n] for n in names if self.owner[n] == d] for d in range(self.world)]
+            local = {n: read(n) for n in mine}
+            return _InFlight(None, lambda: local)
+        per_dest = [[read(n) for n in names if self.owner[n] == d] for d in range(self.world)]
         in_split = [sum(t.numel() for t in ts) for ts in per_dest]
         send = torch.cat([t for ts in per_dest for t in ts]) if sum(in_split) else torch.empty(0, device=self.device)
         out_split = [sum(self.shards.ranges[n][s][1] for n in mine) for s in range(self.world)]
         recv = send.new_empty(sum(out_split))
-        dist.all_to_all_single(recv, send, out_split, in_split, group=self.group)
+        work = dist.all_to_all_single(recv, send, out_split, in_split, group=self.group, async_op=True)
         self.stats["sent_bytes"] += (sum(in_split) - in_split[self.rank]) * send.element_size()
-        full = {n: send.new_empty(math.prod(self.shapes[n])) for n in mine}
-        offset = 0
-        for s in range(self.world):
-            for n in mine:
-                start, k = self.shards.ranges[n][s]
-                full[n][start:start + k] = recv[offset:offset + k]
-                offset += k
-        return full
 
-    def _from_owners(self, names: list[str], full: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Inverse of `_to_owners`: return this rank's flat piece of every matrix in `names`."""
+        def unpack() -> dict[str, torch.Tensor]:
+            full = {n: recv.new_empty(math.prod(self.shapes[n])) for n in mine}
+            offset = 0
+            for s in range(self.world):
+                for n in mine:
+                    start, k = self.shards.ranges[n][s]
+                    full[n][start:start + k] = recv[offset:offset + k]
+                    offset += k
+            return full
+
+        return _InFlight(work, unpack, send)
+
+    def _send_from_owners(self, names: list[str], full: Mapping[str, torch.Tensor]) -> "_InFlight":
+        """Inverse of `_send_to_owners`: `.wait()` gives this rank's flat piece of every matrix in `names`."""
         mine = self.owned(names)
         if self.world == 1:
-            return dict(full)
+            return _InFlight(None, lambda: dict(full))
         pieces = [[full[n][slice(*self._span(n, d))] for n in mine] for d in range(self.world)]
         in_split = [sum(t.numel() for t in ts) for ts in pieces]
         send = torch.cat([t for ts in pieces for t in ts]) if sum(in_split) else torch.empty(0, device=self.device)
         out_split = [sum(self.shards.ranges[n][self.rank][1] for n in names if self.owner[n] == s)
                      for s in range(self.world)]
         recv = send.new_empty(sum(out_split))
-        dist.all_to_all_single(recv, send, out_split, in_split, group=self.group)
+        work = dist.all_to_all_single(recv, send, out_split, in_split, group=self.group, async_op=True)
         self.stats["sent_bytes"] += (sum(in_split) - in_split[self.rank]) * send.element_size()
-        local, offset = {}, 0
-        for s in range(self.world):
-            for n in names:
-                if self.owner[n] == s:
-                    k = self.shards.ranges[n][self.rank][1]
-                    local[n] = recv[offset:offset + k]
-                    offset += k
-        return local
+
+        def unpack() -> dict[str, torch.Tensor]:
+            local, offset = {}, 0
+            for s in range(self.world):
+                for n in names:
+                    if self.owner[n] == s:
+                        k = self.shards.ranges[n][self.rank][1]
+                        local[n] = recv[offset:offset + k]
+                        offset += k
+            return local
+
+        return _InFlight(work, unpack, send)
+
+    def _pipeline(self, buckets: list[tuple[int, list[str]]], read: Callable[[str], torch.Tensor],
+                  write: Callable[[str, torch.Tensor], None] | None, leaks: dict | None = None) -> None:
+        """For each (bucket index, names): gather the matrices on their owners, project them there, and
+        `write` each rank's projected piece back (write=None: only measure `leaks`, send nothing back).
+
+        Software pipeline: while bucket i is projected, bucket i + 1 travels to its owners and bucket
+        i - 1 travels back, so with many buckets (LLaMA-2-7B: ~50 of 2^27 elements) the exchanges hide
+        behind the projection. Ranks post the collectives in the same order, as collectives require.
+        At most three buckets are in memory at once.
+        """
+        if not buckets:
+            return
+        inbound, outbound = self._send_to_owners(buckets[0][1], read), None
+        for i, (b, names) in enumerate(buckets):
+            full = inbound.wait()
+            if i + 1 < len(buckets):
+                inbound = self._send_to_owners(buckets[i + 1][1], read)
+            self._project_owned(b, full, leaks, project=write is not None)
+            if write is None:
+                continue
+            if outbound is not None:
+                for n, t in outbound.wait().items():
+                    write(n, t)
+            outbound = self._send_from_owners(names, full)
+        if outbound is not None:
+            for n, t in outbound.wait().items():
+                write(n, t)
 
     def _install(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: dict[str, int]) -> None:
         """Keep the owned bases packed per (bucket, shape, rank) group, so a step projects each group with
@@ -219,17 +289,21 @@ class SubspaceProjector:
         return start, start + k
 
     # -------------------------------------------------------------------------------- projection
-    def _project_owned(self, bucket: int, full: dict[str, torch.Tensor], leaks: dict[str, float] | None = None) -> None:
-        """Project the owned full flat tensors of bucket `bucket` in place, one batched call per packed group."""
+    def _project_owned(self, bucket: int, full: dict[str, torch.Tensor], leaks: dict | None = None,
+                       project: bool = True) -> None:
+        """Project the owned full flat tensors of bucket `bucket` in place, one batched call per packed
+        group; with `leaks`, record each matrix's leak (of the projected tensor, or with project=False of
+        the tensor as it is) as a device tensor."""
         for (b, shape, _), (names, u, v) in self._packs.items():
             if b != bucket:
                 continue
             g = torch.stack([full[n].view(shape) for n in names])
-            out = S.project(g, u, v, self.projection)
-            for i, n in enumerate(names):
-                full[n].copy_(out[i].reshape(-1))
-                if leaks is not None:
-                    leaks[n] = S.leak(out[i], u[i], v[i])
+            if project:
+                g = S.project(g, u, v, self.projection)
+                for i, n in enumerate(names):
+                    full[n].copy_(g[i].reshape(-1))
+            if leaks is not None:
+                leaks.update(zip(names, S.leaks(g, u, v)))
 
     @property
     def active(self) -> bool:
@@ -242,15 +316,10 @@ class SubspaceProjector:
         if not self.active or not engine.is_gradient_accumulation_boundary():
             engine.step()
             return
-        constrained = [n for n in self.names if self.ranks[n] > 0]
-        for b, bucket in enumerate(self.buckets):
-            names = [n for n in bucket if self.ranks[n] > 0]
-            if not names:
-                continue
-            full = self._to_owners(names, {n: self.shards.get_grad(n).float() for n in names})
-            self._project_owned(b, full)
-            for n, g in self._from_owners(names, full).items():
-                self.shards.set_grad(n, g)
+        buckets = [(b, [n for n in bucket if self.ranks[n] > 0]) for b, bucket in enumerate(self.buckets)]
+        buckets = [(b, names) for b, names in buckets if names]
+        constrained = [n for _, names in buckets for n in names]
+        self._pipeline(buckets, lambda n: self.shards.get_grad(n).float(), self.shards.set_grad)
 
         need_update = self.project_update or self.audit_enabled
         old = {n: self.shards.get_master(n).detach().clone() for n in constrained} if need_update else {}
@@ -258,31 +327,23 @@ class SubspaceProjector:
         self.stats["optimizer_steps"] += 1
         if not need_update:
             return
-        leaks: dict[str, float] = {}
-        for b, bucket in enumerate(self.buckets):
-            names = [n for n in bucket if self.ranks[n] > 0]
-            if not names:
-                continue
-            delta = {n: self.shards.get_master(n).float() - old[n] for n in names}
-            full = self._to_owners(names, delta)
-            if not self.project_update:
-                leaks.update({n: S.leak(full[n].view(self.shapes[n]), *self.bases[n]) for n in full})
-                continue
-            self._project_owned(b, full, leaks if self.audit_enabled else None)
-            for n, d in self._from_owners(names, full).items():
-                self.shards.set_master(n, old[n] + d)
+        leaks: dict[str, torch.Tensor] = {}
+        write = (lambda n, d: self.shards.set_master(n, old[n] + d)) if self.project_update else None
+        self._pipeline(buckets, lambda n: self.shards.get_master(n).float() - old[n], write,
+                       leaks if self.audit_enabled else None)
         if self.project_update:
             self.shards.finish_master_updates(constrained, self.engine.optimizer)
         if self.audit_enabled:
             self._leaks = self._share_leaks(leaks, constrained)
 
-    def _share_leaks(self, leaks: dict[str, float], names: list[str]) -> dict[str, float]:
+    def _share_leaks(self, leaks: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, float]:
         vec = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
-        for n, value in leaks.items():
-            vec[self.index[n]] = value
+        if leaks:
+            vec[torch.tensor([self.index[n] for n in leaks], device=self.device)] = torch.stack(list(leaks.values()))
         if self.world > 1:
             dist.all_reduce(vec, group=self.group)
-        return {n: float(vec[self.index[n]]) for n in names}
+        values = vec.tolist()  # the step's one host sync for the audit
+        return {n: values[self.index[n]] for n in names}
 
     def audit(self) -> dict[str, float]:
         """{param_name: leak} of the last optimizer step, for every constrained target (same on all ranks).
@@ -325,8 +386,12 @@ class SubspaceProjector:
         self.importance = importance
 
         bases = {}
-        for bucket in self.buckets:
-            full = self._to_owners(bucket, {n: self.shards.get_master(n).float() for n in bucket})
+        # The next bucket's weights travel to their owners while this bucket's SVDs run.
+        inbound = self._send_to_owners(self.buckets[0], lambda n: self.shards.get_master(n).float())
+        for i in range(len(self.buckets)):
+            full = inbound.wait()
+            if i + 1 < len(self.buckets):
+                inbound = self._send_to_owners(self.buckets[i + 1], lambda n: self.shards.get_master(n).float())
             by_shape: dict[tuple, list[str]] = defaultdict(list)
             for n in full:
                 by_shape[self.shapes[n]].append(n)
@@ -337,8 +402,8 @@ class SubspaceProjector:
                     us, vs = S.svd_bases(weights, max(ranks[n] for n in names), self.svd_dtype)
                 except ValueError as e:
                     raise ValueError(f"{', '.join(names)}: {e}") from None
-                for i, n in enumerate(names):
-                    bases[n] = (us[i, :, : ranks[n]].contiguous(), vs[i, :, : ranks[n]].contiguous())
+                for j, n in enumerate(names):
+                    bases[n] = (us[j, :, : ranks[n]].contiguous(), vs[j, :, : ranks[n]].contiguous())
             del full
         self._install(bases, ranks)
         return dict(ranks)
@@ -454,3 +519,17 @@ class SubspaceProjector:
             raise ValueError(f"projector state lacks the bases of {missing[0]} (rank {sd['ranks'][missing[0]]})")
         self._install(bases, dict(sd["ranks"]))
         self.importance = sd.get("importance")
+
+
+class _InFlight:
+    """A started exchange: `wait()` finishes it and returns what `unpack` makes of the received buffer."""
+
+    def __init__(self, work, unpack: Callable[[], dict], send: torch.Tensor | None = None):
+        self._work, self._unpack = work, unpack
+        self._send = send  # the send buffer must outlive the asynchronous collective
+
+    def wait(self) -> dict[str, torch.Tensor]:
+        if self._work is not None:
+            self._work.wait()
+        self._send = None
+        return self._unpack()

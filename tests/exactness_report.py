@@ -16,7 +16,7 @@ from tests.dist_utils import REPO, launch
 from tests.reference import fixed_bases, reference_run, tiny_llama
 
 # case, world, reference options
-CASES = [("z3", 2, {}), ("z3_nooverlap", 3, {}), ("z3_offload", 2, {}), ("z2", 2, {}), ("z0", 1, {}),
+CASES = [("z3", 2, {}), ("z3_nooverlap", 3, {}), ("z3_buckets", 3, {}), ("z3_offload", 2, {}), ("z2", 2, {}), ("z0", 1, {}),
          ("z3_bf16", 2, {}), ("z3_paper", 2, {"projection": "paper"}), ("z3_noupdate", 2, {"project_update": False})]
 
 

@@ -39,7 +39,9 @@ CASES = {
     "z3_offload": ({"zero_optimization": {**BASE_ZERO3, "offload_optimizer": {"device": "cpu"}},
                     "zero_force_ds_cpu_optimizer": False}, {}),
     "z3_paper": ({"zero_optimization": BASE_ZERO3}, {"projection": "paper"}),
-    "z3_noupdate": ({"zero_optimization": BASE_ZERO3}, {"project_update": False}),
+    # Small buckets: many exchanges in flight at once, ranks that own nothing in a bucket.
+    "z3_noupdate": ({"zero_optimization": BASE_ZERO3}, {"project_update": False, "bucket_numel_per_rank": 1000}),
+    "z3_buckets": ({"zero_optimization": BASE_ZERO3}, {"bucket_numel_per_rank": 700}),
     "z3_bf16": ({"zero_optimization": BASE_ZERO3, "bf16": {"enabled": True},
                  "data_types": {"grad_accum_dtype": "fp32"}}, {}),
     "z2": ({"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True}}, {}),
@@ -111,6 +113,9 @@ def run_fit(out_dir: Path, rank: int, world: int) -> None:
     proj = SubspaceProjector(engine)
     ranks_fixed = proj.fit(FixedRank(0.5))
     bases_fixed = {n: tuple(t.cpu() for t in b) for n, b in proj.bases.items()}
+    bucketed = SubspaceProjector(engine, bucket_numel_per_rank=1000)
+    bucketed.fit(FixedRank(0.5))
+    bases_bucketed = {n: tuple(t.cpu() for t in b) for n, b in bucketed.bases.items()}
     ids = global_batches()[0][0][rank].to(engine.device)
     mask = torch.ones_like(ids)
     mask[:, -3:] = 0  # masked tokens must not count
@@ -130,10 +135,11 @@ def run_fit(out_dir: Path, rank: int, world: int) -> None:
         wrong_world_error = str(e)
     weights = gather_weights(engine)
     everyone = [None] * world
-    dist.all_gather_object(everyone, {"fixed": bases_fixed, "adaptive": bases_adaptive})
+    dist.all_gather_object(everyone, {"fixed": bases_fixed, "adaptive": bases_adaptive, "bucketed": bases_bucketed})
     if rank == 0:
         torch.save({"weights": weights, "ranks_fixed": ranks_fixed, "ranks_adaptive": ranks_adaptive,
                     "importance": proj.importance, "bases": everyone, "owner": proj.owner,
+                    "buckets": len(proj.buckets), "buckets_small": len(bucketed.buckets),
                     "state_round_trip": same, "wrong_world_error": wrong_world_error},
                    out_dir / "fit.pt")
     engine.destroy()

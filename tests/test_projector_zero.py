@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("projector")
     torch.save(fixed_bases(tiny_llama()), out / "bases.pt")
     launch(SCRIPT, 2, out, "z3", "z3_offload", "z3_paper", "z3_noupdate", "z3_bf16", "z2", "fit", "errors")
-    launch(SCRIPT, 3, out, "z3_nooverlap")
+    launch(SCRIPT, 3, out, "z3_nooverlap", "z3_buckets")
     launch(SCRIPT, 1, out, "z0")
     return out
 
@@ -41,6 +41,7 @@ EXACT = {
     "z3_offload": (2, {}),         # offload_optimizer to CPU
     "z2": (2, {}),                 # ZeRO-2: fragments of flattened groups
     "z3_nooverlap": (3, {}),       # 3 ranks, overlap/contiguous off, default persistence (small params stay gathered)
+    "z3_buckets": (3, {}),         # 3 ranks, buckets of 1 or 2 matrices: exchanges pipelined across 12 buckets
     "z0": (1, {}),                 # no ZeRO, one process
 }
 
@@ -123,7 +124,7 @@ def test_bases_are_sharded(runs):
 def test_fit_matches_one_process_svd_and_importance(runs):
     fit = torch.load(runs / "fit.pt", weights_only=False)
     weights = fit["weights"]
-    merged = {k: {} for k in ("fixed", "adaptive")}
+    merged = {k: {} for k in ("fixed", "adaptive", "bucketed")}
     for per_rank in fit["bases"]:
         for k in merged:
             merged[k].update(per_rank[k])
@@ -138,6 +139,11 @@ def test_fit_matches_one_process_svd_and_importance(runs):
         # Singular vectors are defined up to sign: compare the subspaces through their projectors.
         assert torch.allclose(u.double() @ u.double().T, u_ref.double() @ u_ref.double().T, atol=1e-4)
         assert torch.allclose(v.double() @ v.double().T, v_ref.double() @ v_ref.double().T, atol=1e-4)
+        # The same SVDs when the weights reach their owners in many pipelined buckets.
+        ub, vb = merged["bucketed"][name]
+        assert torch.allclose(ub.double() @ ub.double().T, u_ref.double() @ u_ref.double().T, atol=1e-4)
+        assert torch.allclose(vb.double() @ vb.double().T, v_ref.double() @ v_ref.double().T, atol=1e-4)
+    assert fit["buckets"] == 1 and fit["buckets_small"] > 4, (fit["buckets"], fit["buckets_small"])
 
     # Importance: recompute in one process on the same tokens and masks the two ranks used.
     model = tiny_llama()
