@@ -61,6 +61,9 @@ class OSFTConfig:
     projection: Literal["two_sided", "paper"] = "two_sided"
     # Project the optimizer's update too (Adam's scaling breaks a projected gradient; design.md §1).
     project_update: bool = True
+    # Measure the leak (metrics.jsonl `leak`) on the first step after each fit and every audit_every-th
+    # step after it: a float64 check that costs about half the projection (docs/benchmarks.md).
+    audit_every: int = 10
     # Target parameter names (null: every attention/MLP Linear of the decoder layers).
     targets: Optional[list[str]] = None
     # Fit before the first task too, protecting the base model; false leaves task 0 unconstrained
@@ -380,6 +383,7 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     need(0 <= o.ratio <= 1, "method.osft.ratio", f"must be in [0, 1], got {o.ratio}")
     need(o.non_target_lr_scale >= 0, "method.osft.non_target_lr_scale", "must be >= 0")
     need(o.importance_samples >= 1, "method.osft.importance_samples", "must be >= 1")
+    need(o.audit_every >= 1, "method.osft.audit_every", f"must be >= 1, got {o.audit_every}")
     if o.first_task_importance_data:
         o.first_task_importance_data = _resolve(o.first_task_importance_data, base)
         need(os.path.exists(o.first_task_importance_data), "method.osft.first_task_importance_data",

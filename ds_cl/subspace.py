@@ -177,13 +177,12 @@ def select_targets(names: Iterable[str], patterns: Sequence[str] | None = None) 
 def svd_bases(weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`rank` left and right singular vectors (U_h: m x r, V_h: n x r) of `weight`, returned in fp32.
 
-    A batch b x m x n gives b x m x r and b x n x r. `dtype=torch.float64` computes the SVD in double
-    precision (slower, for ill-conditioned weights). A driver that fails to converge is retried in
-    float64 before giving up.
+    `dtype=torch.float64` computes the SVD in double precision (slower, for ill-conditioned weights).
+    A driver that fails to converge is retried in float64 before giving up.
     """
-    if weight.dim() not in (2, 3):
-        raise ValueError(f"SVD needs a 2-D weight (or a batch of them), got shape {tuple(weight.shape)}")
-    m, n = weight.shape[-2:]
+    if weight.dim() != 2:
+        raise ValueError(f"SVD needs a 2-D weight, got shape {tuple(weight.shape)}")
+    m, n = weight.shape
     if not 0 <= rank <= min(m, n):
         raise ValueError(f"rank {rank} outside [0, min(m, n) = {min(m, n)}] for a {m} x {n} weight")
     if not torch.isfinite(weight).all():
@@ -195,7 +194,7 @@ def svd_bases(weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float3
             raise
         log.warning("SVD of a %s weight failed in %s (%s); retrying in float64", tuple(weight.shape), dtype, e)
         u, _, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
-    return u[..., :rank].float().contiguous(), vh[..., :rank, :].transpose(-1, -2).float().contiguous()
+    return u[:, :rank].float().contiguous(), vh[:rank].T.float().contiguous()
 
 
 def check_bases(name: str, shape: Sequence[int], u_h: torch.Tensor, v_h: torch.Tensor, tol: float = 1e-4) -> None:

@@ -182,7 +182,8 @@ def build_projector(cfg: RunConfig, engine):
     from ds_cl.projector import SubspaceProjector
 
     o = cfg.method.osft
-    return SubspaceProjector(engine, targets=o.targets, projection=o.projection, project_update=o.project_update)
+    return SubspaceProjector(engine, targets=o.targets, projection=o.projection, project_update=o.project_update,
+                             audit_every=o.audit_every)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,8 +427,9 @@ class Trainer:
                "grad_norm": None if gn is None else float(gn),
                "tokens_per_s": float(stats[1]) / max(time.time() - t0, 1e-9)}
         if self.projector is not None:
+            pstats = self.projector.stats
             leaks = self.projector.audit()  # {} before the first fit: nothing constrained yet
-            if leaks:
+            if leaks and pstats["audited_at"] == pstats["optimizer_steps"]:  # measured at this step
                 rec["leak"] = max(leaks.values())
         if self.lora is not None:
             rec["lr"] = groups[phase]["lr"]  # the current adapter's

@@ -9,7 +9,10 @@ gradient accumulation the osft method needs (+2 bytes/param/world), the osft sta
 target partitions kept for the update projection), and activations for one micro-batch with
 gradient checkpointing (one bf16 hidden state per layer + one layer's working set + fp32 logits).
 Not included: CUDA context and allocator fragmentation (add ~2-4 GB), DeepSpeed's communication
-buckets, and the owner's full-matrix buffers during projection (~0.2 GB per 4096 x 11008 matrix).
+buckets, and the projector's exchange buffers during a step: up to three buckets in flight, each
+with ~`bucket_numel_per_rank` (default 2^26) fp32 elements of owned full matrices, their received
+pieces and this rank's sent pieces (~0.75 GB per bucket, ~2 GB at most; a smaller
+bucket_numel_per_rank trades rank balance for memory, see `ds-cl bench --plan`).
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ CASES = {
     # Small buckets: many exchanges in flight at once, ranks that own nothing in a bucket.
     "z3_noupdate": ({"zero_optimization": BASE_ZERO3}, {"project_update": False, "bucket_numel_per_rank": 1000}),
     "z3_buckets": ({"zero_optimization": BASE_ZERO3}, {"bucket_numel_per_rank": 700}),
+    "z3_audit2": ({"zero_optimization": BASE_ZERO3}, {"audit_every": 2}),
     "z3_bf16": ({"zero_optimization": BASE_ZERO3, "bf16": {"enabled": True},
                  "data_types": {"grad_accum_dtype": "fp32"}}, {}),
     "z2": ({"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True}}, {}),
@@ -84,7 +85,7 @@ def run_training(name: str, out_dir: Path, rank: int, world: int) -> None:
     bases = torch.load(out_dir / "bases.pt", weights_only=True)
     proj.set_bases(bases)
     batches = global_batches()
-    losses, leaks = [], []
+    losses, leaks, audited_at = [], [], []
     for step in range(STEPS):
         for micro in range(GAS):
             ids = batches[step][micro][rank].to(engine.device)
@@ -95,9 +96,10 @@ def run_training(name: str, out_dir: Path, rank: int, world: int) -> None:
             dist.all_reduce(lt)
             losses.append(float(lt) / world)
         leaks.append(proj.audit())
+        audited_at.append(proj.stats["audited_at"])
     weights = gather_weights(engine)
     if rank == 0:
-        torch.save({"weights": weights, "losses": losses, "leaks": leaks,
+        torch.save({"weights": weights, "losses": losses, "leaks": leaks, "audited_at": audited_at,
                     "bases_bytes": proj.bases_bytes(), "owner": proj.owner}, out_dir / f"{name}.pt")
     # every rank reports its own bases bytes, for the sharding check
     per_rank = [None] * world
@@ -160,6 +162,8 @@ def run_errors(out_dir: Path, rank: int, world: int) -> None:
     record("pattern_matches_nothing", lambda: SubspaceProjector(engine, targets=[r"q_proj\.weight$", "no_such_module"]))
     record("not_2d", lambda: SubspaceProjector(engine, targets=[r"input_layernorm\.weight$"]))
     record("bad_projection", lambda: SubspaceProjector(engine, projection="sideways"))
+    record("bad_bucket", lambda: SubspaceProjector(engine, bucket_numel_per_rank=0))
+    record("bad_audit_every", lambda: SubspaceProjector(engine, audit_every=0))
     proj = SubspaceProjector(engine)
     q = "model.layers.0.self_attn.q_proj.weight"
     m, n = proj.shapes[q]

@@ -25,9 +25,9 @@ def test_demo_quick_runs_both_methods_and_reports(tmp_path):
     demo = json.loads((out / "demo_summary.json").read_text())
     assert set(demo) == {"seqft", "osft"}
     assert "sentiment" in proc.stdout and str(out) in proc.stdout
-    # The osft run really was constrained: every logged step after the first task has a tiny leak.
+    # The osft run really was constrained: the audited steps after the first task have a tiny leak.
     recs = [json.loads(line) for line in (out / "osft" / "metrics.jsonl").read_text().splitlines()]
-    later = [r for r in recs if r["phase"] > 0]
+    later = [r for r in recs if r["phase"] > 0 and "leak" in r]
     assert later and all(r["leak"] < 1e-4 for r in later)
 
 

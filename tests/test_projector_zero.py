@@ -21,7 +21,8 @@ def runs(tmp_path_factory):
     """Launch the cases once: world 2 (ZeRO-3 variants, ZeRO-2, fit, errors), world 3, world 1 (no ZeRO)."""
     out = tmp_path_factory.mktemp("projector")
     torch.save(fixed_bases(tiny_llama()), out / "bases.pt")
-    launch(SCRIPT, 2, out, "z3", "z3_offload", "z3_paper", "z3_noupdate", "z3_bf16", "z2", "fit", "errors")
+    launch(SCRIPT, 2, out, "z3", "z3_offload", "z3_paper", "z3_noupdate", "z3_bf16", "z2", "z3_audit2", "fit",
+           "errors")
     launch(SCRIPT, 3, out, "z3_nooverlap", "z3_buckets")
     launch(SCRIPT, 1, out, "z0")
     return out
@@ -42,6 +43,7 @@ EXACT = {
     "z2": (2, {}),                 # ZeRO-2: fragments of flattened groups
     "z3_nooverlap": (3, {}),       # 3 ranks, overlap/contiguous off, default persistence (small params stay gathered)
     "z3_buckets": (3, {}),         # 3 ranks, buckets of 1 or 2 matrices: exchanges pipelined across 12 buckets
+    "z3_audit2": (2, {}),          # audit_every=2: the leak is measured on steps 1, 3, 5 only
     "z0": (1, {}),                 # no ZeRO, one process
 }
 
@@ -64,6 +66,8 @@ def test_exact_constraint_and_equal_to_one_process(runs, case):
     for step_leaks in got["leaks"]:
         assert set(step_leaks) == set(bases)
         assert max(step_leaks.values()) <= TOL
+    every = 2 if case == "z3_audit2" else 1
+    assert got["audited_at"] == [step - (step - 1) % every for step in range(1, STEPS + 1)]
     # Gradients flow through the constraint: the same sequences every step, so the loss falls.
     first, last = sum(got["losses"][:GAS]) / GAS, sum(got["losses"][-GAS:]) / GAS
     assert last < first - 0.05, (first, last)
@@ -185,6 +189,8 @@ def test_fit_matches_one_process_svd_and_importance(runs):
     ("pattern_matches_nothing", ["no_such_module", "matches no parameter"]),
     ("not_2d", ["input_layernorm.weight", "2-D"]),
     ("bad_projection", ["sideways"]),
+    ("bad_bucket", ["bucket_numel_per_rank must be positive, got 0"]),
+    ("bad_audit_every", ["audit_every must be >= 1, got 0"]),
     ("wrong_shape", ["q_proj.weight", "42 x 51"]),
     ("not_orthonormal", ["q_proj.weight", "orthonormal"]),
     ("rank_too_big", ["o_proj.weight", "rank 43 > min(m, n) = 42"]),
