@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -247,6 +247,18 @@ class SubspaceProjector:
 
         return _InFlight(work, unpack, send)
 
+    def _gathered(self, buckets: list[list[str]],
+                  read: Callable[[str], torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield, bucket by bucket, {name: full flat tensor} of the matrices this rank owns, built from
+        every rank's `read(name)`; the next bucket travels to its owners while the caller works on this one."""
+        inbound = self._send_to_owners(buckets[0], read) if buckets else None
+        for i in range(len(buckets)):
+            full = inbound.wait()
+            if i + 1 < len(buckets):
+                inbound = self._send_to_owners(buckets[i + 1], read)
+            yield full
+            del full  # let the caller free this bucket before the next one is unpacked
+
     def _pipeline(self, buckets: list[tuple[int, list[str]]], read: Callable[[str], torch.Tensor],
                   write: Callable[[str, torch.Tensor], None] | None, leaks: dict | None = None) -> None:
         """For each (bucket index, names): gather the matrices on their owners, project them there, and
@@ -257,13 +269,8 @@ class SubspaceProjector:
         behind the projection. Ranks post the collectives in the same order, as collectives require.
         At most three buckets are in memory at once.
         """
-        if not buckets:
-            return
-        inbound, outbound = self._send_to_owners(buckets[0][1], read), None
-        for i, (b, names) in enumerate(buckets):
-            full = inbound.wait()
-            if i + 1 < len(buckets):
-                inbound = self._send_to_owners(buckets[i + 1][1], read)
+        outbound = None
+        for (b, names), full in zip(buckets, self._gathered([names for _, names in buckets], read)):
             self._project_owned(b, full, leaks, project=write is not None)
             if write is None:
                 continue
@@ -399,11 +406,7 @@ class SubspaceProjector:
 
         bases = {}
         # The next bucket's weights travel to their owners while this bucket's SVDs run.
-        inbound = self._send_to_owners(self.buckets[0], lambda n: self.shards.get_master(n).float())
-        for i in range(len(self.buckets)):
-            full = inbound.wait()
-            if i + 1 < len(self.buckets):
-                inbound = self._send_to_owners(self.buckets[i + 1], lambda n: self.shards.get_master(n).float())
+        for full in self._gathered(self.buckets, lambda n: self.shards.get_master(n).float()):
             # One SVD per matrix: a batched call per shape measured 10% slower on CPU and needs a stacked
             # copy of the bucket's weights (docs/benchmarks.md).
             for n, w in full.items():
