@@ -117,8 +117,9 @@ def _peak_mem_bytes(device) -> int:
 def _build(args):
     import deepspeed
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
 
+    from ds_cl.modeling import build_causal_lm
     from ds_cl.projector import prepare_ds_config
 
     hidden, inter, layers, heads, kv, vocab = MODELS[args.model]
@@ -137,8 +138,7 @@ def _build(args):
     })
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max(args.seq, 64))
-    with deepspeed.zero.Init(config_dict_or_path=ds_config):
-        model = LlamaForCausalLM(cfg)
+    model, keepalive = build_causal_lm(cfg, ds_config)
     if on_gpu:
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)

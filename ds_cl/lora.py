@@ -89,15 +89,9 @@ def target_linears(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.L
 def check_targets(cfg) -> int:
     """Before any heavy work: build the model on the meta device (no memory, no weights) and check that
     `method.lora.targets` match some Linear. Returns the number of target modules."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from ds_cl.modeling import hf_config, meta_model
 
-    if cfg.model.name_or_path is None:
-        mc = dict(cfg.model.config)
-        hf_cfg = AutoConfig.for_model(mc.pop("model_type"), **mc)
-    else:
-        hf_cfg = AutoConfig.from_pretrained(cfg.model.name_or_path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_cfg)
+    model = meta_model(hf_config(cfg.model.config, cfg.model.name_or_path))
     return len(target_linears(model, cfg.method.lora.targets))
 
 

@@ -127,25 +127,13 @@ def build_ds_config(cfg: RunConfig, world: int, on_cpu: bool) -> dict:
 def build_model(cfg: RunConfig, ds_config: dict, seed: int):
     """The model, already partitioned under ZeRO-3. Returns (model, keepalive): keep `keepalive`
     (the HfDeepSpeedConfig) referenced for the run: transformers checks it to know ZeRO-3 is on."""
-    import deepspeed
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
 
-    dtype = getattr(torch, cfg.model.dtype)
-    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    keepalive = HfDeepSpeedConfig(ds_config) if zero3 else None
+    from ds_cl.modeling import build_causal_lm, hf_config
+
     torch.manual_seed(seed)
-    if cfg.model.name_or_path is None:
-        mc = dict(cfg.model.config)
-        hf_cfg = AutoConfig.for_model(mc.pop("model_type"), **mc)
-        if zero3:
-            with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
-                model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=dtype)
+    model, keepalive = build_causal_lm(hf_config(cfg.model.config, cfg.model.name_or_path), ds_config,
+                                       getattr(torch, cfg.model.dtype), cfg.model.name_or_path)
     model.config.use_cache = True
     if cfg.model.gradient_checkpointing:
         # transformers turns the KV cache off itself while training and back on for generate().
@@ -498,21 +486,17 @@ class Trainer:
         except ImportError as e:
             self._log_rank0(f"eval.retention_suite={suite_name!r}: ds_cl.evaluation unavailable ({e}); skipped")
             return
-        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+        from ds_cl.modeling import hf_zero3_off
 
         suite = resolve_suite(suite_name)
         name = self.phases[phase]["name"]
         # The evaluator loads the exported model whole on each rank: with our HfDeepSpeedConfig alive,
         # transformers would load it ZeRO-3-partitioned (empty weights). Step out of it meanwhile.
-        unset_hf_deepspeed_config()
-        try:
+        with hf_zero3_off():
             summary = evaluate_model(str(self.out / f"task_{phase}_{name}"), suite, load_parts(suite),
                                      self.out / f"retention_task_{phase}",
                                      device=_device("cpu" if self.dist.device == "cpu" else "cuda"),
                                      chat_template=self.cfg.model.chat_template)
-        finally:
-            if self._hf_ds_keepalive is not None:
-                set_hf_deepspeed_config(self._hf_ds_keepalive)
         if summary is not None:
             self._log_rank0(f"retention after task {phase}: {self.out / f'retention_task_{phase}' / 'eval.json'}")
 
