@@ -69,7 +69,14 @@ def build_causal_lm(hf_cfg, ds_config: Optional[dict] = None, dtype: Optional[to
         # With the HfDeepSpeedConfig alive, from_pretrained enters zero.Init itself: each rank loads
         # only its partitions.
         return AutoModelForCausalLM.from_pretrained(name_or_path, **kw), keepalive
-    ctx = deepspeed.zero.Init(config_dict_or_path=ds_config, **kw) if zero3 else contextlib.nullcontext()
+    # No dtype for zero.Init: the DeepSpeed config's bf16/fp16 sections decide it. Given one, deepspeed
+    # 0.19.8 ignores it wherever the accelerator lacks fp16 (`dtype or fp16 if ... else bf16`): on such
+    # CPUs a float32 run silently trained in bfloat16.
+    ctx = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else contextlib.nullcontext()
     with ctx:
         model = AutoModelForCausalLM.from_config(hf_cfg, **kw)
+    got = {(p.ds_tensor if hasattr(p, "ds_tensor") else p).dtype for p in model.parameters()}
+    if dtype is not None and got != {dtype}:
+        raise ValueError(f"model built in {sorted(map(str, got))}, not {dtype}: the DeepSpeed config's "
+                         f"bf16/fp16 sections must agree with the model dtype")
     return model, keepalive

@@ -26,5 +26,8 @@ def test_tiny_llama_builds_partitioned_under_zero_init(tmp_path):
     launch(REPO / "tests" / "zero_init_ranks.py", 2, str(tmp_path / "tiny"), str(tmp_path / "r.json"), timeout=300)
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["world"] == 2 and r["partitioned"] and r["loaded_partitioned"], r
+    # float32 asked, float32 held (deepspeed's zero.Init turned a given float32 into bfloat16 on CPUs
+    # without fp16 support).
+    assert r["dtypes"] == r["loaded_dtypes"] == ["torch.float32"], r
     assert r["n_params"] > 30_000  # the whole tiny LLaMA, not an empty shell
     assert r["n_compared"] >= 20 and r["max_diff_vs_file"] == 0.0, r

@@ -28,13 +28,15 @@ world = dist.get_world_size()
 ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
 report = {"world": world}
 
-model, keep = build_causal_lm(hf_config(TINY_LLAMA), ds)
+model, keep = build_causal_lm(hf_config(TINY_LLAMA), ds, torch.float32)
+report["dtypes"] = sorted({str(p.ds_tensor.dtype) for p in model.parameters()})
 # Partitioned on construction: each rank holds ceil(numel / world) elements of every parameter.
 report["partitioned"] = all(p.ds_tensor.numel() == math.ceil(p.ds_numel / world) and p.numel() == 0
                             for p in model.parameters())
 report["n_params"] = sum(p.ds_numel for p in model.parameters())
 
-model, keep = build_causal_lm(hf_config(name_or_path=str(folder)), ds, name_or_path=str(folder))
+model, keep = build_causal_lm(hf_config(name_or_path=str(folder)), ds, torch.float32, name_or_path=str(folder))
+report["loaded_dtypes"] = sorted({str(p.ds_tensor.dtype) for p in model.parameters()})
 from safetensors.torch import load_file  # noqa: E402
 
 saved = load_file(folder / "model.safetensors")
