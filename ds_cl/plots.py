@@ -1,107 +1,116 @@
-"""The two run figures, drawn as plain RGB rasters and written as PNG with zlib: the accuracy-matrix
-heatmap and the loss curve. No plotting library: matplotlib is not a dependency of training runs,
-and these two pictures need nothing more than rectangles, lines and digits.
-"""
+"""The two run figures, drawn with matplotlib (Agg, headless; no pyplot, so no global figure state):
+the accuracy-matrix heatmap (cl_matrix.png) and the training-loss curve (loss.png)."""
 
 from __future__ import annotations
 
-import struct
-import zlib
+import math
+import os
+from typing import Sequence
 
-# 3x5 digit glyphs (and '.', '-', ' ') for cell labels.
-_GLYPHS = {
-    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
-    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
-    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
-    " ": "000000000000000",
-}
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
-class Canvas:
-    def __init__(self, w: int, h: int, bg=(255, 255, 255)):
-        self.w, self.h = w, h
-        self.px = [bytearray(bytes(bg) * w) for _ in range(h)]
-
-    def set(self, x: int, y: int, c) -> None:
-        if 0 <= x < self.w and 0 <= y < self.h:
-            self.px[y][3 * x:3 * x + 3] = bytes(c)
-
-    def rect(self, x0, y0, x1, y1, c) -> None:
-        for y in range(max(0, y0), min(self.h, y1)):
-            for x in range(max(0, x0), min(self.w, x1)):
-                self.px[y][3 * x:3 * x + 3] = bytes(c)
-
-    def line(self, x0, y0, x1, y1, c) -> None:
-        n = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for i in range(n + 1):
-            self.set(round(x0 + (x1 - x0) * i / n), round(y0 + (y1 - y0) * i / n), c)
-
-    def text(self, x, y, s: str, c=(0, 0, 0), scale: int = 2) -> None:
-        for ch in s:
-            g = _GLYPHS.get(ch, _GLYPHS[" "])
-            for k, bit in enumerate(g):
-                if bit == "1":
-                    self.rect(x + (k % 3) * scale, y + (k // 3) * scale, x + (k % 3 + 1) * scale,
-                              y + (k // 3 + 1) * scale, c)
-            x += 4 * scale
-
-    def save(self, path) -> None:
-        raw = b"".join(b"\x00" + bytes(row) for row in self.px)
-
-        def chunk(tag, data):
-            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-        png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0))
-               + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-        with open(path, "wb") as f:
-            f.write(png)
+def _save(fig: Figure, path: str | os.PathLike) -> None:
+    FigureCanvasAgg(fig)  # attach the Agg canvas: rendering needs no display and no pyplot
+    fig.savefig(path, format="png")
 
 
-def _color(v: float):
-    # white (0) to dark blue (1)
-    v = min(1.0, max(0.0, v))
-    return (int(255 - 225 * v), int(255 - 170 * v), int(255 - 60 * v))
+def _labels(n: int, tasks: Sequence[str] | None) -> list[str]:
+    return [f"{i}: {tasks[i]}" if tasks is not None and i < len(tasks) else str(i) for i in range(n)]
 
 
-def heatmap(matrix, path, cell: int = 48) -> None:
-    """Rows: after training task i; columns: task j. Cells hold the score x 100; unseen cells grey."""
-    t = len(matrix)
-    cols = max(len(r) for r in matrix)
-    c = Canvas(cols * cell + 2, t * cell + 2)
+def heatmap(matrix: Sequence[Sequence[float | None]], path: str | os.PathLike,
+            tasks: Sequence[str] | None = None, title: str = "Accuracy matrix (score x 100)") -> None:
+    """matrix[i][j]: the score (0..1) on task j after training task i; rows may be shorter than the
+    widest one (tasks not evaluated yet), those cells and None are grey. Each cell shows score x 100.
+    `tasks`: names for the tick labels (else the task indices)."""
+    import numpy as np
+
+    rows = len(matrix)
+    cols = max((len(r) for r in matrix), default=0)
+    data = np.full((max(rows, 1), max(cols, 1)), np.nan)
     for i, row in enumerate(matrix):
-        for j in range(cols):
-            v = row[j] if j < len(row) else None
-            x0, y0 = 1 + j * cell, 1 + i * cell
-            c.rect(x0, y0, x0 + cell - 1, y0 + cell - 1, (220, 220, 220) if v is None else _color(v))
+        for j, v in enumerate(row):
             if v is not None:
-                s = f"{100 * v:.0f}"
-                c.text(x0 + (cell - len(s) * 8) // 2, y0 + cell // 2 - 5, s,
-                       (255, 255, 255) if v > 0.55 else (0, 0, 0))
-    c.save(path)
+                data[i, j] = v
+    small = max(rows, cols) <= 6
+    cell_w, cell_h, size = (0.9, 0.6, 9) if small else (0.6, 0.4, 7)  # inches, inches, points
+    fig = Figure(figsize=(max(4.5, cell_w * cols + 3.0), max(3.5, cell_h * rows + 2.2)), dpi=100,
+                 layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_facecolor("#dddddd")  # cells not evaluated
+    im = ax.imshow(np.ma.masked_invalid(data), cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
+    fig.colorbar(im, ax=ax, label="score")
+    for i in range(rows):
+        for j in range(cols):
+            if not math.isnan(data[i, j]):
+                ax.text(j, i, f"{100 * data[i, j]:.1f}", ha="center", va="center", fontsize=size,
+                        color="white" if data[i, j] > 0.55 else "black")
+    ax.set_xticks(range(cols), _labels(cols, tasks), rotation=30 if tasks else 0,
+                  ha="right" if tasks else "center")
+    ax.set_yticks(range(rows), _labels(rows, tasks))
+    ax.set_xlabel("evaluated on task j")
+    ax.set_ylabel("after training task i")
+    ax.set_title(title)
+    _save(fig, path)
 
 
-def loss_curve(losses: list[float], boundaries: list[int], path, w: int = 480, h: int = 240) -> None:
-    """Training loss per optimizer step; grey verticals mark task boundaries."""
-    c = Canvas(w, h)
-    pad = 20
-    c.line(pad, h - pad, w - pad, h - pad, (0, 0, 0))
-    c.line(pad, pad, pad, h - pad, (0, 0, 0))
-    if not losses:
-        c.save(path)
+def _moving_average(y, window: int, ends: Sequence[int]):
+    """Trailing mean over up to `window` finite values, restarted after each task end (no smearing
+    across a boundary); NaN where the window holds no finite value."""
+    import numpy as np
+
+    out = np.full(len(y), np.nan)
+    for s, e in zip([0] + list(ends), list(ends) + [len(y)]):
+        seg = y[s:e]
+        ok = np.isfinite(seg)
+        cs = np.concatenate([[0.0], np.cumsum(np.where(ok, seg, 0.0))])
+        cn = np.concatenate([[0], np.cumsum(ok)])
+        hi = np.arange(1, len(seg) + 1)
+        lo = np.maximum(hi - window, 0)
+        cnt = cn[hi] - cn[lo]
+        out[s:e] = np.where(cnt > 0, (cs[hi] - cs[lo]) / np.maximum(cnt, 1), np.nan)
+    return out
+
+
+def loss_curve(losses: Sequence[float], boundaries: Sequence[int], path: str | os.PathLike,
+               tasks: Sequence[str] | None = None, title: str = "Training loss") -> None:
+    """losses[k]: the mean loss of optimizer step k + 1; boundaries: the global steps at which tasks
+    ended (dashed verticals between that step and the next). Non-finite losses leave gaps. On long
+    runs a moving average is drawn over the raw curve. `tasks`: names written over each task's span."""
+    import numpy as np
+
+    fig = Figure(figsize=(8.0, 4.0), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    y = np.array([np.nan if v is None else float(v) for v in losses], dtype=float)
+    n = len(y)
+    if n == 0:
+        ax.text(0.5, 0.5, "no training steps", transform=ax.transAxes, ha="center", va="center")
+        _save(fig, path)
         return
-    lo, hi = min(losses), max(losses)
-    hi = hi if hi > lo else lo + 1
-    n = max(len(losses) - 1, 1)
-
-    def xy(i, v):
-        return pad + (w - 2 * pad) * i / n, h - pad - (h - 2 * pad) * (v - lo) / (hi - lo)
-
-    for b in boundaries:
-        x, _ = xy(b, lo)
-        c.line(round(x), pad, round(x), h - pad, (180, 180, 180))
-    for i in range(1, len(losses)):
-        (x0, y0), (x1, y1) = xy(i - 1, losses[i - 1]), xy(i, losses[i])
-        c.line(round(x0), round(y0), round(x1), round(y1), (200, 40, 40))
-    c.text(pad + 4, 4, f"{hi:.2f}")
-    c.text(pad + 4, h - pad + 4, f"{lo:.2f}")
-    c.save(path)
+    x = np.arange(1, n + 1)
+    ends = sorted({b for b in boundaries if 0 < b < n})
+    window = n // 25
+    ax.plot(x, y, color="tab:red", lw=1.0, alpha=0.35 if window >= 2 else 1.0,
+            marker="o" if n <= 30 else None, ms=3, label="loss per step")
+    if window >= 2:
+        ax.plot(x, _moving_average(y, window, ends), color="tab:red", lw=1.8,
+                label=f"moving average ({window} steps, per task)")
+    for k, b in enumerate(ends):
+        ax.axvline(b + 0.5, color="0.4", ls="--", lw=1.0, label="task boundary" if k == 0 else None)
+    if tasks:  # task names on a top axis, centred over each task's steps
+        spans = list(zip([0] + ends, ends + [n]))[: len(tasks)]
+        top = ax.secondary_xaxis("top")
+        top.set_xticks([(s + e + 1) / 2 for s, e in spans], list(tasks[: len(spans)]), fontsize=8)
+        top.tick_params(length=0)
+    ax.set_xlim(0.5, n + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ends or window >= 2:
+        fig.legend(fontsize=8, loc="outside lower center", ncols=3, frameon=False)
+    _save(fig, path)

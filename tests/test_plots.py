@@ -1,0 +1,55 @@
+"""The run figures (ds_cl/plots.py): real PNGs of a sensible size that show what they should."""
+
+import math
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from ds_cl.plots import heatmap, loss_curve
+
+GREY = (0xDD, 0xDD, 0xDD)  # cells not evaluated
+
+
+def read(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(path)  # floats in 0..1, (h, w, 3 or 4)
+    h, w = img.shape[:2]
+    assert 200 <= h <= 2000 and 300 <= w <= 2500, img.shape
+    return np.round(img[..., :3] * 255).astype(int)
+
+
+def count(img, rgb):
+    return int(np.all(img == rgb, axis=-1).sum())
+
+
+def test_heatmap_lower_triangle(tmp_path):
+    heatmap([[0.82], [0.61, 0.9], [0.55, 0.7, 0.93]], tmp_path / "m.png")
+    img = read(tmp_path / "m.png")
+    assert count(img, GREY) > 1000  # the 3 unseen cells above the diagonal
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # text, colours, colour bar: not a blank image
+
+
+def test_heatmap_full_names_and_none(tmp_path):
+    heatmap([[0.5, 0.2], [0.4, 0.9]], tmp_path / "full.png", tasks=["sst2", "boolq"])
+    assert count(read(tmp_path / "full.png"), GREY) < 100  # (a few antialiased text pixels)
+    heatmap([[0.5, None], [0.4, 0.9]], tmp_path / "none.png")
+    assert count(read(tmp_path / "none.png"), GREY) > 1000
+    heatmap([[0.5] * i for i in range(1, 16)], tmp_path / "big.png")  # 15 tasks: grows, within bounds
+    assert read(tmp_path / "big.png").shape[1] > read(tmp_path / "full.png").shape[1]
+
+
+@pytest.mark.parametrize("n", [1, 16, 900])
+def test_loss_curve(tmp_path, n):
+    losses = [3 * math.exp(-(i % (n // 2 or 1)) / 50) + 0.1 * (i % 7) for i in range(n)]
+    if n > 100:
+        losses[400] = float("nan")  # a skipped non-finite step leaves a gap
+    loss_curve(losses, [n // 2, n], tmp_path / "loss.png", tasks=["a", "b"] if n > 1 else None)
+    img = read(tmp_path / "loss.png")
+    red = (img[..., 0] > 150) & (img[..., 1] < 120) & (img[..., 2] < 120)
+    assert red.sum() > (20 if n == 1 else 300)  # the curve is drawn
+
+
+def test_loss_curve_without_steps(tmp_path):
+    loss_curve([], [], tmp_path / "loss.png")
+    read(tmp_path / "loss.png")
