@@ -1,10 +1,14 @@
 """Export a ZeRO-3 (or plain) DeepSpeed model as an HF folder loadable by
-`AutoModelForCausalLM.from_pretrained`: config.json, model(-0000i-of-0000n).safetensors, tokenizer.
+`AutoModelForCausalLM.from_pretrained`: config.json, model.safetensors (or model-0000i-of-0000n.safetensors
++ model.safetensors.index.json), generation config, tokenizer.
 
-Under ZeRO-3 every rank holds an empty placeholder per parameter (numel 0) and a flat shard; saving
-`model.state_dict()` there writes those empty tensors ("tiny weights saved", design.md §2). We gather
-one parameter at a time (collective, so every rank calls `export_hf`), and rank 0 writes shards of at
-most `shard_bytes` as they fill, so host memory stays bounded for 7B models.
+Under ZeRO-3 every rank holds an empty placeholder per parameter (numel 0) and a flat shard of the
+parameters; saving `model.state_dict()` there would write those empty tensors. We gather one parameter
+at a time (collective, so every rank calls `export_hf`) and rank 0 keeps a full CPU copy in the export
+dtype, so rank 0's host memory holds the whole model once (~13.5 GB for a 7B model in bf16). The shard
+layout, file names and index are huggingface_hub's (`split_torch_state_dict_into_shards`, the helper
+`save_pretrained` uses); each shard is written with `safetensors.torch.save_file` and dropped.
+Everything is written to `<out>.tmp` and renamed to `<out>` at the end, so a crash leaves no half export.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+WEIGHTS_PATTERN = "model{suffix}.safetensors"  # model.safetensors / model-00001-of-00003.safetensors
+INDEX_NAME = "model.safetensors.index.json"
 
 
 def _gathered(p):
@@ -40,13 +46,34 @@ def full_tensors(model):
         yield name, t
 
 
+def write_safetensors(state_dict: dict[str, torch.Tensor], folder: Path, shard_bytes: int,
+                      total_parameters: int | None = None) -> list[str]:
+    """Write `state_dict` to `folder` in HF's layout: model.safetensors, or shards of at most `shard_bytes`
+    (a larger single tensor gets a shard of its own) named model-0000i-of-0000n.safetensors plus
+    model.safetensors.index.json. Empties `state_dict` shard by shard. Returns the file names written."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(state_dict, filename_pattern=WEIGHTS_PATTERN,
+                                               max_shard_size=shard_bytes)
+    for fname, names in split.filename_to_tensors.items():
+        save_file({k: state_dict.pop(k).contiguous() for k in names}, folder / fname, metadata={"format": "pt"})
+    files = list(split.filename_to_tensors)
+    if split.is_sharded:
+        meta = dict(split.metadata)  # {"total_size": bytes of all tensors}
+        if total_parameters is not None:
+            meta["total_parameters"] = total_parameters
+        index = {"metadata": meta, "weight_map": split.tensor_to_filename}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        files.append(INDEX_NAME)
+    return files
+
+
 def export_hf(model, out_dir: str | os.PathLike, tokenizer=None, dtype: str = "bfloat16",
               shard_bytes: int = 4 << 30, tensors=None) -> Path | None:
     """Write `model` (the engine's module) to out_dir. Collective; returns the folder on rank 0.
     `tensors`: an iterator like `full_tensors(model)` to write instead of the module's own parameters
-    (ds_cl.lora: base weights with the adapters merged)."""
-    from safetensors.torch import save_file
-
+    (ds_cl.lora: base weights with the adapters merged). `shard_bytes`: the most bytes per weights file."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
@@ -54,39 +81,20 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None, dtype: str = "b
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     to = DTYPES[dtype]
-    shards: list[dict] = []
-    current: dict[str, torch.Tensor] = {}
-    size = 0
+    state: dict[str, torch.Tensor] = {}
+    n_params = 0
     for name, t in (full_tensors(model) if tensors is None else tensors):
         if rank == 0:
-            t = t.to(to)
-            current[name] = t
-            size += t.numel() * t.element_size()
-        if rank == 0 and size >= shard_bytes:
-            shards.append(current)
-            save_file(current, tmp / f"shard-{len(shards):05d}.safetensors", metadata={"format": "pt"})
-            current, size = {}, 0
-    for name, b in model.named_buffers():
-        # Persistent buffers only (LLaMA's rotary inv_freq is recomputed on load).
-        mod_name, _, bname = name.rpartition(".")
-        mod = model.get_submodule(mod_name) if mod_name else model
-        if rank == 0 and bname not in getattr(mod, "_non_persistent_buffers_set", set()):
-            current[name] = b.detach().to("cpu").clone()
+            state[name] = t.to(to)
+            n_params += t.numel()
     if rank == 0:
-        if current or not shards:
-            shards.append(current)
-            save_file(current, tmp / f"shard-{len(shards):05d}.safetensors", metadata={"format": "pt"})
-        n = len(shards)
-        if n == 1:
-            os.replace(tmp / "shard-00001.safetensors", tmp / "model.safetensors")
-        else:
-            weight_map = {}
-            for i, sd in enumerate(shards, 1):
-                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-                os.replace(tmp / f"shard-{i:05d}.safetensors", tmp / fname)
-                weight_map.update({k: fname for k in sd})
-            with open(tmp / "model.safetensors.index.json", "w") as f:
-                json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+        for name, b in model.named_buffers():
+            # Persistent buffers only (LLaMA's rotary inv_freq is recomputed on load), in their own dtype.
+            mod_name, _, bname = name.rpartition(".")
+            mod = model.get_submodule(mod_name) if mod_name else model
+            if bname not in getattr(mod, "_non_persistent_buffers_set", set()):
+                state[name] = b.detach().to("cpu").clone()
+        write_safetensors(state, tmp, shard_bytes, total_parameters=n_params)
         cfg = model.config
         cfg.dtype = dtype  # the dtype the weights were written in (`torch_dtype` in transformers 4.x)
         cfg.save_pretrained(tmp)
