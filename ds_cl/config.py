@@ -2,7 +2,7 @@
 `key.sub=value` overrides, validated before anything heavy (deepspeed, torch, the model) is touched.
 
 Every field below is documented in docs/training.md; the defaults follow the paper's training recipe
-(design.md §6: AdamW, lr 1e-5, one epoch per task, effective batch 8, bf16).
+(arXiv 2504.07097: AdamW, lr 1e-5, one epoch per task, effective batch 8, bf16).
 
     cfg = load_config("run.yaml", ["train.lr=2e-5", "tasks.0.max_train_samples=100"])
 
@@ -25,7 +25,7 @@ import yaml
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 METHODS = ("osft", "seqft", "replay", "multitask", "olora", "inclora")
 
-# The O-LoRA prompt style (design.md §6) for classification tasks.
+# The prompt style of the O-LoRA benchmark (Wang et al. 2023) for classification tasks.
 DEFAULT_INSTRUCTION = "What is the topic of the following paragraph? Choose one from the option."
 DEFAULT_TEMPLATE = "{instruction}\nOption: {options}\n{input}\nAnswer:"
 
@@ -59,7 +59,7 @@ class OSFTConfig:
     trr: float = 0.8  # adaptive: top retained ratio
     ratio: float = 0.5  # fixed: retained fraction of min(m, n)
     projection: Literal["two_sided", "paper"] = "two_sided"
-    # Project the optimizer's update too (Adam's scaling breaks a projected gradient; design.md §1).
+    # Project the optimizer's update too (Adam's scaling breaks a projected gradient; ds_cl/projector.py).
     project_update: bool = True
     # Measure the leak (metrics.jsonl `leak`) on the first step after each fit and every audit_every-th
     # step after it: a float64 check that costs about half the projection (docs/benchmarks.md).

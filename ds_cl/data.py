@@ -30,7 +30,7 @@ IGNORE_INDEX = -100
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizers: SentencePiece files (LLaMA-2 style) read by sentencepiece itself, everything else by
-# transformers. design.md §5: transformers' readers of a bare tokenizer.model disagree with
+# transformers: transformers' readers of a bare tokenizer.model disagree with
 # sentencepiece (missing "▁", empty ids), so we do not route SentencePiece through them.
 
 

@@ -10,7 +10,7 @@ Usage (one task of a sequence)::
         proj.step()                                       # instead of engine.step()
     proj.audit()                                          # {param_name: leak} of the last optimizer step
 
-Design: one owner rank per matrix ("per-shard bases", design.md section 3).
+Design: one owner rank per matrix ("per-shard bases"; the sizes behind it: docs/benchmarks.md).
 Each target matrix is assigned to one rank of the data-parallel group, balancing m*n*min(m, n)
 (greedy, largest first). Only the owner holds that matrix's U_h, V_h and computes its SVD at a task
 boundary. At each optimizer step the ranks send the owner their flat partitions of the matrix's
@@ -19,7 +19,7 @@ full m x n view with `ds_cl.subspace.project` (same-shaped matrices batched) and
 back; the exchanges of the neighbouring buckets run while a bucket is projected. The update
 projection after `engine.step()` takes the same path with (W_new - W_old).
 
-Why this design and not the other one of design.md (all-reduce of the small products U_h^T G and
+Why this design and not the alternative (all-reduce of the small products U_h^T G and
 G V_h from the rows each rank holds): the all-reduce design needs all of V_h (and U_h) on every
 rank, so bases memory per rank does not shrink with the world size (~5 GB per rank for an 8B model
 at r = min/2, as the authors' FSDP trainer found), or it all-gathers V_h every step; and it all-reduces

@@ -1,7 +1,7 @@
 """A real SLURM cluster on this host for tests: munged, slurmctld and N slurmd virtual nodes.
 
 Debian's slurm-wlm (22.05) is built with multiple-slurmd support, so several `slurmd -N nodeX`
-run side by side on one machine, each with its own port and spool dir (design.md section 4).
+run side by side on one machine, each with its own port and spool dir.
 Everything runs in the foreground under Popen, so the harness knows each pid and stops exactly
 what it started. The cluster's files live in a temp dir; SLURM_CONF points daemons and clients
 at them, so /etc/slurm is not touched. Node names are mapped to 127.0.0.1 in /etc/hosts

@@ -90,7 +90,7 @@ def test_paper_projection_removes_only_high_high_block(runs):
 
 
 def test_without_update_projection_adamw_leaks(runs):
-    """Why project_update exists: projected gradients alone leak under AdamW (design.md section 1)."""
+    """Why project_update exists: projected gradients alone leak under AdamW (its 1/sqrt(v) scaling)."""
     bases = torch.load(runs / "bases.pt", weights_only=True)
     got = load(runs, "z3_noupdate")
     ref_w, _, ref_leaks = reference_run(2, bases, project_update=False)

@@ -19,7 +19,7 @@ def test_batch_arithmetic_fills_and_checks_the_deepspeed_config():
     ds = build_ds_config(cfg(micro_batch_size=2, global_batch_size=16), world=4, on_cpu=True)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 2, 16)
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["bf16"]["enabled"] is True
-    assert ds["data_types"]["grad_accum_dtype"] == "fp32"  # osft under bf16 (design.md §2)
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"  # osft under bf16: bf16 accumulation leaks
     with pytest.raises(ConfigError, match=r"micro_batch_size=4 x world size 3 = 12"):
         build_ds_config(cfg(micro_batch_size=4, global_batch_size=8), world=3, on_cpu=True)
     c = cfg(micro_batch_size=1, global_batch_size=8)
