@@ -8,7 +8,7 @@ __all__ = ["SubspaceProjector", "__version__"]
 def __getattr__(name):
     # Lazy so that `import ds_cl` (the CLI, the maths) does not import deepspeed.
     if name == "SubspaceProjector":
-        from ds_cl.projector import SubspaceProjector
+        from ds_cl.core.projector import SubspaceProjector
 
         return SubspaceProjector
     raise AttributeError(name)

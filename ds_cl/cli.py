@@ -7,9 +7,9 @@ import sys
 
 # name -> (module, one-line help). Each module exposes `main(argv: list[str]) -> int`.
 COMMANDS = {
-    "train": ("ds_cl.train", "run a continual-learning task sequence from a YAML run config"),
-    "demo": ("ds_cl.demo", "run the embedded CPU demo (seqft vs osft)"),
-    "bench": ("ds_cl.bench", "benchmark plain ZeRO-3 steps against projected steps"),
+    "train": ("ds_cl.training.train", "run a continual-learning task sequence from a YAML run config"),
+    "demo": ("ds_cl.tools.demo", "run the embedded CPU demo (seqft vs osft)"),
+    "bench": ("ds_cl.tools.bench", "benchmark plain ZeRO-3 steps against projected steps"),
     "eval": ("ds_cl.evaluation.cli", "generate responses for a retention suite and score them"),
     "score": ("ds_cl.evaluation.score_cli", "score existing responses (ifeval, safety)"),
 }

@@ -38,7 +38,7 @@ set_run_args "$@"
 set_program "$ENTRY"
 
 # Hostfile checks (exists, well formed, no duplicates) come first: the defaults below read it.
-"$PYTHON" -m ds_cl.launch_checks master --hostfile "$HOSTFILE" >/dev/null
+"$PYTHON" -m ds_cl.tools.launch_checks master --hostfile "$HOSTFILE" >/dev/null
 mapfile -t HOSTS < <(grep -v '^\s*\(#\|$\)' "$HOSTFILE" | awk '{print $1}')
 mapfile -t SLOTS < <(grep -v '^\s*\(#\|$\)' "$HOSTFILE" | awk '{sub("slots=", "", $2); print $2}')
 [[ -n $NODES ]] || NODES=${#HOSTS[@]}
@@ -50,7 +50,7 @@ if [[ -n $NODE_RANK ]]; then
 fi
 (( NO_SSH && ! DRY_RUN )) && [[ -z $NODE_RANK ]] && die "--no-ssh needs --node-rank (this node's index in the hostfile)"
 
-"$PYTHON" -m ds_cl.launch_checks preflight --config "$CONFIG" --nodes "$NODES" --gpus-per-node "$GPUS" \
+"$PYTHON" -m ds_cl.tools.launch_checks preflight --config "$CONFIG" --nodes "$NODES" --gpus-per-node "$GPUS" \
     --hostfile "$HOSTFILE" -- "${OVERRIDES[@]}"
 
 BASE=("$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --num_nodes "$NODES" --num_gpus "$GPUS"

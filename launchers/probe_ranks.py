@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ds_cl.config import load_config
-from ds_cl.distributed import init_distributed
+from ds_cl.training.config import load_config
+from ds_cl.training.environment import init_distributed
 
 
 def output_dir(config: str, overrides: list[str]) -> Path:

@@ -2,7 +2,7 @@
 # One machine, one process per GPU:
 #   launchers/single_node.sh [--gpus N] [--port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume]
 # runs `deepspeed --num_gpus N --module ds_cl.cli train CONFIG ...` after the preflight checks
-# (ds_cl.launch_checks). --dry-run prints the command instead of running it.
+# (ds_cl.tools.launch_checks). --dry-run prints the command instead of running it.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 USAGE="single_node.sh [--gpus N] [--port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume]"
@@ -25,7 +25,7 @@ done
 set_run_args "$@"
 set_program "$ENTRY"
 
-"$PYTHON" -m ds_cl.launch_checks preflight --config "$CONFIG" --nodes 1 --gpus-per-node "$GPUS" -- "${OVERRIDES[@]}"
+"$PYTHON" -m ds_cl.tools.launch_checks preflight --config "$CONFIG" --nodes 1 --gpus-per-node "$GPUS" -- "${OVERRIDES[@]}"
 
 CMD=("$PYTHON" -m deepspeed.launcher.runner --num_gpus "$GPUS" --master_port "$PORT" "${PROGRAM[@]}" "${PASS[@]}")
 if (( DRY_RUN )); then

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ds_cl.distributed import free_port
+from ds_cl.training.environment import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+# What `launch` starts for `ds-cl train` (as the launchers do).
+TRAIN = ("--module", "ds_cl.cli", "train")
 
 
 def cpu_env(**extra: str) -> dict[str, str]:
@@ -26,7 +28,7 @@ def cpu_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def launch(script: str | Path, nprocs: int, *args: str, timeout: int = 900, env: dict | None = None,
+def launch(script: str | Path | tuple, nprocs: int, *args: str, timeout: int = 900, env: dict | None = None,
            check: bool = True) -> subprocess.CompletedProcess:
     """Run `deepspeed --num_gpus nprocs script args...` on CPU and return the finished process.
 
@@ -34,7 +36,8 @@ def launch(script: str | Path, nprocs: int, *args: str, timeout: int = 900, env:
     distributed test says why without re-running it.
     """
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
-           "--master_port", str(free_port()), str(script), *map(str, args)]
+           "--master_port", str(free_port()), *(script if isinstance(script, tuple) else [str(script)]),
+           *map(str, args)]
     proc = subprocess.run(cmd, cwd=REPO, env=env or cpu_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-8000:]}"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ds_cl import subspace as S
+from ds_cl.core import subspace as S
 from tests.dist_utils import REPO, launch
 from tests.reference import fixed_bases, reference_run, tiny_llama
 

@@ -22,8 +22,8 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds_cl import SubspaceProjector  # noqa: E402
-from ds_cl.distributed import init_distributed  # noqa: E402
-from ds_cl.subspace import AdaptiveRank, FixedRank  # noqa: E402
+from ds_cl.training.environment import init_distributed  # noqa: E402
+from ds_cl.core.subspace import AdaptiveRank, FixedRank  # noqa: E402
 from tests.reference import (EPS, GAS, LR, MICRO_BS, STEPS, WEIGHT_DECAY, CLIP, global_batches,  # noqa: E402
                              tiny_llama)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ds_cl import subspace as S
+from ds_cl.core import subspace as S
 
 # Training settings shared by the rank script and the reference (the check: 5 AdamW steps
 # with weight decay, clipping 0.5, accumulation 2).

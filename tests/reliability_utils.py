@@ -7,10 +7,8 @@ import sys
 from pathlib import Path
 
 
-from tests.dist_utils import REPO, cpu_env, free_port
+from tests.dist_utils import REPO, TRAIN, cpu_env, free_port
 from tests.fixtures import tiny_run_config, write_run_config
-
-TRAIN = REPO / "ds_cl" / "train.py"
 
 
 def tiny_config(tmp: Path, out: Path, steps: int = 3, **sections) -> Path:
@@ -23,7 +21,7 @@ def tiny_config(tmp: Path, out: Path, steps: int = 3, **sections) -> Path:
 
 def launch_cmd(config: Path, *args: str, nprocs: int = 2) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port",
-            str(free_port()), str(TRAIN), str(config), *map(str, args)]
+            str(free_port()), *TRAIN, str(config), *map(str, args)]
 
 
 def run(config: Path, *args: str, fault: str | None = None, timeout: int = 300, **popen) -> subprocess.CompletedProcess:

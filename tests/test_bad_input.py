@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ds_cl import launch_checks
-from ds_cl import train as ds_train
+from ds_cl.tools import launch_checks
+from ds_cl.training import train as ds_train
 from tests.dist_utils import REPO
 from tests.fixtures import FIXTURES, train_sentencepiece
 from tests.reliability_utils import tiny_config
@@ -203,8 +203,8 @@ def test_security_torch_load_weights_only_and_no_remote_code():
 
 def test_security_weights_are_safetensors_only():
     # The export writes safetensors (save_file), never torch.save of a state dict.
-    export = (REPO / "ds_cl" / "export.py").read_text()
+    export = (REPO / "ds_cl" / "training" / "export.py").read_text()
     assert "save_file(" in export and "torch.save(" not in export
     # torch.save is used only by the checkpoint manager (projector/RNG states read back weights_only).
     users = sorted(str(f.relative_to(REPO)) for f in SOURCES if "torch.save(" in f.read_text())
-    assert users in (["ds_cl/checkpoint.py"], ["ds_cl/checkpoint.py", "ds_cl/lora.py"]), users
+    assert users in (["ds_cl/training/checkpoint.py"], ["ds_cl/training/checkpoint.py", "ds_cl/methods/lora.py"]), users

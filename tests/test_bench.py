@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from ds_cl.bench import main
-from ds_cl.projector import plan_buckets
+from ds_cl.tools.bench import main
+from ds_cl.core.projector import plan_buckets
 from tests.dist_utils import REPO, cpu_env
 
 pytestmark = pytest.mark.distributed

@@ -1,6 +1,6 @@
 import pytest
 
-from ds_cl.cl_metrics import average_accuracy, backward_transfer, forward_transfer, summarize
+from ds_cl.evaluation.cl_metrics import average_accuracy, backward_transfer, forward_transfer, summarize
 
 
 def test_aa_bwt_hand_computed():

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from ds_cl.config import ConfigError, RunConfig, load_config, save_config
+from ds_cl.training.config import ConfigError, RunConfig, load_config, save_config
 
 from tests.fixtures import FIXTURES
 
@@ -102,7 +102,7 @@ def test_range_checks(tmp_path):
 
 def test_gradient_checkpointing_key_reaches_the_model(tmp_path):
     """model.gradient_checkpointing (YAML or override) switches HF gradient checkpointing on in build_model."""
-    from ds_cl.train import build_model
+    from ds_cl.training.train import build_model
     from tests.fixtures import tiny_run_config, train_sentencepiece, write_run_config
 
     train_sentencepiece(tmp_path / "tok.model")

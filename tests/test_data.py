@@ -6,8 +6,8 @@ import logging
 import pytest
 import sentencepiece as spm
 
-from ds_cl.config import TaskConfig
-from ds_cl.data import (IGNORE_INDEX, Example, collate, encode_all, encode_example, epoch_order, exact_match,
+from ds_cl.training.config import TaskConfig
+from ds_cl.training.data import (IGNORE_INDEX, Example, collate, encode_all, encode_example, epoch_order, exact_match,
                         load_task, load_tokenizer, rank_micro_batches, read_records, replay_samples, to_examples)
 
 from tests.fixtures import FIXTURES, train_sentencepiece
@@ -46,7 +46,7 @@ def test_truncation_keeps_the_answer_and_counts(spm_file, caplog):
     enc, truncated = encode_example(tok, long, 24)
     assert truncated and len(enc.input_ids) == 24 and enc.input_ids[0] == tok.bos_id
     assert enc.input_ids[-len(tok.encode_answer("negative")) - 1:] == tok.encode_answer("negative") + [tok.eos_id]
-    with caplog.at_level(logging.WARNING, logger="ds_cl.data"):
+    with caplog.at_level(logging.WARNING, logger="ds_cl.training.data"):
         encode_all(tok, [long, Example("short", "positive"), long], 24, "tasks.0 (x) train")
     assert "2 of 3 samples truncated to train.max_seq_len=24" in caplog.text
 

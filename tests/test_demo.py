@@ -32,6 +32,6 @@ def test_demo_quick_runs_both_methods_and_reports(tmp_path):
 
 
 def test_demo_rejects_unknown_method(tmp_path):
-    from ds_cl.demo import main
+    from ds_cl.tools.demo import main
 
     assert main(["--methods", "lora", "--out", str(tmp_path)]) == 2

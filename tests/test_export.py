@@ -1,4 +1,4 @@
-"""HF export (ds_cl/export.py) in one process: one file or HF-named shards with a correct index, tied
+"""HF export (ds_cl/training/export.py) in one process: one file or HF-named shards with a correct index, tied
 weights stored once, the folder loads with `from_pretrained` and computes what the model computed."""
 
 import json
@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ds_cl.export import export_hf
+from ds_cl.training.export import export_hf
 from tests.fixtures import TINY_LLAMA
 
 

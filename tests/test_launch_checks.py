@@ -1,4 +1,4 @@
-"""Pre-launch checks (ds_cl.launch_checks) and the launchers' --dry-run / bad-input behaviour.
+"""Pre-launch checks (ds_cl.tools.launch_checks) and the launchers' --dry-run / bad-input behaviour.
 
 The launchers are run for real (bash); --dry-run stops them right before deepspeed starts.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_cl import launch_checks as lc
+from ds_cl.tools import launch_checks as lc
 from tests.dist_utils import REPO
 from tests.slurm_cluster import write_tiny_run
 
@@ -184,11 +184,11 @@ def test_bad_input_fails_before_launch(case, expect, run_cfg, tmp_path):
 
 
 def test_cli_one_line_errors(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "ds_cl.launch_checks", "hostfile", "--out", str(tmp_path / "h"),
+    p = subprocess.run([sys.executable, "-m", "ds_cl.tools.launch_checks", "hostfile", "--out", str(tmp_path / "h"),
                         "--slots", "8"], env={k: v for k, v in os.environ.items() if not k.startswith("SLURM")},
                        capture_output=True, text=True)
     assert "not inside a SLURM allocation" in one_error_line(p)
-    p = subprocess.run([sys.executable, "-m", "ds_cl.launch_checks", "port", "--job-id", "4242"],
+    p = subprocess.run([sys.executable, "-m", "ds_cl.tools.launch_checks", "port", "--job-id", "4242"],
                        capture_output=True, text=True)
     assert p.returncode == 0 and p.stdout.strip() == "24242"
     bad = tmp_path / "ds.json"
@@ -206,7 +206,7 @@ def test_example_configs_validate_and_fit_8_gpus(name, ntasks, tmp_path):
     """The examples pass the run config schema once their data paths exist, and fit 1 node x 8 GPUs."""
     import yaml
 
-    from ds_cl.config import load_config
+    from ds_cl.training.config import load_config
 
     src = REPO / "launchers" / "examples" / name
     data = yaml.safe_load(src.read_text())

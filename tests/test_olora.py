@@ -1,4 +1,4 @@
-"""O-LoRA / incremental LoRA (ds_cl/lora.py): the regulariser against hand-computed values, the merged
+"""O-LoRA / incremental LoRA (ds_cl/methods/lora.py): the regulariser against hand-computed values, the merged
 export against base + adapters, bad input; and a 2-task `ds-cl train` run on 2 real ZeRO-3 CPU ranks
 (earlier adapters bitwise unchanged, base frozen, export = base + adapters)."""
 
@@ -9,13 +9,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ds_cl.config import ConfigError, load_config
-from tests.dist_utils import REPO, launch
+from ds_cl.training.config import ConfigError, load_config
+from tests.dist_utils import TRAIN, launch
 from tests.fixtures import FIXTURES, TINY_LLAMA, tiny_run_config, train_sentencepiece
 
 
 def lora_cfg(**kw):
-    from ds_cl.config import LoRAConfig
+    from ds_cl.training.config import LoRAConfig
 
     return LoRAConfig(**{"rank": 2, "alpha": 4.0, "dropout": 0.0, "targets": ["q_proj"], **kw})
 
@@ -36,7 +36,7 @@ def forward_loss(model, lora):
 
 
 def test_orthogonality_and_l2_loss_match_hand_computed_values():
-    from ds_cl.lora import LoRAAdapters
+    from ds_cl.methods.lora import LoRAAdapters
 
     model = tiny_model()
     lora = LoRAAdapters(model, lora_cfg(lambda_orth=0.5, lambda_l2=0.25), n_tasks=2, orthogonal=True,
@@ -73,7 +73,7 @@ def test_orthogonality_and_l2_loss_match_hand_computed_values():
 
 
 def test_inclora_logs_but_does_not_train_the_orthogonality_term():
-    from ds_cl.lora import LoRAAdapters
+    from ds_cl.methods.lora import LoRAAdapters
 
     model = tiny_model()
     lora = LoRAAdapters(model, lora_cfg(lambda_orth=0.5), n_tasks=2, orthogonal=False, dtype=torch.float32)
@@ -92,8 +92,8 @@ def test_inclora_logs_but_does_not_train_the_orthogonality_term():
 def test_merged_export_loads_and_matches_base_plus_adapters(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from ds_cl.export import export_hf
-    from ds_cl.lora import LoRAAdapters
+    from ds_cl.training.export import export_hf
+    from ds_cl.methods.lora import LoRAAdapters
 
     model = tiny_model()
     lora = LoRAAdapters(model, lora_cfg(targets=["q_proj", "v_proj", "down_proj"]), n_tasks=3, orthogonal=True,
@@ -125,7 +125,7 @@ def test_merged_export_loads_and_matches_base_plus_adapters(tmp_path):
 
 
 def test_bad_lora_input_is_a_one_line_error(tmp_path):
-    from ds_cl.lora import check_targets
+    from ds_cl.methods.lora import check_targets
 
     base = {"output_dir": str(tmp_path / "o"), "model": {"config": TINY_LLAMA, "tokenizer": str(FIXTURES / "task_a.jsonl")},
             "tasks": [{"name": "a", "train": str(FIXTURES / "task_a.jsonl")}]}
@@ -152,7 +152,7 @@ def zero3_config(tmp_path, out):
 
 
 def train(path, *args):
-    return launch(REPO / "ds_cl" / "train.py", 2, str(path), *args, timeout=600)
+    return launch(TRAIN, 2, str(path), *args, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The run figures (ds_cl/plots.py): real PNGs of a sensible size that show what they should."""
+"""The run figures (ds_cl/training/plots.py): real PNGs of a sensible size that show what they should."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from ds_cl.plots import heatmap, loss_curve
+from ds_cl.training.plots import heatmap, loss_curve
 
 GREY = (0xDD, 0xDD, 0xDD)  # cells not evaluated
 

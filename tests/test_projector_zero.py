@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ds_cl import subspace as S
+from ds_cl.core import subspace as S
 from tests.dist_utils import REPO, launch
 from tests.reference import STEPS, GAS, fixed_bases, global_batches, reference_run, tiny_llama
 

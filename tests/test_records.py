@@ -3,7 +3,7 @@ import json
 import pytest
 
 from ds_cl.evaluation.io import EvalInputError, read_jsonl
-from ds_cl.records import parse_jsonl
+from ds_cl.training.records import parse_jsonl
 
 
 def test_line_separator_inside_a_json_string_is_not_a_line_break():

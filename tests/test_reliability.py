@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ds_cl.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
+from ds_cl.training.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
 from tests.dist_utils import REPO, cpu_env
 from tests.fixtures import train_sentencepiece
 from tests.reliability_utils import explain, launch_cmd, run, tiny_config

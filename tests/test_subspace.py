@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ds_cl import subspace as S
+from ds_cl.core import subspace as S
 
 
 def orthonormal(m, r, seed):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.dist_utils import REPO, launch
+from tests.dist_utils import TRAIN, launch
 from tests.fixtures import tiny_run_config, train_sentencepiece, write_run_config
 
 pytestmark = pytest.mark.distributed
@@ -20,7 +20,7 @@ def run_config(tmp, out, method=METHOD):
 
 
 def train(config, *args):
-    return launch(REPO / "ds_cl" / "train.py", 2, str(config), *args, timeout=600)
+    return launch(TRAIN, 2, str(config), *args, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_two_task_run_writes_every_output(full_run):
         assert all(r["leak"] < 1e-4 for r in audited)
     from matplotlib.image import imread
 
-    for png in ("cl_matrix.png", "loss.png"):  # real images of a readable size (ds_cl/plots.py)
+    for png in ("cl_matrix.png", "loss.png"):  # real images of a readable size (ds_cl/training/plots.py)
         h, w = imread(out / png).shape[:2]
         assert 200 <= h <= 2000 and 300 <= w <= 2500, (png, h, w)
     assert "AA=" in proc.stdout and "outputs in" in proc.stdout
@@ -60,7 +60,7 @@ def test_two_task_run_writes_every_output(full_run):
 def test_exported_model_loads_and_generates(full_run):
     from transformers import AutoModelForCausalLM
 
-    from ds_cl.data import load_tokenizer
+    from ds_cl.training.data import load_tokenizer
 
     tmp, out, _ = full_run
     folder = out / "task_1_b"
@@ -104,7 +104,7 @@ def test_retention_suite_scores_each_exported_model(full_run):
     """eval.retention_suite runs ds_cl.evaluation on task_<i>_<name>/ after each task (1 rank, 1 step per task)."""
     tmp, _, _ = full_run
     out = tmp / "retention"
-    train_one = launch(REPO / "ds_cl" / "train.py", 1, str(run_config(tmp, out, method="seqft")),
+    train_one = launch(TRAIN, 1, str(run_config(tmp, out, method="seqft")),
                        "eval.retention_suite=safety-mini", "train.max_steps_per_task=1", timeout=600)
     assert "retention after task 1" in train_one.stdout
     for i in (0, 1):

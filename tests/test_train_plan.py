@@ -3,9 +3,9 @@ each method, the learning-rate schedule, and an HF tokenizer with a chat templat
 
 import pytest
 
-from ds_cl.config import ConfigError, RunConfig, TaskConfig, TrainConfig
-from ds_cl.data import IGNORE_INDEX, Encoded, Example, encode_example
-from ds_cl.train import build_ds_config, plan_phases
+from ds_cl.training.config import ConfigError, RunConfig, TaskConfig, TrainConfig
+from ds_cl.training.data import IGNORE_INDEX, Encoded, Example, encode_example
+from ds_cl.training.train import build_ds_config, plan_phases
 
 
 def cfg(**train):
@@ -54,7 +54,7 @@ def test_hf_tokenizer_with_chat_template(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from ds_cl.data import load_tokenizer
+    from ds_cl.training.data import load_tokenizer
 
     tk = Tokenizer(models.BPE(unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,4 +1,4 @@
-"""Rank script: build the tiny LLaMA partitioned under ZeRO-3 through ds_cl.modeling, from a config and
+"""Rank script: build the tiny LLaMA partitioned under ZeRO-3 through ds_cl.training.modeling, from a config and
 from a saved folder, in a fresh process (nothing of transformers' model code imported before).
 
     deepspeed --num_gpus N tests/zero_init_ranks.py FOLDER OUT.json
@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ds_cl.distributed import init_distributed  # noqa: E402
-from ds_cl.modeling import build_causal_lm, hf_config  # noqa: E402
+from ds_cl.training.environment import init_distributed  # noqa: E402
+from ds_cl.training.modeling import build_causal_lm, hf_config  # noqa: E402
 from tests.fixtures import TINY_LLAMA  # noqa: E402
 
 folder, out = (Path(a) for a in sys.argv[1:] if not a.startswith("--local_rank"))

@@ -53,7 +53,7 @@ def _init_dist(device: str) -> bool:
     import torch.distributed as dist
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    from ds_cl.distributed import init_distributed
+    from ds_cl.training.environment import init_distributed
     init_distributed("nccl" if device.startswith("cuda") else "gloo")
     return True
 

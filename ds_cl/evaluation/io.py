@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from ds_cl.records import decode_utf8, parse_jsonl
+from ds_cl.training.records import decode_utf8, parse_jsonl
 
 
 class EvalInputError(ValueError):

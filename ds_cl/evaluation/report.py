@@ -1,5 +1,5 @@
 """Base vs checkpoints across a task sequence: metric deltas, per-prompt win/tie/lose,
-retention curves (PNG) and a markdown report; AA/BWT/FWT via `ds_cl.cl_metrics`.
+retention curves (PNG) and a markdown report; AA/BWT/FWT via `ds_cl.evaluation.cl_metrics`.
 
 Inputs are `ds-cl eval` output directories (each may hold `ifeval.json`, `safety.json`,
 `general.json`). Win/tie/lose per prompt, matched by prompt text:
@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from ..cl_metrics import summarize
+from .cl_metrics import summarize
 from .io import EvalInputError, read_json, write_json
 
 IFEVAL_METRICS = ("prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc", "inst_level_loose_acc")

@@ -3,11 +3,11 @@
 The shell launchers (`launchers/*.sh`, `launchers/slurm/*.sbatch`) call this module so that
 every rule lives in one testable place:
 
-    python -m ds_cl.launch_checks preflight --config RUN.yaml --nodes N --gpus-per-node G \
+    python -m ds_cl.tools.launch_checks preflight --config RUN.yaml --nodes N --gpus-per-node G \
         [--hostfile H] [--allocated-nodes M] [-- key.sub=value ...]
-    python -m ds_cl.launch_checks hostfile --out FILE --slots G [--nodes N]   # from the SLURM allocation
-    python -m ds_cl.launch_checks port [--job-id ID]                          # master port from the job id
-    python -m ds_cl.launch_checks master [--hostfile H]                       # first host of a hostfile
+    python -m ds_cl.tools.launch_checks hostfile --out FILE --slots G [--nodes N]   # from the SLURM allocation
+    python -m ds_cl.tools.launch_checks port [--job-id ID]                          # master port from the job id
+    python -m ds_cl.tools.launch_checks master [--hostfile H]                       # first host of a hostfile
 
 Each failure is one line on stderr, `ds-cl launch: error: ...`, and exit status 2.
 """
@@ -232,10 +232,10 @@ class RunSettings:
 def run_settings(config: str | Path, overrides: list[str] = ()) -> RunSettings:
     """The launch-relevant settings of a run config with overrides applied.
 
-    Uses `ds_cl.config.load_config`, the same validation `ds-cl train` runs (unknown keys, types,
+    Uses `ds_cl.training.config.load_config`, the same validation `ds-cl train` runs (unknown keys, types,
     missing data files), so a bad config fails here, before any node starts.
     """
-    from ds_cl.config import ConfigError, load_config
+    from ds_cl.training.config import ConfigError, load_config
 
     path = Path(config)
     if not path.is_file():
@@ -278,7 +278,7 @@ def preflight(config: str | Path, overrides: list[str], nodes: int, gpus_per_nod
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ds_cl.launch_checks", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ds_cl.tools.launch_checks", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     pf = sub.add_parser("preflight", help="check a launch before it starts")
     pf.add_argument("--config", required=True)

@@ -4,7 +4,7 @@ naming what and where (docs/reliability.md has the table of cases), not after mi
 
     check_inputs(cfg, world, resume)   # raises ConfigError
 
-What is checked beyond the run config's own validation (ds_cl/config.py): the output folder, the
+What is checked beyond the run config's own validation (ds_cl/training/config.py): the output folder, the
 tokenizer, the model folder (config, safetensors weights), tokenizer/model vocabulary sizes, every
 task's data files (read and mapped to prompts; tokenisation is left to the trainer) and the
 DeepSpeed config against the run config and the world size.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ds_cl.config import ConfigError, RunConfig
+from ds_cl.training.config import ConfigError, RunConfig
 
 
 def world_size() -> int:
@@ -78,7 +78,7 @@ def tokenizer_size(tok) -> int:
 
 
 def check_tokenizer(cfg: RunConfig):
-    from ds_cl.data import load_tokenizer
+    from ds_cl.training.data import load_tokenizer
 
     path = cfg.model.tokenizer or cfg.model.name_or_path
     key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
@@ -98,7 +98,7 @@ def check_tokenizer(cfg: RunConfig):
 
 
 def check_data(cfg: RunConfig) -> None:
-    from ds_cl.data import read_records, task_labels, to_examples
+    from ds_cl.training.data import read_records, task_labels, to_examples
 
     for i, task in enumerate(cfg.tasks):
         key = f"tasks.{i} ({task.name})"
@@ -121,7 +121,7 @@ def check_data(cfg: RunConfig) -> None:
         except (ValueError, OSError) as e:
             raise ConfigError(str(e).splitlines()[0]) from None
         if task.metric != "exact_match":
-            from ds_cl.data import resolve_metric
+            from ds_cl.training.data import resolve_metric
 
             try:
                 resolve_metric(task.metric)
@@ -130,8 +130,8 @@ def check_data(cfg: RunConfig) -> None:
 
 
 def check_deepspeed(cfg: RunConfig, world: int) -> None:
-    from ds_cl import launch_checks as lc
-    from ds_cl.train import build_ds_config
+    from ds_cl.tools import launch_checks as lc
+    from ds_cl.training.train import build_ds_config
 
     build_ds_config(cfg, world, on_cpu=True)  # batch arithmetic and precision conflicts (ConfigError)
     try:

@@ -86,8 +86,8 @@ def target_shapes(model: str, layers: int | None = None) -> dict[str, tuple[int,
 
 
 def plan(args) -> dict:
-    """Schedule efficiency of the projector's buckets (ds_cl.projector.plan_buckets), computed from shapes."""
-    from ds_cl.projector import DEFAULT_BUCKET_NUMEL_PER_RANK, plan_buckets, schedule_efficiency
+    """Schedule efficiency of the projector's buckets (ds_cl.core.projector.plan_buckets), computed from shapes."""
+    from ds_cl.core.projector import DEFAULT_BUCKET_NUMEL_PER_RANK, plan_buckets, schedule_efficiency
 
     shapes = target_shapes(args.model, args.layers)
     names = list(shapes)
@@ -119,8 +119,8 @@ def _build(args):
     import torch
     from transformers import LlamaConfig
 
-    from ds_cl.modeling import build_causal_lm
-    from ds_cl.projector import prepare_ds_config
+    from ds_cl.training.modeling import build_causal_lm
+    from ds_cl.core.projector import prepare_ds_config
 
     hidden, inter, layers, heads, kv, vocab = MODELS[args.model]
     layers = args.layers or layers
@@ -166,9 +166,9 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from ds_cl import SubspaceProjector
-    from ds_cl.distributed import init_distributed
-    from ds_cl.projector import matrix_cost
-    from ds_cl.subspace import FixedRank
+    from ds_cl.training.environment import init_distributed
+    from ds_cl.core.projector import matrix_cost
+    from ds_cl.core.subspace import FixedRank
 
     init_distributed("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -243,11 +243,11 @@ def worker(args) -> None:
 def _launch(args, world: int, mode: str, result: Path) -> dict:
     import torch
 
-    from ds_cl.distributed import free_port
+    from ds_cl.training.environment import free_port
 
     port = free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world), "--master_port", str(port),
-           "--module", "ds_cl.bench", "--worker", mode, "--result", str(result),
+           "--module", "ds_cl.tools.bench", "--worker", mode, "--result", str(result),
            "--model", args.model, "--micro-batch", str(args.micro_batch), "--seq", str(args.seq),
            "--grad-accum", str(args.grad_accum), "--steps", str(args.steps), "--warmup", str(args.warmup),
            "--ratio", str(args.ratio), "--threads-per-rank", str(args.threads_per_rank)]

@@ -215,7 +215,7 @@ def shards_for(engine, named: dict[str, torch.nn.Parameter]):
         raise ValueError(f"{model_dtype} training accumulates gradients in {grad_dtype}, which rounds a projected "
                          f"gradient back (leak ~5e-4 instead of ~1e-7): set \"data_types\": "
                          f"{{\"grad_accum_dtype\": \"fp32\"}} in the DeepSpeed config "
-                         f"(ds_cl.projector.prepare_ds_config does it for you)")
+                         f"(ds_cl.core.projector.prepare_ds_config does it for you)")
     if stage == 3:
         return Zero3Shards(named)
     if stage == 2:

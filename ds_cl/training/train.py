@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ds_cl.config import ConfigError, RunConfig, load_config, save_config
-from ds_cl.faults import fault_point
+from ds_cl.training.config import ConfigError, RunConfig, load_config, save_config
+from ds_cl.tools.faults import fault_point
 
-log = logging.getLogger("ds_cl.train")
+log = logging.getLogger("ds_cl.training.train")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def build_distributed() -> DistInfo:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from ds_cl.distributed import free_port, init_distributed
+    from ds_cl.training.environment import free_port, init_distributed
 
     _env_from_slurm()
     if "RANK" not in os.environ:  # a plain `ds-cl train`: a world of one
@@ -129,7 +129,7 @@ def build_model(cfg: RunConfig, ds_config: dict, seed: int):
     (the HfDeepSpeedConfig) referenced for the run: transformers checks it to know ZeRO-3 is on."""
     import torch
 
-    from ds_cl.modeling import build_causal_lm, hf_config
+    from ds_cl.training.modeling import build_causal_lm, hf_config
 
     torch.manual_seed(seed)
     model, keepalive = build_causal_lm(hf_config(cfg.model.config, cfg.model.name_or_path), ds_config,
@@ -145,14 +145,14 @@ def build_model(cfg: RunConfig, ds_config: dict, seed: int):
 def build_engine(cfg: RunConfig, model, ds_config: dict, lora=None):
     """The DeepSpeed engine. For osft the optimizer gets two parameter groups, the projector's targets
     and the rest, so that `method.osft.non_target_lr_scale` can give the rest its own learning rate.
-    For olora/inclora (`lora`, ds_cl/lora.py): one group per task's adapter, the base frozen."""
+    For olora/inclora (`lora`, ds_cl/methods/lora.py): one group per task's adapter, the base frozen."""
     import deepspeed
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if lora is not None:
         params = lora.param_groups()
     elif cfg.method.name == "osft":
-        from ds_cl.subspace import select_targets
+        from ds_cl.core.subspace import select_targets
 
         targets = set(select_targets([n for n, _ in named], cfg.method.osft.targets))
         groups = [{"params": [p for n, p in named if n in targets]},
@@ -167,7 +167,7 @@ def build_engine(cfg: RunConfig, model, ds_config: dict, lora=None):
 def build_projector(cfg: RunConfig, engine):
     if cfg.method.name != "osft":
         return None
-    from ds_cl.projector import SubspaceProjector
+    from ds_cl.core.projector import SubspaceProjector
 
     o = cfg.method.osft
     return SubspaceProjector(engine, targets=o.targets, projection=o.projection, project_update=o.project_update,
@@ -220,7 +220,7 @@ class MetricsLog:
 def plan_phases(cfg: RunConfig, tasks: list) -> list[dict]:
     """One phase per task (multitask: one phase over all tasks' data; replay: the task's data plus
     `replay.fraction` x as many samples of earlier tasks), with its step count."""
-    from ds_cl.data import replay_samples, steps_per_epoch
+    from ds_cl.training.data import replay_samples, steps_per_epoch
 
     g = cfg.train.global_batch_size
     if cfg.method.name == "multitask":
@@ -253,34 +253,34 @@ class Trainer:
     cfg: RunConfig
     dist: DistInfo
     out: Path
-    tokenizer: Any  # ds_cl.data.SentencePieceTokenizer | HFTokenizer
-    tasks: list  # list[ds_cl.data.TaskData], in config order
+    tokenizer: Any  # ds_cl.training.data.SentencePieceTokenizer | HFTokenizer
+    tasks: list  # list[ds_cl.training.data.TaskData], in config order
     ds_config: dict
     model: Any  # transformers PreTrainedModel (partitioned under ZeRO-3)
     engine: Any  # deepspeed.DeepSpeedEngine
-    projector: Any  # ds_cl.projector.SubspaceProjector | None (method osft only)
-    lora: Any  # ds_cl.lora.LoRAAdapters | None (methods olora, inclora only)
-    checkpoints: Any  # ds_cl.checkpoint.CheckpointManager
+    projector: Any  # ds_cl.core.projector.SubspaceProjector | None (method osft only)
+    lora: Any  # ds_cl.methods.lora.LoRAAdapters | None (methods olora, inclora only)
+    checkpoints: Any  # ds_cl.training.checkpoint.CheckpointManager
     metrics: MetricsLog
     state: RunState
 
     def __init__(self, cfg: RunConfig, dist_info: DistInfo):
-        from ds_cl.checkpoint import CheckpointManager
-        from ds_cl.data import load_task, load_tokenizer
+        from ds_cl.training.checkpoint import CheckpointManager
+        from ds_cl.training.data import load_task, load_tokenizer
 
         self.cfg, self.dist = cfg, dist_info
         self.out = Path(cfg.output_dir)
         self.gas = cfg.train.global_batch_size // (cfg.train.micro_batch_size * dist_info.world)
         self.ds_config = build_ds_config(cfg, dist_info.world, dist_info.device == "cpu")
         if cfg.method.name in ("olora", "inclora"):
-            from ds_cl.lora import check_targets
+            from ds_cl.methods.lora import check_targets
 
             check_targets(cfg)  # on the meta device: a clear error before data and weights are loaded
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.chat_template)
         self.tasks = [load_task(t, i, self.tokenizer, cfg.train.max_seq_len, cfg.seed) for i, t in enumerate(cfg.tasks)]
         self.phases = plan_phases(cfg, self.tasks)
         self.model, self._hf_ds_keepalive = build_model(cfg, self.ds_config, cfg.seed)
-        from ds_cl.lora import build_lora
+        from ds_cl.methods.lora import build_lora
 
         self.lora = build_lora(cfg, self.model, len(self.phases))
         self.engine = build_engine(cfg, self.model, self.ds_config, self.lora)
@@ -326,7 +326,7 @@ class Trainer:
     def importance_batches(self, phase: int) -> list[dict] | None:
         """Inputs for the adaptive rank's layer importance: the previous task's data (same count on
         every rank); before the first task, general data if configured, else None (fixed ratio)."""
-        from ds_cl.data import collate, encode_prompt_for_generation, epoch_order, read_records, Encoded
+        from ds_cl.training.data import collate, encode_prompt_for_generation, epoch_order, read_records, Encoded
 
         o, d, mb = self.cfg.method.osft, self.dist, self.cfg.train.micro_batch_size
         if phase > 0:
@@ -351,7 +351,7 @@ class Trainer:
         return out
 
     def fit_subspace(self, phase: int) -> None:
-        from ds_cl.subspace import AdaptiveRank, FixedRank
+        from ds_cl.core.subspace import AdaptiveRank, FixedRank
 
         o = self.cfg.method.osft
         batches = self.importance_batches(phase) if o.rank == "adaptive" else None
@@ -368,7 +368,7 @@ class Trainer:
     def train_step(self, phase: int, step: int) -> dict:
         import torch
         import torch.distributed as dist
-        from ds_cl.data import collate, epoch_order, rank_micro_batches
+        from ds_cl.training.data import collate, epoch_order, rank_micro_batches
 
         ph, d, t = self.phases[phase], self.dist, self.cfg.train
         epoch, in_epoch = divmod(step, ph["steps_per_epoch"])
@@ -430,7 +430,7 @@ class Trainer:
         """Greedy generation on tasks[:upto], sharded over ranks; returns one score per task."""
         import torch
         import torch.distributed as dist
-        from ds_cl.data import collate_prompts
+        from ds_cl.training.data import collate_prompts
 
         d, bs = self.dist, self.cfg.eval.batch_size
         model = self.engine.module
@@ -486,7 +486,7 @@ class Trainer:
         except ImportError as e:
             self._log_rank0(f"eval.retention_suite={suite_name!r}: ds_cl.evaluation unavailable ({e}); skipped")
             return
-        from ds_cl.modeling import hf_zero3_off
+        from ds_cl.training.modeling import hf_zero3_off
 
         suite = resolve_suite(suite_name)
         name = self.phases[phase]["name"]
@@ -586,7 +586,7 @@ class Trainer:
             st.boundaries.append(st.global_step)
             self._log_rank0(f"after task {phase} ({ph['name']}): {fmt_row(scores)}")
             if cfg.output.export_each_task:
-                from ds_cl.export import export_hf
+                from ds_cl.training.export import export_hf
 
                 export_hf(self.engine.module, self.out / f"task_{phase}_{ph['name']}", self.tokenizer,
                           cfg.output.export_dtype,
@@ -683,7 +683,7 @@ class Trainer:
     def write_results(self) -> None:
         if self.dist.rank != 0:
             return
-        from ds_cl.cl_metrics import summarize
+        from ds_cl.evaluation.cl_metrics import summarize
 
         st = self.state
         names = [t.name for t in self.tasks]
@@ -696,7 +696,7 @@ class Trainer:
         with open(self.out / "summary.json", "w") as f:
             json.dump(summ, f, indent=1)
         if self.cfg.output.plots:
-            from ds_cl.plots import heatmap, loss_curve
+            from ds_cl.training.plots import heatmap, loss_curve
 
             heatmap(st.matrix, self.out / "cl_matrix.png")
             loss_curve(st.losses, st.boundaries, self.out / "loss.png")
@@ -744,7 +744,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         # Every input that can be read cheaply, before DeepSpeed starts or any output is written.
-        from ds_cl.preflight import check_inputs
+        from ds_cl.training.preflight import check_inputs
 
         check_inputs(cfg, resume=args.resume)
     except ConfigError as e:
@@ -775,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(e, ConfigError):
             _exit_now(rc)
     except Exception as e:
-        from ds_cl.checkpoint import CheckpointError
+        from ds_cl.training.checkpoint import CheckpointError
 
         if not isinstance(e, (CheckpointError, NonFiniteError, OSError)):
             raise

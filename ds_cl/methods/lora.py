@@ -21,7 +21,7 @@ B is zero until trained), so the engine and its optimizer are built once; one op
 task lets the trainer give every group but the current task's a learning rate of 0.
 
 Evaluation runs base + all trained adapters; `merged_tensors` yields W + (alpha / r) sum_s B_s A_s per
-target for `ds_cl.export.export_hf`, so an export is a plain HF model (no adapter keys).
+target for `ds_cl.training.export.export_hf`, so an export is a plain HF model (no adapter keys).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def target_linears(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.L
 def check_targets(cfg) -> int:
     """Before any heavy work: build the model on the meta device (no memory, no weights) and check that
     `method.lora.targets` match some Linear. Returns the number of target modules."""
-    from ds_cl.modeling import hf_config, meta_model
+    from ds_cl.training.modeling import hf_config, meta_model
 
     model = meta_model(hf_config(cfg.model.config, cfg.model.name_or_path))
     return len(target_linears(model, cfg.method.lora.targets))
@@ -204,7 +204,7 @@ class LoRAAdapters:
         keys. Collective under ZeRO-3: every rank iterates."""
         import torch.distributed as dist
 
-        from ds_cl.export import _gathered
+        from ds_cl.training.export import _gathered
 
         rank = dist.get_rank() if dist.is_initialized() else 0
         wrapped = {id(m): m for _, m in self.modules}

@@ -73,7 +73,7 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None, dtype: str = "b
               shard_bytes: int = 4 << 30, tensors=None) -> Path | None:
     """Write `model` (the engine's module) to out_dir. Collective; returns the folder on rank 0.
     `tensors`: an iterator like `full_tensors(model)` to write instead of the module's own parameters
-    (ds_cl.lora: base weights with the adapters merged). `shard_bytes`: the most bytes per weights file."""
+    (ds_cl.methods.lora: base weights with the adapters merged). `shard_bytes`: the most bytes per weights file."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")

@@ -15,7 +15,7 @@ Each target matrix is assigned to one rank of the data-parallel group, balancing
 (greedy, largest first). Only the owner holds that matrix's U_h, V_h and computes its SVD at a task
 boundary. At each optimizer step the ranks send the owner their flat partitions of the matrix's
 fp32 gradient (one asynchronous all_to_all_single per bucket of matrices), the owner projects the
-full m x n view with `ds_cl.subspace.project` (same-shaped matrices batched) and sends the pieces
+full m x n view with `ds_cl.core.subspace.project` (same-shaped matrices batched) and sends the pieces
 back; the exchanges of the neighbouring buckets run while a bucket is projected. The update
 projection after `engine.step()` takes the same path with (W_new - W_old).
 
@@ -44,8 +44,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
-from ds_cl import subspace as S
-from ds_cl.zero_shards import shards_for
+from ds_cl.core import subspace as S
+from ds_cl.core.zero_shards import shards_for
 
 STATE_FORMAT = 1
 DEFAULT_BUCKET_NUMEL_PER_RANK = 1 << 26  # 256 MiB of fp32 full matrices per owner per bucket
@@ -120,7 +120,7 @@ class SubspaceProjector:
         engine: a `deepspeed.DeepSpeedEngine` (ZeRO stage 3 or 2, or stage 0 on one process).
         targets: regex patterns matched (re.search) against `engine.module.named_parameters()` names;
             default: q/k/v/o/gate/up/down projection weights of LLaMA-style models.
-        projection: "two_sided" (default) or "paper" (see `ds_cl.subspace`).
+        projection: "two_sided" (default) or "paper" (see `ds_cl.core.subspace`).
         project_update: project (W_new - W_old) after the optimizer step, making the constraint exact
             under AdamW with weight decay (default True).
         audit: measure each target's leak (in float64, about half the projection's flops; with

@@ -1,6 +1,6 @@
 """Subspace maths of "Sculpting Subspaces" (arXiv 2504.07097) on full matrices, in one process.
 
-Nothing here knows about DeepSpeed: `ds_cl.projector` moves sharded gradients and weights to the
+Nothing here knows about DeepSpeed: `ds_cl.core.projector` moves sharded gradients and weights to the
 rank that owns a matrix and calls these functions on the full m x n view.
 
 For a target weight W = U S V^T we keep r top singular directions, U_h = U[:, :r], V_h = V[:, :r]
@@ -33,7 +33,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-log = logging.getLogger("ds_cl.subspace")
+log = logging.getLogger("ds_cl.core.subspace")
 
 PROJECTIONS = ("two_sided", "paper")
 

@@ -195,7 +195,7 @@ class CheckpointManager:
             raise CheckpointError(msg)
 
     def save(self, engine, projector, state: dict, global_step: int) -> Path:
-        from ds_cl.faults import fault_point
+        from ds_cl.tools.faults import fault_point
 
         name = f"step_{global_step:08d}"
         tmp, final = self.root / f".tmp-{name}", self.root / name

@@ -1,5 +1,5 @@
 """Record files (UTF-8 text, JSONL) read with one-line errors naming the file and line: shared by the
-task data (`ds_cl.data`) and the evaluation suites (`ds_cl.evaluation.io`)."""
+task data (`ds_cl.training.data`) and the evaluation suites (`ds_cl.evaluation.io`)."""
 
 from __future__ import annotations
 

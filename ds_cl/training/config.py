@@ -59,7 +59,7 @@ class OSFTConfig:
     trr: float = 0.8  # adaptive: top retained ratio
     ratio: float = 0.5  # fixed: retained fraction of min(m, n)
     projection: Literal["two_sided", "paper"] = "two_sided"
-    # Project the optimizer's update too (Adam's scaling breaks a projected gradient; ds_cl/projector.py).
+    # Project the optimizer's update too (Adam's scaling breaks a projected gradient; ds_cl/core/projector.py).
     project_update: bool = True
     # Measure the leak (metrics.jsonl `leak`) on the first step after each fit and every audit_every-th
     # step after it: a float64 check that costs about half the projection (docs/benchmarks.md).
@@ -89,7 +89,7 @@ class ReplayConfig:
 
 @dataclass
 class LoRAConfig:
-    # Methods olora / inclora (ds_cl/lora.py; defaults from O-LoRA's released scripts, docs/baselines.md).
+    # Methods olora / inclora (ds_cl/methods/lora.py; defaults from O-LoRA's released scripts, docs/baselines.md).
     rank: int = 8
     alpha: float = 32.0  # adapter output scaled by alpha / rank
     dropout: float = 0.1  # on the adapter's input

@@ -1,5 +1,5 @@
 """`ds-cl demo [--out DIR]`: the embedded demo. Three short classification tasks shipped with the package
-(ds_cl/demo_data/), learnt one after the other by a small LLaMA on 2 ZeRO-3 CPU ranks, once with plain
+(ds_cl/tools/demo_data/), learnt one after the other by a small LLaMA on 2 ZeRO-3 CPU ranks, once with plain
 sequential fine-tuning (seqft) and once with the orthogonal-subspace method (osft); prints both accuracy
 matrices with AA and BWT. About 3 minutes on 2 CPU cores. Why this model and these tasks: docs/demo.md.
 """
@@ -74,16 +74,15 @@ def run_config(method: str, out: Path, tokenizer: Path, quick: bool = False) -> 
 
 
 def launch(config: Path, nprocs: int, log: Path) -> int:
-    from ds_cl.distributed import free_port
+    from ds_cl.training.environment import free_port
 
     port = free_port()
     env = dict(os.environ)
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank on a small CPU: no oversubscription
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train_py = Path(__file__).resolve().parent / "train.py"
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port", str(port),
-           str(train_py), str(config)]
+           "--module", "ds_cl.cli", "train", str(config)]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             return rc
         results[method] = json.loads((out / method / "summary.json").read_text())
         results[method]["wall_s"] = round(time.time() - t, 1)
-    from ds_cl.train import format_matrix
+    from ds_cl.training.train import format_matrix
 
     names = [n for n, _ in TASKS]
     print("\nAccuracy (%) on each task (columns) after training each task (rows):")

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ds_cl.config import TaskConfig
-from ds_cl.records import decode_utf8, parse_jsonl
+from ds_cl.training.config import TaskConfig
+from ds_cl.training.records import decode_utf8, parse_jsonl
 
-log = logging.getLogger("ds_cl.data")
+log = logging.getLogger("ds_cl.training.data")
 
 IGNORE_INDEX = -100
 
