@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from ds_cl.tools import launch_checks as lc
+from ds_cl.training import ds_config as dsc
+from ds_cl.training.config import ConfigError
 from tests.dist_utils import REPO
 from tests.slurm_cluster import write_tiny_run
 
@@ -41,29 +43,31 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-# -- batch arithmetic ------------------------------------------------------------------------------
+# -- batch arithmetic (ds_cl/training/ds_config.py; tests/test_ds_config.py has the rest) ----------------
 
 
 def test_batch_auto_filled_from_run_config():
-    b = lc.check_batch({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}, world=16,
-                       micro=1, total=64)
+    b = dsc.resolve_batch({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}, world=16,
+                          micro=1, total=64)
     assert (b.micro, b.accum, b.world, b.total) == (1, 4, 16, 64)
     assert str(b) == "train_batch_size 64 = micro 1 x grad_accum 4 x world 16"
 
 
 def test_batch_not_fitting_world_shows_arithmetic():
-    with pytest.raises(lc.LaunchError, match=r"train_batch_size 8 does not fit world size 16: it is not a multiple "
-                                             r"of micro 1 x world 16 = 16"):
-        lc.check_batch({}, world=16, micro=1, total=8)
-    with pytest.raises(lc.LaunchError, match=r"micro 2 x grad_accum 2 x world 4 = 16"):
-        lc.check_batch({"train_batch_size": 12, "train_micro_batch_size_per_gpu": 2,
-                        "gradient_accumulation_steps": 2}, world=4)
+    with pytest.raises(ConfigError, match=r"train_batch_size 8 does not fit world size 16: train.global_batch_size=8 "
+                                          r"must be a multiple of train.micro_batch_size=1 x world size 16 = 16"):
+        dsc.resolve_batch({}, world=16, micro=1, total=8)
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu=2 x deepspeed.gradient_accumulation_steps=2 "
+                                          r"x world size 4 = 16"):
+        dsc.resolve_batch({"train_batch_size": 12, "train_micro_batch_size_per_gpu": 2,
+                           "gradient_accumulation_steps": 2}, world=4)
 
 
 def test_batch_numbers_in_both_configs_must_agree():
-    with pytest.raises(lc.LaunchError, match="train_micro_batch_size_per_gpu is 4 but the run config says 2"):
-        lc.check_batch({"train_micro_batch_size_per_gpu": 4}, world=2, micro=2, total=8)
-    assert lc.check_batch({"gradient_accumulation_steps": 2}, world=2, total=8).micro == 2
+    with pytest.raises(ConfigError, match="deepspeed.train_micro_batch_size_per_gpu=4 disagrees with the run config, "
+                                          "which gives 2"):
+        dsc.resolve_batch({"train_micro_batch_size_per_gpu": 4}, world=2, micro=2, total=8)
+    assert dsc.resolve_batch({"gradient_accumulation_steps": 2}, world=2, total=8).micro == 2
 
 
 # -- ZeRO stage per method ------------------------------------------------------------------------------
@@ -74,11 +78,11 @@ def test_batch_numbers_in_both_configs_must_agree():
 def test_zero_stage_supported_by_projector(stage, world, ok):
     cfg = {"zero_optimization": {"stage": stage}}
     if ok:
-        assert lc.check_zero_stage(cfg, world, "osft") == stage
+        assert dsc.check_zero_stage(cfg, world, "osft") == stage
     else:
-        with pytest.raises(lc.LaunchError, match=f"ZeRO stage {stage}"):
-            lc.check_zero_stage(cfg, world, "osft")
-    assert lc.check_zero_stage(cfg, world, "seqft") == stage  # no projector: any stage
+        with pytest.raises(ConfigError, match=f"ZeRO stage {stage}"):
+            dsc.check_zero_stage(cfg, world, "osft")
+    assert dsc.check_zero_stage(cfg, world, "seqft") == stage  # no projector: any stage
 
 
 # -- hostfiles, allocations, ports ------------------------------------------------------------------------
@@ -115,10 +119,10 @@ def test_shipped_ds_configs_take_batch_and_stage_checks():
     assert names == ["zero2_bf16.json", "zero3_bf16.json", "zero3_offload_nvme.template.json",
                      "zero3_offload_optimizer.json"]
     for name in names:
-        cfg = lc.load_ds_config(DS_CONFIGS / name)
+        cfg = dsc.load_ds_config(DS_CONFIGS / name)
         # Paper recipe: effective batch 8 on 8 GPUs, micro 1 -> no accumulation.
-        assert lc.check_batch(cfg, world=8, micro=1, total=8).accum == 1
-        assert lc.check_zero_stage(cfg, 8, "osft") in (2, 3)
+        assert dsc.resolve_batch(cfg, world=8, micro=1, total=8).accum == 1
+        assert dsc.check_zero_stage(cfg, 8, "osft", "bfloat16") in (2, 3)
         assert cfg["bf16"]["enabled"] and cfg["data_types"]["grad_accum_dtype"] == "fp32"
         for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                     "gradient_clipping"):
@@ -161,7 +165,8 @@ def test_multi_node_dry_run_prints_every_node(run_cfg, tmp_path):
     ("missing_config", "run config /nonexistent/run.yaml does not exist"),
     ("more_nodes", "3 nodes requested but hostfile"),
     ("duplicate_host", "duplicate host 'gpu-a'"),
-    ("batch_world", "train_batch_size 4 does not fit world size 8: it is not a multiple of micro 2 x world 8 = 16"),
+    ("batch_world", "train_batch_size 4 does not fit world size 8: train.global_batch_size=4 must be a multiple of "
+                    "train.micro_batch_size=2 x world size 8 = 16"),
     ("zero1", "ZeRO stage 1 is not supported by method 'osft'"),
     ("unknown_key", "unknown key 'train.lrr'"),
 ])
@@ -193,8 +198,8 @@ def test_cli_one_line_errors(tmp_path):
     assert p.returncode == 0 and p.stdout.strip() == "24242"
     bad = tmp_path / "ds.json"
     bad.write_text("{ not json")
-    with pytest.raises(lc.LaunchError, match="is not valid JSON: line 1"):
-        lc.load_ds_config(bad)
+    with pytest.raises(ConfigError, match="is not valid JSON: line 1"):
+        dsc.load_ds_config(bad)
     assert json.loads((DS_CONFIGS / "zero3_bf16.json").read_text())["zero_optimization"]["stage"] == 3
 
 
@@ -220,7 +225,7 @@ def test_example_configs_validate_and_fit_8_gpus(name, ntasks, tmp_path):
     cfg = load_config(None, data=data)
     assert len(cfg.tasks) == ntasks and cfg.train.lr == 1e-5 and cfg.train.global_batch_size == 8
     assert cfg.model.dtype == "bfloat16" and cfg.train.epochs == 1 and cfg.method.name == "osft"
-    batch = lc.check_batch(cfg.deepspeed, 8, cfg.train.micro_batch_size, None, cfg.train.global_batch_size)
-    assert str(batch) == "train_batch_size 8 = micro 1 x grad_accum 1 x world 8"
-    with pytest.raises(lc.LaunchError, match="does not fit world size 16"):
-        lc.check_batch(cfg.deepspeed, 16, cfg.train.micro_batch_size, None, cfg.train.global_batch_size)
+    batch, stage = dsc.check_ds_config(cfg, 8)
+    assert str(batch) == "train_batch_size 8 = micro 1 x grad_accum 1 x world 8" and stage in (2, 3)
+    with pytest.raises(ConfigError, match="does not fit world size 16"):
+        dsc.check_ds_config(cfg, 16)

@@ -1,7 +1,9 @@
 """Checks the launchers run before anything heavy starts, and the small helpers they share.
 
 The shell launchers (`launchers/*.sh`, `launchers/slurm/*.sbatch`) call this module so that
-every rule lives in one testable place:
+every rule lives in one testable place. The rules `ds-cl train` checks again in each process are not
+copied here: the DeepSpeed config's (batch arithmetic, precision, ZeRO stage per method) are
+ds_cl/training/ds_config.py's, SLURM node-list expansion is ds_cl/training/environment.py's.
 
     python -m ds_cl.tools.launch_checks preflight --config RUN.yaml --nodes N --gpus-per-node G \
         [--hostfile H] [--allocated-nodes M] [-- key.sub=value ...]
@@ -15,18 +17,10 @@ Each failure is one line on stderr, `ds-cl launch: error: ...`, and exit status 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-# The osft projector runs on ZeRO-3 and ZeRO-2 partitions, and on whole tensors with ZeRO off
-# (stage 0) only when there is one process. Stage 1 keeps fp32 optimizer state partitioned but
-# gradients whole, a layout the projector does not handle.
-PROJECTOR_STAGES = (3, 2, 0)
-PROJECTOR_METHODS = ("osft",)
 PORT_BASE, PORT_SPAN = 20000, 10000  # below Linux's ephemeral range (32768+)
 
 
@@ -84,17 +78,14 @@ def check_nodes(requested: int, allocated: list[str], where: str = "the allocati
 
 
 def slurm_hostnames(nodelist: str | None = None) -> list[str]:
-    """Expand a SLURM node list (default `$SLURM_JOB_NODELIST`) with `scontrol show hostnames`."""
-    nodelist = nodelist or os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if not nodelist:
-        raise LaunchError("SLURM_JOB_NODELIST is not set: not inside a SLURM allocation (use sbatch/salloc)")
+    """The hosts of a SLURM node list (default `$SLURM_JOB_NODELIST`): ds_cl.training.environment.slurm_hostnames
+    (`scontrol show hostnames`, else its own parse of the hostlist syntax), errors as LaunchError."""
+    from ds_cl.training.environment import slurm_hostnames as expand
+
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
-    except FileNotFoundError:
-        raise LaunchError("scontrol not found: SLURM client tools are needed to read the allocation") from None
-    if out.returncode != 0:
-        raise LaunchError(f"scontrol show hostnames {nodelist} failed: {out.stderr.strip()}")
-    return out.stdout.split()
+        return expand(nodelist)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
 
 
 def write_hostfile(hosts: list[str], slots: int, out: str | Path) -> Path:
@@ -120,133 +111,22 @@ def port_from_job_id(job_id: str | int | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
-# DeepSpeed config, batch arithmetic, ZeRO stage
+# Run config (what `ds-cl train CONFIG overrides` will read) and its DeepSpeed config
 
 
-def load_ds_config(ds: str | Path | dict) -> dict:
-    if isinstance(ds, dict):
-        return ds
-    path = Path(ds)
-    if not path.is_file():
-        raise LaunchError(f"DeepSpeed config {path} does not exist")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LaunchError(f"DeepSpeed config {path} is not valid JSON: line {e.lineno}: {e.msg}") from None
-    if not isinstance(cfg, dict):
-        raise LaunchError(f"DeepSpeed config {path} must be a JSON object")
-    return cfg
-
-
-def _num(cfg: dict, key: str, fallback: int | None, src: str) -> int | None:
-    v = cfg.get(key, "auto")
-    if v == "auto" or v is None:
-        return fallback
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-        raise LaunchError(f"{src}: {key} must be a positive integer or \"auto\", got {v!r}")
-    if fallback is not None and fallback != v:
-        raise LaunchError(f"{src}: {key} is {v} but the run config says {fallback}; "
-                          "set one of them (\"auto\" in the DeepSpeed config takes the run config's value)")
-    return v
-
-
-@dataclass
-class Batch:
-    micro: int
-    accum: int
-    world: int
-
-    @property
-    def total(self) -> int:
-        return self.micro * self.accum * self.world
-
-    def __str__(self) -> str:
-        return (f"train_batch_size {self.total} = micro {self.micro} x grad_accum {self.accum} "
-                f"x world {self.world}")
-
-
-def check_batch(ds_cfg: dict, world: int, micro: int | None = None, accum: int | None = None,
-                total: int | None = None, src: str = "DeepSpeed config") -> Batch:
-    """Resolve and check train_batch_size = micro * grad_accum * world, DeepSpeed's rule.
-
-    micro/accum/total come from the run config (None = not set there) and fill the DeepSpeed
-    config's "auto" values; numbers in both must agree. Two of the three settle the third.
-    """
-    if world < 1:
-        raise LaunchError(f"world size must be >= 1, got {world}")
-    m = _num(ds_cfg, "train_micro_batch_size_per_gpu", micro, src)
-    a = _num(ds_cfg, "gradient_accumulation_steps", accum, src)
-    t = _num(ds_cfg, "train_batch_size", total, src)
-    if m is not None and a is not None:
-        b = Batch(m, a, world)
-        if t is not None and t != b.total:
-            raise LaunchError(f"train_batch_size {t} does not fit world size {world}: micro {m} x grad_accum {a} "
-                              f"x world {world} = {b.total}; change the batch settings or the number of GPUs")
-        return b
-    if t is None:
-        m = 1 if m is None else m
-        return Batch(m, 1 if a is None else a, world)
-    if m is None and a is None:
-        m = 1
-    if m is not None:
-        per_step = m * world
-        if t % per_step:
-            raise LaunchError(f"train_batch_size {t} does not fit world size {world}: it is not a multiple of "
-                              f"micro {m} x world {world} = {per_step}")
-        return Batch(m, t // per_step, world)
-    per_micro = a * world
-    if t % per_micro:
-        raise LaunchError(f"train_batch_size {t} does not fit world size {world}: it is not a multiple of "
-                          f"grad_accum {a} x world {world} = {per_micro}")
-    return Batch(t // per_micro, a, world)
-
-
-def check_zero_stage(ds_cfg: dict, world: int, method: str | None, src: str = "DeepSpeed config") -> int:
-    stage = ds_cfg.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise LaunchError(f"{src}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    if method in PROJECTOR_METHODS:
-        if stage == 1:
-            raise LaunchError(f"{src}: ZeRO stage 1 is not supported by method {method!r} "
-                              "(its projector supports ZeRO 3, 2, or 0 on a single process)")
-        if stage == 0 and world > 1:
-            raise LaunchError(f"{src}: ZeRO stage 0 with method {method!r} needs a single process, "
-                              f"world size is {world}; use ZeRO 3 or 2")
-    return stage
-
-
-# ------------------------------------------------------------------------------------------------
-# Run config (what `ds-cl train CONFIG overrides` will read)
-
-
-@dataclass
-class RunSettings:
-    method: str | None
-    ds_config: dict
-    ds_src: str
-    micro: int | None
-    accum: int | None
-    total: int | None
-
-
-def run_settings(config: str | Path, overrides: list[str] = ()) -> RunSettings:
-    """The launch-relevant settings of a run config with overrides applied.
-
-    Uses `ds_cl.training.config.load_config`, the same validation `ds-cl train` runs (unknown keys, types,
-    missing data files), so a bad config fails here, before any node starts.
-    """
+def run_config(config: str | Path, overrides: list[str] = ()):
+    """The run config with overrides applied, by `ds_cl.training.config.load_config`: the same validation
+    `ds-cl train` runs (unknown keys, types, missing data files, the DeepSpeed JSON), so a bad config
+    fails here, before any node starts."""
     from ds_cl.training.config import ConfigError, load_config
 
     path = Path(config)
     if not path.is_file():
         raise LaunchError(f"run config {path} does not exist")
     try:
-        cfg = load_config(path, list(overrides))
+        return load_config(path, list(overrides))
     except ConfigError as e:
         raise LaunchError(str(e)) from None
-    ds_src = f"{path}: deepspeed"
-    return RunSettings(cfg.method.name, load_ds_config(cfg.deepspeed), ds_src, cfg.train.micro_batch_size,
-                       None, cfg.train.global_batch_size)
 
 
 def preflight(config: str | Path, overrides: list[str], nodes: int, gpus_per_node: int,
@@ -266,11 +146,18 @@ def preflight(config: str | Path, overrides: list[str], nodes: int, gpus_per_nod
         check_unique(allocated, "the allocation")
         check_nodes(nodes, allocated)
     world = nodes * gpus_per_node
-    rs = run_settings(config, overrides)
-    batch = check_batch(rs.ds_config, world, rs.micro, rs.accum, rs.total, src=rs.ds_src)
-    stage = check_zero_stage(rs.ds_config, world, rs.method, src=rs.ds_src)
+    cfg = run_config(config, overrides)
+    # The rules `ds-cl train` checks again in each process (ds_cl/training/ds_config.py): batch arithmetic
+    # at this world size, precision, the ZeRO stages the method runs on.
+    from ds_cl.training.config import ConfigError
+    from ds_cl.training.ds_config import check_ds_config
+
+    try:
+        batch, stage = check_ds_config(cfg, world)
+    except ConfigError as e:
+        raise LaunchError(f"{config}: {e}") from None
     return (f"preflight ok: world {world} = {nodes} node(s) x {gpus_per_node}; {batch}; ZeRO {stage}; "
-            f"method {rs.method or '?'}")
+            f"method {cfg.method.name}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,10 +1,181 @@
-"""Process-group start-up shared by every ds-cl entry point (train, bench, eval, test rank scripts)."""
+"""Process-group start-up shared by every ds-cl entry point (train, bench, eval, test rank scripts), and
+where a process learns its place in the job.
+
+Where rank, world size and master come from (one rule, used by `build_distributed`, by `world_size`,
+the guess preflight makes before any process group exists, and by the launch checks' SLURM helpers):
+
+1. `WORLD_SIZE` is set: a launcher (`deepspeed`, `torchrun`) set the torch variables RANK, WORLD_SIZE,
+   LOCAL_RANK, MASTER_ADDR, MASTER_PORT; they are used as they are (a world of one may lack the others,
+   which then take rule 3's values; a larger world without RANK is an error).
+2. otherwise `SLURM_PROCID` and `SLURM_NTASKS` are set (`srun`, one task per process): RANK =
+   SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID (0 when unset), MASTER_ADDR =
+   the first host of SLURM_JOB_NODELIST (`slurm_hostnames`; 127.0.0.1 without a node list) unless set,
+   MASTER_PORT = 29500 unless set.
+3. otherwise a world of one: RANK 0, WORLD_SIZE 1, LOCAL_RANK 0, MASTER_ADDR 127.0.0.1, MASTER_PORT
+   as set or a free port.
+
+SLURM node lists (`node[1-2,5],gpu-a`) are expanded by `scontrol show hostnames` when it is installed
+and answers (it knows every syntax the cluster accepts), else by `expand_nodelist`, a parser of SLURM's
+hostlist syntax: prefixes with bracketed ranges, several bracket groups, zero padding.
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import socket
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
+
+DEFAULT_MASTER_PORT = "29500"
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: str  # accelerator device name ("cpu", "cuda", ...)
+
+
+# ---------------------------------------------------------------------------------------------
+# SLURM node lists
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's hostlist syntax expanded in order, as `scontrol show hostnames` does:
+    `node[1-3,7]` -> node1 node2 node3 node7, `n[01-02]` -> n01 n02 (zero padding kept),
+    `rack[1-2]-gpu[1-2]` -> rack1-gpu1 rack1-gpu2 rack2-gpu1 rack2-gpu2, `a,b` -> a b.
+    Raises ValueError naming the list for anything else (unbalanced brackets, a bad range)."""
+    items, depth, cur = [], 0, ""
+    for c in nodelist.strip():
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+        if depth < 0 or depth > 1:
+            raise ValueError(f"cannot expand SLURM node list {nodelist!r}: unbalanced brackets")
+        if c == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += c
+    if depth:
+        raise ValueError(f"cannot expand SLURM node list {nodelist!r}: unbalanced brackets")
+    items.append(cur)
+    hosts: list[str] = []
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        choices = []
+        for part in re.split(r"(\[[^\]]*\])", item):
+            if part.startswith("["):
+                choices.append(_expand_ranges(part[1:-1], nodelist))
+            elif part:
+                choices.append([part])
+        hosts += ["".join(c) for c in itertools.product(*choices)]
+    if not hosts:
+        raise ValueError(f"cannot expand SLURM node list {nodelist!r}: no hosts")
+    return hosts
+
+
+def _expand_ranges(spec: str, nodelist: str) -> list[str]:
+    out = []
+    for piece in spec.split(","):
+        lo, _, hi = piece.strip().partition("-")
+        hi = hi or lo
+        if not (lo.isdigit() and hi.isdigit()) or int(lo) > int(hi):
+            raise ValueError(f"cannot expand SLURM node list {nodelist!r}: bad range {piece!r} in [{spec}]")
+        out += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    return out
+
+
+def slurm_hostnames(nodelist: str | None = None) -> list[str]:
+    """The hosts of a SLURM node list (default `$SLURM_JOB_NODELIST`, then `$SLURM_NODELIST`), in order:
+    `scontrol show hostnames` when it is installed and answers, else `expand_nodelist`. ValueError when
+    there is no node list (not inside an allocation) or it cannot be expanded."""
+    nodelist = nodelist or os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise ValueError("SLURM_JOB_NODELIST is not set: not inside a SLURM allocation (use sbatch/salloc)")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=60)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()
+    except (OSError, subprocess.TimeoutExpired):  # no SLURM client tools, or no answer
+        pass
+    return expand_nodelist(nodelist)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank, world and master (the rules of the module docstring)
+
+
+def _positive(env: Mapping[str, str], name: str) -> int:
+    raw = env[name]
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"{name}={raw!r} is not a positive integer")
+    return int(raw)
+
+
+def world_size(environ: Mapping[str, str] | None = None) -> int:
+    """The world size this process will join (rules 1-3 above), read before any process group exists.
+    ValueError for a WORLD_SIZE / SLURM_NTASKS that is not a positive integer."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env:
+        return _positive(env, "WORLD_SIZE")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return _positive(env, "SLURM_NTASKS")
+    return 1
+
+
+def env_from_slurm() -> None:
+    """Rule 2: srun starts one task per process without torch's env variables: derive them from SLURM's.
+    Does nothing under rule 1 or 3."""
+    env = os.environ
+    if "WORLD_SIZE" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = str(_positive(env, "SLURM_NTASKS"))
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        nodes = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        env["MASTER_ADDR"] = slurm_hostnames(nodes)[0] if nodes else "127.0.0.1"
+    env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
+
+
+def build_distributed() -> DistInfo:
+    """Set the torch env variables by rules 1-3, start the process group (gloo on CPU, the accelerator's
+    backend otherwise) and pick this rank's device."""
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    env_from_slurm()
+    world = world_size()
+    if "WORLD_SIZE" not in os.environ:  # a plain `ds-cl train`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    elif "RANK" not in os.environ:
+        if world > 1:
+            raise ValueError(f"WORLD_SIZE={world} is set but RANK is not: start the ranks with deepspeed, torchrun "
+                             "or srun, or unset WORLD_SIZE for one process")
+        os.environ.update(RANK="0", LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+                          MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+    acc = get_accelerator()
+    backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
+    init_distributed(backend)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if acc.device_name() != "cpu":
+        acc.set_device(local)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, acc.device_name())
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group start-up
 
 
 def free_port() -> int:

@@ -18,14 +18,6 @@ from pathlib import Path
 from ds_cl.training.config import ConfigError, RunConfig
 
 
-def world_size() -> int:
-    """The world size this process will join (torch/deepspeed env, SLURM, else 1)."""
-    for k in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if os.environ.get(k, "").isdigit():
-            return int(os.environ[k])
-    return 1
-
-
 def check_output_dir(cfg: RunConfig, resume: bool) -> None:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -130,19 +122,22 @@ def check_data(cfg: RunConfig) -> None:
 
 
 def check_deepspeed(cfg: RunConfig, world: int) -> None:
-    from ds_cl.tools import launch_checks as lc
-    from ds_cl.training.train import build_ds_config
+    """Batch arithmetic, precision and ZeRO stage against the method (ds_cl/training/ds_config.py)."""
+    from ds_cl.training.ds_config import check_ds_config
 
-    build_ds_config(cfg, world, on_cpu=True)  # batch arithmetic and precision conflicts (ConfigError)
-    try:
-        lc.check_zero_stage(cfg.deepspeed, world, cfg.method.name, src="deepspeed")
-    except lc.LaunchError as e:
-        raise ConfigError(str(e)) from None
+    check_ds_config(cfg, world)
 
 
 def check_inputs(cfg: RunConfig, world: int | None = None, resume: bool = False) -> None:
-    """Everything above, cheapest first. Raises ConfigError (one line)."""
-    world = world_size() if world is None else world
+    """Everything above, cheapest first. Raises ConfigError (one line). `world`: default the world size
+    this process will join (ds_cl.training.environment.world_size: torch env, SLURM, else 1)."""
+    if world is None:
+        from ds_cl.training.environment import world_size
+
+        try:
+            world = world_size()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     check_output_dir(cfg, resume)
     check_deepspeed(cfg, world)
     check_model(cfg)
