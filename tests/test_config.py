@@ -102,7 +102,7 @@ def test_range_checks(tmp_path):
 
 def test_gradient_checkpointing_key_reaches_the_model(tmp_path):
     """model.gradient_checkpointing (YAML or override) switches HF gradient checkpointing on in build_model."""
-    from ds_cl.training.train import build_model
+    from ds_cl.training.modeling import build_model
     from tests.fixtures import tiny_run_config, train_sentencepiece, write_run_config
 
     train_sentencepiece(tmp_path / "tok.model")
@@ -110,6 +110,6 @@ def test_gradient_checkpointing_key_reaches_the_model(tmp_path):
     for overrides, expected in (([], False), (["model.gradient_checkpointing=true"], True)):
         cfg = load_config(path, overrides)
         assert cfg.model.gradient_checkpointing is expected
-        model, _ = build_model(cfg, {"zero_optimization": {"stage": 0}}, seed=0)
+        model, _ = build_model(cfg.model, {"zero_optimization": {"stage": 0}}, seed=0)
         on = getattr(type(model), "is_activation_checkpointing", None)  # transformers 5.x name
         assert (model.is_activation_checkpointing if on is not None else model.is_gradient_checkpointing) is expected

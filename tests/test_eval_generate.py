@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ds_cl.evaluation.io import read_ifeval_prompts, read_safety_prompts
+from ds_cl.evaluation.ifeval import read_ifeval_prompts
+from ds_cl.evaluation.io import read_safety_prompts
 from ds_cl.evaluation.suites import resolve_suite
 from tests.dist_utils import launch
 

@@ -11,7 +11,8 @@ import pytest
 
 from ds_cl.evaluation import score_cli
 from ds_cl.evaluation.ifeval import check_prompt, instruction_dict, score_ifeval
-from ds_cl.evaluation.io import EvalInputError, read_ifeval_prompts
+from ds_cl.evaluation.ifeval import read_ifeval_prompts
+from ds_cl.evaluation.io import EvalInputError
 
 INSTRUCTION_DICT = instruction_dict()  # lm-eval's checkers
 

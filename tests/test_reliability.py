@@ -79,8 +79,8 @@ def test_kill_at_boundary_and_mid_save_then_damaged_checkpoint_resume_equals_uni
     # A missing projector state is named too (on a copy: the original stays the fallback).
     copy = tmp / "copy_step3"
     shutil.copytree(ck / "step_00000003", copy)
-    (copy / "projector_rank1.pt").unlink()
-    assert verify_checkpoint(copy) == [f"{copy / 'projector_rank1.pt'}: missing"]
+    (copy / "method_rank1.pt").unlink()
+    assert verify_checkpoint(copy) == [f"{copy / 'method_rank1.pt'}: missing"]
     # 4. --resume skips the damaged step 4 (naming the file), loads step 3, and finishes the sequence.
     p = run(cfg, "--resume")
     assert p.returncode == 0, explain(p)

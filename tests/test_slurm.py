@@ -7,7 +7,6 @@ DS_CL_TEST_SLURM=1; it needs root. Everything it starts is stopped by pid in the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -108,7 +107,6 @@ def test_sbatch_dry_run_and_requeue_resume(cluster, run_cfg, tmp_path):
     assert lines[1].endswith(f"--module ds_cl.cli train {run_cfg} train.global_batch_size=8 --resume")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ds_cl.training.train") is None, reason="ds_cl.training.train (ds-cl train) not present")
 def test_sbatch_real_ds_cl_train_two_nodes(cluster, run_cfg, tmp_path):
     """`ds-cl train` of a tiny model, 2 short tasks, ZeRO-3 over node1 and node2."""
     rc, _, out, logs = sbatch(cluster, tmp_path, ["--nodes=2", "--gpus-per-node=1"],

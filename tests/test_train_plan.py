@@ -5,7 +5,9 @@ import pytest
 
 from ds_cl.training.config import ConfigError, RunConfig, TaskConfig, TrainConfig
 from ds_cl.training.data import IGNORE_INDEX, Encoded, Example, encode_example
-from ds_cl.training.train import build_ds_config, plan_phases
+from ds_cl.methods import build_method
+from ds_cl.training.ds_config import build_ds_config
+from ds_cl.training.train import lr_schedule, schedule_phases
 
 
 def cfg(**train):
@@ -33,21 +35,39 @@ class _Task:
         self.name, self.train = name, [Encoded([i], [i]) for i in range(n)]
 
 
+def plan(c, tasks):
+    t = c.train
+    return schedule_phases(build_method(c, None, None).plan(tasks), t.global_batch_size, t.epochs, t.max_steps_per_task)
+
+
 def test_phase_plan_per_method():
     tasks = [_Task("a", 40), _Task("b", 20)]
     c = cfg(global_batch_size=8, epochs=2)
     c.method.name = "seqft"
-    assert [(p["name"], len(p["train"]), p["steps"]) for p in plan_phases(c, tasks)] == [("a", 40, 10), ("b", 20, 4)]
+    assert [(p.name, len(p.train), p.steps) for p in plan(c, tasks)] == [("a", 40, 10), ("b", 20, 4)]
     c.method.name = "replay"
     c.method.replay.fraction = 0.5
-    ph = plan_phases(c, tasks)
-    assert len(ph[1]["train"]) == 30 and all(s in tasks[0].train for s in ph[1]["train"][20:])
+    ph = plan(c, tasks)
+    assert len(ph[1].train) == 30 and all(s in tasks[0].train for s in ph[1].train[20:])
+    assert len(tasks[1].train) == 20  # the task's own list is not extended
     c.method.name = "multitask"
-    ph = plan_phases(c, tasks)
-    assert len(ph) == 1 and len(ph[0]["train"]) == 60 and ph[0]["eval_upto"] == 2
+    ph = plan(c, tasks)
+    assert len(ph) == 1 and len(ph[0].train) == 60 and ph[0].eval_upto == 2
     c.method.name = "seqft"
+    c.train.max_steps_per_task = 3
+    assert [p.steps for p in plan(c, tasks)] == [3, 3]
     with pytest.raises(ConfigError, match="3 training samples do not fill one optimizer step"):
-        plan_phases(c, [_Task("a", 3)])
+        plan(c, [_Task("a", 3)])
+
+
+def test_lr_schedule_per_phase():
+    t = TrainConfig(lr=1.0, warmup_ratio=0.2, lr_schedule="linear")
+    lr = lr_schedule(t, 10)  # 2 warm-up steps, then linear decay to 0 at step 10
+    assert [round(lr(s), 3) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    t.lr_schedule = "cosine"
+    assert lr_schedule(t, 10)(6) == pytest.approx(0.5)
+    t.lr_schedule, t.warmup_ratio = "constant", 0.0
+    assert {lr_schedule(t, 10)(s) for s in range(10)} == {1.0}
 
 
 def test_hf_tokenizer_with_chat_template(tmp_path):

@@ -88,10 +88,7 @@ class AdaptiveRank:
         return _ratio_to_rank(self.ratio(importance), shape, self.mrr, self.trr)
 
 
-RankPolicy = FixedRank | AdaptiveRank
-
-
-def rank_policy_from(spec) -> RankPolicy:
+def rank_policy_from(spec) -> FixedRank | AdaptiveRank:
     """Accept a policy object, "fixed"/"adaptive" (defaults), or a dict {"policy": ..., **options}."""
     if isinstance(spec, (FixedRank, AdaptiveRank)):
         return spec

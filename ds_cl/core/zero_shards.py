@@ -30,7 +30,6 @@ def _grad_missing(name: str) -> RuntimeError:
 
 
 class Zero3Shards:
-    stage = 3
 
     def __init__(self, named: dict[str, torch.nn.Parameter]):
         first = next(iter(named.values()))
@@ -96,7 +95,6 @@ class Zero3Shards:
 class FragmentShards:
     """ZeRO-2 (and any optimizer that links `_hp_mapping` fragments to model parameters)."""
 
-    stage = 2
 
     def __init__(self, named: dict[str, torch.nn.Parameter], group):
         self.group = group
@@ -173,7 +171,6 @@ class FragmentShards:
 class PlainShards:
     """No ZeRO on one process: the optimizer updates the fp32 parameters themselves."""
 
-    stage = 0
     group = None
     world = 1
     rank = 0

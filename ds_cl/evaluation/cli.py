@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from .io import EvalInputError, read_ifeval_prompts, read_safety_prompts, write_json, write_jsonl
+from .ifeval import read_ifeval_prompts
+from .io import EvalInputError, read_safety_prompts, write_json, write_jsonl
 
 
 def _parser() -> argparse.ArgumentParser:

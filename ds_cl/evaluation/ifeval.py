@@ -14,9 +14,10 @@ lm-evaluation-harness `lm_eval/tasks/ifeval/utils.py`; the checkers are lm-eval'
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Mapping
 
-from .io import EvalInputError
+from .io import EvalInputError, read_jsonl
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,3 +101,34 @@ def score_ifeval(prompts: list[dict], responses: Mapping[str, str], *, allow_mis
         "reference": "IFEval (google-research instruction_following_eval; lm-eval 0.4.13 checkers)",
         "per_prompt": per,
     }
+
+
+IFEVAL_KEYS = ("prompt", "instruction_id_list", "kwargs")
+
+
+def read_ifeval_prompts(path: str | Path) -> list[dict]:
+    """IFEval's input JSONL: `key, prompt, instruction_id_list, kwargs` (one kwargs dict per instruction)."""
+    checkers = instruction_dict()  # one-line EvalInputError without the `eval` extra
+    rows = read_jsonl(path, "IFEval prompts")
+    for r in rows:
+        where = f"{path}:{r['_line']}"
+        missing = [k for k in IFEVAL_KEYS if k not in r]
+        if missing:
+            raise EvalInputError(f"{where}: IFEval record lacks {', '.join(missing)} "
+                                 f"(needs key, prompt, instruction_id_list, kwargs)")
+        ids, kwargs = r["instruction_id_list"], r["kwargs"]
+        if not isinstance(ids, list) or not isinstance(kwargs, list) or len(ids) != len(kwargs):
+            raise EvalInputError(f"{where}: instruction_id_list and kwargs must be lists of equal length")
+        for iid, kw in zip(ids, kwargs):
+            if iid not in checkers:
+                raise EvalInputError(f"{where}: unknown instruction id {iid!r}")
+            if not isinstance(kw, dict):
+                raise EvalInputError(f"{where}: kwargs for {iid} must be an object")
+            # The reference picks *random* values for arguments it is not given: refuse instead.
+            need = checkers[iid](iid).get_instruction_args_keys()
+            # (the reference drops falsy values before building, so those count as missing too)
+            lacking = [k for k in need if not kw.get(k)]
+            if lacking:
+                raise EvalInputError(f"{where}: {iid} needs kwargs {', '.join(lacking)}")
+        r.setdefault("key", r["_line"])
+    return rows

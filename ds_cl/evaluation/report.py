@@ -11,7 +11,6 @@ Inputs are `ds-cl eval` output directories (each may hold `ifeval.json`, `safety
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 

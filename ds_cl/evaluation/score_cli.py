@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .io import EvalInputError, read_ifeval_prompts, read_jsonl, read_responses, read_safety_prompts, write_json
+from .ifeval import read_ifeval_prompts
+from .io import EvalInputError, read_jsonl, read_responses, read_safety_prompts, write_json
 
 
 def _parser() -> argparse.ArgumentParser:

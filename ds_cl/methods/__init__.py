@@ -1,0 +1,26 @@
+"""Continual-learning methods: each a `Method` (ds_cl/methods/base.py) the training loop drives through
+the same hooks. Adding one: a new module with its class, and a line here."""
+
+from __future__ import annotations
+
+import importlib
+
+from ds_cl.methods.base import Method, Phase
+
+# name -> "module:class" (imported when used: the config reads the names without importing torch code)
+REGISTRY = {
+    "osft": "ds_cl.methods.osft:OSFT",
+    "seqft": "ds_cl.methods.base:Method",
+    "replay": "ds_cl.methods.plain:Replay",
+    "multitask": "ds_cl.methods.plain:Multitask",
+    "olora": "ds_cl.methods.lora:OLoRA",
+    "inclora": "ds_cl.methods.lora:IncLoRA",
+}
+
+
+def build_method(cfg, dist, tokenizer) -> Method:
+    module, cls = REGISTRY[cfg.method.name].split(":")
+    return getattr(importlib.import_module(module), cls)(cfg, dist, tokenizer)
+
+
+__all__ = ["REGISTRY", "Method", "Phase", "build_method"]

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-LORA_METHODS = ("olora", "inclora")
+from ds_cl.methods.base import Method
 
 
 class LoRAMixin:
@@ -268,9 +268,55 @@ def _gathered_all(params):
     return contextlib.nullcontext()
 
 
-def build_lora(cfg, model, n_tasks: int) -> Optional[LoRAAdapters]:
-    """The adapters for method olora / inclora (None for the other methods)."""
-    if cfg.method.name not in LORA_METHODS:
-        return None
-    return LoRAAdapters(model, cfg.method.lora, n_tasks, orthogonal=cfg.method.name == "olora",
-                        dtype=getattr(torch, cfg.model.dtype), seed=cfg.seed)
+class OLoRA(Method):
+    """O-LoRA: a new adapter per task, kept orthogonal to the earlier ones by the loss; base frozen."""
+
+    name = "olora"
+    orthogonal = True
+
+    def __init__(self, cfg, dist, tokenizer):
+        super().__init__(cfg, dist, tokenizer)
+        check_targets(cfg)  # on the meta device: a clear error before data and weights are loaded
+        self.adapters: Optional[LoRAAdapters] = None
+        self.n_tasks = 0
+        self.last_lr = 0.0
+
+    def plan(self, tasks):
+        phases = super().plan(tasks)
+        self.n_tasks = len(phases)
+        return phases
+
+    def prepare_model(self, model):
+        self.adapters = LoRAAdapters(model, self.cfg.method.lora, self.n_tasks, orthogonal=self.orthogonal,
+                                     dtype=getattr(torch, self.cfg.model.dtype), seed=self.cfg.seed)
+
+    def param_groups(self, model):
+        return self.adapters.param_groups()
+
+    def start_task(self, phase, phases, fresh):
+        self.adapters.start_task(phase)  # adapters 0..phase in the forward, only this task's learns
+
+    def group_lrs(self, lr, phase):
+        t = self.cfg.train
+        self.last_lr = lr * (self.cfg.method.lora.lr or t.lr) / t.lr
+        return [self.adapters.group_lr(k, self.last_lr) for k in range(len(self.engine.optimizer.param_groups))]
+
+    def loss(self, loss):
+        return self.adapters.add_regularisers(loss)
+
+    def step_metrics(self):
+        return {"lr": self.last_lr}  # the current adapter's
+
+    def export_tensors(self, module):
+        return self.adapters.merged_tensors(module)
+
+    def save_task_outputs(self, out, phase, name):
+        # The adapters themselves, unmerged: adapters/task_<i>_<name>.safetensors
+        self.adapters.save_adapters(out / "adapters" / f"task_{phase}_{name}.safetensors")
+
+
+class IncLoRA(OLoRA):
+    """Incremental LoRA: O-LoRA without the orthogonality term."""
+
+    name = "inclora"
+    orthogonal = False

@@ -4,7 +4,6 @@
 
     DS_CL_FAULT="kill@fit:phase=1,rank=1"      # SIGKILL rank 1 right after task 1's subspace fit
     DS_CL_FAULT="kill@save:step=5,rank=1"      # SIGKILL rank 1 mid-save of checkpoint step 5
-    DS_CL_FAULT="term@step:step=3"             # SIGTERM every rank after optimizer step 3
     DS_CL_FAULT="nan@loss:step=3"              # make the loss of optimizer step 3 NaN
 
 A spec fires when every key matches the point's values (`rank` is the global rank). Unset (always, in
@@ -47,3 +46,8 @@ def fault_point(point: str, rank: int, **where) -> bool:
         print(f"[ds-cl fault] SIGTERM to rank {rank} at {point} {where}", flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
     return "nan" in acts
+
+
+def poisoned(loss, rank: int, step: int):
+    """The loss, made NaN where a `nan@loss:step=N` spec matches: a real NaN through backward and step."""
+    return loss * float("nan") if fault_point("loss", rank, step=step) else loss

@@ -1,12 +1,12 @@
 """One checkpoint manager for every stateful part of a run: the DeepSpeed engine (ZeRO-3 shards of
-weights and optimizer), the projector's per-rank bases, the trainer's cursor (task, step, accuracy
+weights and optimizer), the method's per-rank state (osft: the projector's bases), the trainer's cursor (task, step, accuracy
 matrix) and every rank's RNG states.
 
 Layout under `<output_dir>/checkpoints/`:
 
     step_00000012/           one complete checkpoint
         deepspeed/           engine.save_checkpoint (one file per rank)
-        projector_rank<r>.pt the projector's state of rank r (its bases are sharded)
+        method_rank<r>.pt    the method's state of rank r, if it has one (osft: its bases, sharded)
         rng_rank<r>.pt       python/numpy/torch RNG states of rank r
         trainer_state.json   the cursor
         manifest.json        size and sha256 of every file above
@@ -194,7 +194,7 @@ class CheckpointManager:
         if msg:
             raise CheckpointError(msg)
 
-    def save(self, engine, projector, state: dict, global_step: int) -> Path:
+    def save(self, engine, method, state: dict, global_step: int) -> Path:
         from ds_cl.tools.faults import fault_point
 
         name = f"step_{global_step:08d}"
@@ -210,8 +210,9 @@ class CheckpointManager:
                 tmp.mkdir(parents=True)
             _barrier()
             engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-            if projector is not None:
-                torch.save(projector.state_dict(), tmp / f"projector_rank{self.rank}.pt")
+            method_state = method.state_dict() if method is not None else None
+            if method_state is not None:
+                torch.save(method_state, tmp / f"method_rank{self.rank}.pt")
             torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
             if self.rank == 0:
                 with open(tmp / "trainer_state.json", "w") as f:
@@ -254,26 +255,28 @@ class CheckpointManager:
         _barrier()
         return final
 
-    def load(self, path: Path, engine, projector) -> dict:
+    def load(self, path: Path, engine, method) -> dict:
         """Load a checkpoint already verified (see `load_latest`)."""
         with open(path / "trainer_state.json") as f:
             state = json.load(f)
         if state["world_size"] != self.world:
             raise CheckpointError(f"{path} was written by {state['world_size']} ranks; this run has {self.world} "
-                                  "(the projector's bases are sharded per rank: resume with the same world size)")
-        pfile = path / f"projector_rank{self.rank}.pt"
-        if projector is not None and not pfile.is_file():
-            raise CheckpointError(f"{pfile}: missing (the projector state of rank {self.rank})")
+                                  "(the method's state, e.g. osft's bases, is sharded per rank: resume with the same "
+                                  "world size)")
+        pfile = path / f"method_rank{self.rank}.pt"
+        stateful = method is not None and method.state_dict() is not None
+        if stateful and not pfile.is_file():
+            raise CheckpointError(f"{pfile}: missing (the method state of rank {self.rank})")
         load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if load_path is None:
             raise CheckpointError(f"{path}: deepspeed could not load its checkpoint")
-        if projector is not None:
-            projector.load_state_dict(torch.load(pfile, weights_only=True))
+        if stateful:
+            method.load_state_dict(torch.load(pfile, weights_only=True))
         set_rng_state(torch.load(path / f"rng_rank{self.rank}.pt", weights_only=True))
         return state
 
-    def load_latest(self, engine, projector, log=print) -> tuple[Path, dict] | None:
+    def load_latest(self, engine, method, log=print) -> tuple[Path, dict] | None:
         """Collective: load the newest checkpoint that verifies; report and skip the ones that do not.
         None if there is no checkpoint at all; CheckpointError if none is intact."""
         if self.rank == 0 and self.root.is_dir():
@@ -285,7 +288,7 @@ class CheckpointManager:
         for path in cands:
             problems = self.verify(path)
             if not problems:
-                return path, self.load(path, engine, projector)
+                return path, self.load(path, engine, method)
             bad.append(f"{path.name}: {problems[0]}")
             log(f"checkpoint {path} is damaged, not loading it: " + "; ".join(problems[:3])
                 + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")

@@ -21,17 +21,17 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from ds_cl.methods import REGISTRY
+from ds_cl.training.ds_config import load_ds_config, zero_stage
+from ds_cl.training.errors import ConfigError  # its home is errors.py; everything imports it from here
+
 # Local data formats we read ourselves; anything else is a `datasets` name or a saved dataset folder.
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
-METHODS = ("osft", "seqft", "replay", "multitask", "olora", "inclora")
+METHODS = tuple(REGISTRY)  # ds_cl/methods/__init__.py
 
 # The prompt style of the O-LoRA benchmark (Wang et al. 2023) for classification tasks.
 DEFAULT_INSTRUCTION = "What is the topic of the following paragraph? Choose one from the option."
 DEFAULT_TEMPLATE = "{instruction}\nOption: {options}\n{input}\nAnswer:"
-
-
-class ConfigError(ValueError):
-    """A bad run config: the message names the file and the key."""
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ModelConfig:
     config: Optional[dict] = None
     # A tokenizer folder, or a SentencePiece `.model` file (LLaMA-2 style). Default: name_or_path.
     tokenizer: Optional[str] = None
-    # Compute dtype; must agree with the deepspeed config's bf16/fp16 sections (checked in train.py).
+    # Compute dtype; must agree with the deepspeed config's bf16/fp16 sections (ds_cl/training/ds_config.py).
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     # Wrap prompts with the tokenizer's chat template (HF tokenizers only).
     chat_template: bool = False
@@ -107,7 +107,7 @@ class LoRAConfig:
 
 @dataclass
 class MethodConfig:
-    name: Literal["osft", "seqft", "replay", "multitask", "olora", "inclora"] = "osft"
+    name: Literal[METHODS] = "osft"
     osft: OSFTConfig = field(default_factory=OSFTConfig)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -217,14 +217,13 @@ def _convert(value: Any, tp, key: str, src: str):
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _convert(value, a, key, src)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass
         raise ConfigError(f"{src}: {key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is Literal:
         if value not in args:
@@ -352,18 +351,14 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
             m.tokenizer = _resolve(m.tokenizer, base)
             need(os.path.exists(m.tokenizer), "model.tokenizer", f"no such file or folder: {m.tokenizer}")
 
-    if isinstance(cfg.deepspeed, str):
-        path = _resolve(cfg.deepspeed, base)
-        need(os.path.isfile(path), "deepspeed", f"no such file: {path}")
-        import json
-
-        try:
-            with open(path) as f:
-                cfg.deepspeed = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{src}: deepspeed: {path} is not valid JSON ({e})") from None
-    zero = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)
-    need(zero in (0, 1, 2, 3), "deepspeed.zero_optimization.stage", f"must be 0..3, got {zero!r}")
+    # The DeepSpeed config's own rules (batch arithmetic, precision, ZeRO stage per method) live in
+    # ds_cl/training/ds_config.py; here only what needs no world size: it reads, and its stage exists.
+    try:
+        if isinstance(cfg.deepspeed, str):
+            cfg.deepspeed = load_ds_config(_resolve(cfg.deepspeed, base), key="deepspeed")
+        zero_stage(cfg.deepspeed, src="deepspeed")
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
 
     t = cfg.train
     for k in ("epochs", "micro_batch_size", "global_batch_size", "max_seq_len", "log_every"):

@@ -80,3 +80,17 @@ def build_causal_lm(hf_cfg, ds_config: Optional[dict] = None, dtype: Optional[to
         raise ValueError(f"model built in {sorted(map(str, got))}, not {dtype}: the DeepSpeed config's "
                          f"bf16/fp16 sections must agree with the model dtype")
     return model, keepalive
+
+
+def build_model(model_cfg, ds_config: dict, seed: int):
+    """The run's model (`model` section of the run config), partitioned under ZeRO-3. Returns (model,
+    keepalive) as `build_causal_lm`."""
+    torch.manual_seed(seed)
+    model, keepalive = build_causal_lm(hf_config(model_cfg.config, model_cfg.name_or_path), ds_config,
+                                       getattr(torch, model_cfg.dtype), model_cfg.name_or_path)
+    model.config.use_cache = True
+    if model_cfg.gradient_checkpointing:
+        # transformers turns the KV cache off itself while training and back on for generate().
+        # 5.x renamed it activation checkpointing; 4.x only has the old name.
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    return model, keepalive

@@ -1,0 +1,116 @@
+"""osft: orthogonal-subspace full fine-tuning (arXiv 2504.07097) in the training loop.
+
+At the start of each task the projector (ds_cl/core/projector.py) refits the protected subspace of every
+target matrix from the current weights: the top singular directions, as many as the rank policy gives
+(adaptive: from each layer's importance on the previous task's samples; fixed: one ratio). Every step
+then goes through the projector, which keeps the update in the orthogonal complement.
+
+The optimizer has two parameter groups: the targets, and the rest (embeddings, norms, lm_head), whose
+learning rate is scaled by `method.osft.non_target_lr_scale` while the constraint is on.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ds_cl.methods.base import Method
+from ds_cl.tools.faults import fault_point
+
+
+class OSFT(Method):
+    name = "osft"
+
+    def __init__(self, cfg, dist, tokenizer):
+        super().__init__(cfg, dist, tokenizer)
+        self.opts = cfg.method.osft
+        self.projector = None  # ds_cl.core.projector.SubspaceProjector, from bind()
+
+    def param_groups(self, model):
+        from ds_cl.core.subspace import select_targets
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        targets = set(select_targets([n for n, _ in named], self.opts.targets))
+        groups = [{"params": [p for n, p in named if n in targets]},
+                  {"params": [p for n, p in named if n not in targets]}]
+        return [g for g in groups if g["params"]]
+
+    def bind(self, engine):
+        from ds_cl.core.projector import SubspaceProjector
+
+        super().bind(engine)
+        o = self.opts
+        self.projector = SubspaceProjector(engine, targets=o.targets, projection=o.projection,
+                                          project_update=o.project_update, audit_every=o.audit_every)
+
+    def constrained(self, phase: int) -> bool:
+        return phase > 0 or self.opts.fit_before_first_task
+
+    def start_task(self, phase, phases, fresh):
+        if fresh and self.constrained(phase):
+            self.fit(phase, phases)
+
+    def fit(self, phase, phases) -> None:
+        from ds_cl.core.subspace import AdaptiveRank, FixedRank
+
+        o = self.opts
+        batches = self.importance_batches(phase, phases) if o.rank == "adaptive" else None
+        policy = AdaptiveRank(mrr=o.mrr, trr=o.trr) if batches is not None else FixedRank(ratio=o.ratio)
+        t0 = time.time()
+        try:
+            self.projector.fit(rank_policy=policy, importance_batches=batches)
+        except ValueError as e:  # e.g. non-finite weights: never fit bases from them
+            raise ValueError(f"task {phase} ({phases[phase].name}): subspace fit refused on rank "
+                             f"{self.dist.rank}: {e}") from None
+        if self.dist.rank == 0:
+            print(f"[ds-cl] phase {phase}: subspace fitted ({type(policy).__name__}) in {time.time() - t0:.1f}s",
+                  flush=True)
+        fault_point("fit", self.dist.rank, phase=phase)
+
+    def importance_batches(self, phase, phases) -> list[dict] | None:
+        """Inputs for the adaptive rank's layer importance: the previous task's data (same count on
+        every rank); before the first task, general data if configured, else None (fixed ratio)."""
+        from ds_cl.training.data import Encoded, collate, encode_prompt_for_generation, epoch_order, read_records
+
+        o, d, mb = self.opts, self.dist, self.cfg.train.micro_batch_size
+        if phase > 0:
+            prev = phases[phase - 1].train
+            order = epoch_order(len(prev), self.cfg.seed, phase - 1, 0)[: o.importance_samples]
+            samples = [prev[i] for i in order]
+        elif o.first_task_importance_data:
+            rows = read_records(o.first_task_importance_data, "train", "method.osft.first_task_importance_data")
+            texts = [str(r[o.first_task_importance_field]) for r in rows[: o.importance_samples]]
+            samples = [Encoded(ids, ids) for ids in (encode_prompt_for_generation(self.tokenizer, t,
+                                                                                  self.cfg.train.max_seq_len)
+                                                     for t in texts)]
+        else:
+            return None
+        per_rank = len(samples) // d.world
+        if per_rank == 0:
+            return None
+        mine = samples[d.rank::d.world][:per_rank]
+        out = []
+        for i in range(0, per_rank, mb):
+            b = collate(mine[i:i + mb], self.tokenizer.pad_id)
+            out.append({k: b[k].to(self.engine.device) for k in ("input_ids", "attention_mask")})
+        return out
+
+    def group_lrs(self, lr, phase):
+        # Group 1: the non-target parameters.
+        scale = self.opts.non_target_lr_scale if self.constrained(phase) else 1.0
+        return [lr if k == 0 else lr * scale for k in range(len(self.engine.optimizer.param_groups))]
+
+    def step(self):
+        self.projector.step()
+
+    def step_metrics(self):
+        stats = self.projector.stats
+        leaks = self.projector.audit()  # {} before the first fit: nothing constrained yet
+        if leaks and stats["audited_at"] == stats["optimizer_steps"]:  # measured at this step
+            return {"leak": max(leaks.values())}
+        return {}
+
+    def state_dict(self):
+        return self.projector.state_dict()
+
+    def load_state_dict(self, state):
+        self.projector.load_state_dict(state)
