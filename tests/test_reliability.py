@@ -163,7 +163,7 @@ def test_full_disk_refuses_to_start_a_save_and_keeps_previous(small_fs, referenc
     mgr = CheckpointManager(ck, rank=0, world=1)
     with pytest.raises(CheckpointError, match=r"not enough space in .* for checkpoint step_00000005: \d+ bytes free.*"
                                               r"nothing was written and the previous checkpoint .*step_00000004 is intact"):
-        mgr.save(engine=None, projector=None, state={}, global_step=5)
+        mgr.save(engine=None, method=None, state={}, global_step=5)
     assert verify_checkpoint(ck / "step_00000004") == [] and not list(ck.glob(".tmp-*"))
 
 

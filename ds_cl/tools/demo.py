@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
+
+from ds_cl.tools.local_runs import launch_train
 
 DATA = Path(__file__).resolve().parent / "demo_data"
 TASKS = [
@@ -73,25 +73,6 @@ def run_config(method: str, out: Path, tokenizer: Path, quick: bool = False) -> 
     }
 
 
-def launch(config: Path, nprocs: int, log: Path) -> int:
-    from ds_cl.training.environment import free_port
-
-    port = free_port()
-    env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
-    env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank on a small CPU: no oversubscription
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port", str(port),
-           "--module", "ds_cl.cli", "train", str(config)]
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for line in proc.stdout:
-            f.write(line)
-            if line.startswith("[ds-cl]") and "outputs in" not in line:
-                print("   " + line.rstrip(), flush=True)
-        return proc.wait()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ds-cl demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="ds-cl-demo", help="output folder (default ./ds-cl-demo)")
@@ -100,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a few steps per task, to check the wiring")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in ("seqft", "osft", "replay", "multitask", "olora", "inclora")]
+    from ds_cl.methods import REGISTRY
+
+    bad = [m for m in methods if m not in REGISTRY]
     if bad:
         print(f"ds-cl demo: unknown method {bad[0]!r}", file=sys.stderr)
         return 2
@@ -120,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg_path.write_text(yaml.safe_dump(run_config(method, out, tok, args.quick), sort_keys=False))
         print(f"== {method}", flush=True)
         t = time.time()
-        rc = launch(cfg_path, args.nprocs, out / f"{method}.log")
+        rc = launch_train(cfg_path, args.nprocs, out / f"{method}.log")
         if rc != 0:
             print(f"ds-cl demo: {method} failed (exit {rc}); see {out / (method + '.log')}", file=sys.stderr)
             return rc
         results[method] = json.loads((out / method / "summary.json").read_text())
         results[method]["wall_s"] = round(time.time() - t, 1)
-    from ds_cl.training.train import format_matrix
+    from ds_cl.training.outputs import format_matrix
 
     names = [n for n, _ in TASKS]
     print("\nAccuracy (%) on each task (columns) after training each task (rows):")

@@ -412,10 +412,12 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
         need(bool(task.train), f"{key}.train", "is required (a data file, a saved dataset or a dataset name)")
         for k in ("train", "eval"):
             v = getattr(task, k)
-            if v and _is_local_path(v):
+            if v and (_is_local_path(v) or os.path.isdir(_resolve(v, base))):
                 v = _resolve(v, base)
                 setattr(task, k, v)
                 need(os.path.exists(v), f"{key}.{k}", f"no such file: {v}")
+        if is_benchmark_task_folder(task.train):
+            use_benchmark_layout(task, f"{src}: {key}.train")
         if task.template is not None:
             try:
                 task.template.format(instruction="", options="", input="")
@@ -425,6 +427,49 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
         need(task.eval_size >= 1, f"{key}.eval_size", "must be >= 1")
         if task.metric != "exact_match":
             need(":" in task.metric, f"{key}.metric", f"'exact_match' or 'module:function', got {task.metric!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The continual-learning benchmark's own layout (O-LoRA's CL_Benchmark, TRACE-style groups):
+#   <root>/<group>/<task>/{train,dev,test}.json   JSON arrays of {"sentence": ..., "label": ...}
+#   <root>/<group>/<task>/labels.json             the options
+#   <root>/instruction_config.json                {group: [{"instruction": ...}, ...]}
+
+
+def is_benchmark_task_folder(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "train.json").is_file() and (p / "labels.json").is_file()
+
+
+def use_benchmark_layout(task: TaskConfig, where: str) -> None:
+    """Fill a task whose `train` is a benchmark task folder: its train/test files, fields, labels and the
+    group's instruction. Values the user set explicitly (not the defaults) are kept."""
+    import json
+
+    folder = Path(task.train)
+    task.train = str(folder / "train.json")
+    if task.eval is None and (folder / "test.json").is_file():
+        task.eval = str(folder / "test.json")
+    if (task.input_field, task.output_field) == ("input", "output"):
+        task.input_field, task.output_field = "sentence", "label"
+    try:
+        labels = json.loads((folder / "labels.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{where}: {folder / 'labels.json'} is not valid JSON ({e})") from None
+    if not (isinstance(labels, list) and labels and all(isinstance(x, str) for x in labels)):
+        raise ConfigError(f"{where}: {folder / 'labels.json'} must be a non-empty list of strings")
+    if task.labels is None:
+        task.labels = labels
+    instructions = folder.parent.parent / "instruction_config.json"
+    if task.instruction == DEFAULT_INSTRUCTION and instructions.is_file():
+        try:
+            entries = json.loads(instructions.read_text(encoding="utf-8")).get(folder.parent.name)
+        except (ValueError, UnicodeDecodeError, AttributeError) as e:
+            raise ConfigError(f"{where}: {instructions} is not a JSON object ({e})") from None
+        if entries:
+            task.instruction = str(entries[0]["instruction"]).strip()
+        else:  # e.g. COPA: the question is inside each sentence
+            task.instruction = ""
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), data: dict | None = None) -> RunConfig:

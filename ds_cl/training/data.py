@@ -205,7 +205,7 @@ def to_examples(task: TaskConfig, rows: list[dict], labels: list[str], key: str)
                                      f"set tasks.*.input_field / output_field")
             text, answer = str(r[task.input_field]), str(r[task.output_field]).strip()
             prompt = text if task.template is None else task.template.format(
-                instruction=task.instruction, options=", ".join(labels), input=text)
+                instruction=task.instruction, options=", ".join(labels), input=text).lstrip()
         if not answer.strip():
             raise ValueError(f"{key}: record {n} has an empty output ({task.output_field!r})")
         out.append(Example(prompt, answer))

@@ -1,0 +1,175 @@
+"""`ds-cl benchmark CONFIG --data ROOT [--methods ...] [--seeds ...] [--out DIR]`: one task sequence, several
+methods and seeds, one comparison table.
+
+CONFIG is a run config whose tasks name folders of the continual-learning benchmark's layout relative to
+`--data` (e.g. `train: SC/SST-2`); each (method, seed) run gets its own output folder under --out, run
+one after another with `ds-cl train` on local ranks. A run already complete there is read, not redone, so
+an interrupted benchmark continues where it stopped. Then:
+
+    DIR/comparison.md     per method: final accuracy per task, AA, BWT, mean of the matrix diagonal
+                          (how well each task was learnt when it was trained), mean +- std over seeds
+    DIR/comparison.json   the same numbers and every run's matrix
+    DIR/comparison.png    final accuracy per task and AA/BWT per method, with the spread over seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from ds_cl.tools.local_runs import launch_train
+
+
+def run_configs(base: dict, data: Path, methods: list[str], seeds: list[int], out: Path) -> dict:
+    """(method, seed) -> run config: the base with method, seed, output_dir and task folders filled."""
+    runs = {}
+    for method in methods:
+        for seed in seeds:
+            cfg = copy.deepcopy(base)
+            cfg.setdefault("method", {})["name"] = method
+            cfg["seed"] = seed
+            cfg["output_dir"] = str(out / f"{method}_seed{seed}")
+            for task in cfg.get("tasks", []):
+                if not Path(task["train"]).is_absolute():
+                    task["train"] = str(data / task["train"])
+            runs[(method, seed)] = cfg
+    return runs
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def compare(summaries: dict) -> dict:
+    """summaries: (method, seed) -> summary.json of a complete run. Per method, mean and std over seeds."""
+    table = {}
+    for method in dict.fromkeys(m for m, _ in summaries):
+        runs = [s for (m, _), s in summaries.items() if m == method]
+        final = list(zip(*[s["matrix"][-1] for s in runs]))
+        diag = [statistics.fmean(s["matrix"][i][i] for i in range(len(s["matrix"]))) for s in runs]
+        table[method] = {
+            "seeds": [seed for (m, seed) in summaries if m == method],
+            "final": [_mean_std([100 * v for v in col]) for col in final],
+            "AA": _mean_std([100 * s["AA"] for s in runs]),
+            "BWT": _mean_std([100 * s["BWT"] for s in runs]),
+            "learnt": _mean_std([100 * v for v in diag]),
+            "matrices": [s["matrix"] for s in runs],
+        }
+    return table
+
+
+def markdown(table: dict, tasks: list[str]) -> str:
+    def cell(ms):
+        return f"{ms[0]:.1f} ± {ms[1]:.1f}"
+
+    head = ["method", *tasks, "AA", "BWT", "learnt (diag.)", "seeds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, r in table.items():
+        lines.append("| " + " | ".join([f"`{method}`", *map(cell, r["final"]), cell(r["AA"]), cell(r["BWT"]),
+                                        cell(r["learnt"]), ",".join(map(str, r["seeds"]))]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(table: dict, tasks: list[str], path: Path, title: str) -> None:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2, width_ratios=[max(2, len(tasks)), 3])
+    methods = list(table)
+    w = 0.8 / len(methods)
+    for k, m in enumerate(methods):
+        x = np.arange(len(tasks)) + (k - (len(methods) - 1) / 2) * w
+        left.bar(x, [v for v, _ in table[m]["final"]], w, yerr=[s for _, s in table[m]["final"]], label=m, capsize=2)
+        x = np.arange(3) + (k - (len(methods) - 1) / 2) * w
+        vals = [table[m][key] for key in ("AA", "BWT", "learnt")]
+        right.bar(x, [v for v, _ in vals], w, yerr=[s for _, s in vals], label=m, capsize=2)
+    left.set_xticks(range(len(tasks)), tasks)
+    left.set_ylabel("accuracy after the last task (%)")
+    left.set_ylim(0, 100)
+    left.set_title("final accuracy per task")
+    right.set_xticks(range(3), ["AA", "BWT", "learnt (diag.)"])
+    right.axhline(0, color="black", lw=0.8)
+    right.set_ylabel("points")
+    right.set_title("summary (mean ± std over seeds)")
+    right.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ds_cl.methods import REGISTRY
+
+    p = argparse.ArgumentParser(prog="ds-cl benchmark", description=__doc__.splitlines()[0])
+    p.add_argument("config", type=Path, help="base run config (tasks relative to --data)")
+    p.add_argument("--data", type=Path, required=True, help="root of the benchmark (<group>/<task>/ folders)")
+    p.add_argument("--methods", default="seqft,osft", help="comma-separated (default seqft,osft)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated (default 0,1)")
+    p.add_argument("--out", type=Path, default=Path("ds-cl-benchmark"))
+    p.add_argument("--nprocs", type=int, default=2, help="ranks per run (default 2)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value applied to every run config")
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in REGISTRY]
+    if bad:
+        print(f"ds-cl benchmark: unknown method {bad[0]!r} (known: {', '.join(REGISTRY)})", file=sys.stderr)
+        return 2
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+        base = yaml.safe_load(args.config.read_text())
+    except (ValueError, OSError, yaml.YAMLError) as e:
+        print(f"ds-cl benchmark: {e}", file=sys.stderr)
+        return 2
+    from ds_cl.training.config import ConfigError, apply_override, load_config
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    runs = run_configs(base, args.data.resolve(), methods, seeds, out)
+    try:  # every run config checked before the first run starts
+        for item in args.overrides:
+            for cfg in runs.values():
+                apply_override(cfg, item)
+        for cfg in runs.values():
+            load_config(None, data=cfg)
+    except ConfigError as e:
+        print(f"ds-cl benchmark: {e}", file=sys.stderr)
+        return 2
+    summaries = {}
+    for (method, seed), cfg in runs.items():
+        run_dir = Path(cfg["output_dir"])
+        summary = run_dir / "summary.json"
+        if summary.is_file() and json.loads(summary.read_text()).get("complete"):
+            print(f"== {method} seed {seed}: complete in {run_dir}, read", flush=True)
+        else:
+            resume = (run_dir / "checkpoints" / "latest").is_file()
+            path = out / f"{method}_seed{seed}.yaml"
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            print(f"== {method} seed {seed}{' (resuming)' if resume else ''}", flush=True)
+            t = time.time()
+            rc = launch_train(path, args.nprocs, out / f"{method}_seed{seed}.log", resume=resume)
+            if rc != 0:
+                print(f"ds-cl benchmark: {method} seed {seed} failed (exit {rc}); see "
+                      f"{out / f'{method}_seed{seed}.log'}; rerun the same command to continue", file=sys.stderr)
+                return rc
+            print(f"   {time.time() - t:.0f}s", flush=True)
+        summaries[(method, seed)] = json.loads(summary.read_text())
+    tasks = [t["name"] for t in base["tasks"]]
+    table = compare(summaries)
+    (out / "comparison.md").write_text(markdown(table, tasks))
+    (out / "comparison.json").write_text(json.dumps({"tasks": tasks, "methods": table}, indent=1))
+    figure(table, tasks, out / "comparison.png", f"{' -> '.join(tasks)}; seeds {args.seeds}")
+    print("\n" + markdown(table, tasks) + f"\n{out}/comparison.md, comparison.json, comparison.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
