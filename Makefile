@@ -63,7 +63,7 @@ test-latest:
 	.venv-latest/bin/pip install -q --upgrade pip setuptools wheel
 	.venv-latest/bin/pip install -q '$(TORCH)'
 	.venv-latest/bin/pip install -q --no-build-isolation '$(DEEPSPEED)'
-	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	.venv-latest/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]' '$(TORCH)'
 	.venv-latest/bin/pip freeze | grep -iE '^(torch|transformers|deepspeed|accelerate|datasets)=='
 	DS_ACCELERATOR=cpu .venv-latest/bin/python -m pytest -q $(SMOKE)
 	rm -rf .venv-latest

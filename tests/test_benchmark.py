@@ -1,0 +1,82 @@
+"""`ds-cl benchmark`: run configs from a base config and a benchmark root, the comparison over seeds, and
+an end-to-end run of two methods on the tiny LLaMA over task folders in the benchmark's layout."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ds_cl.tools.benchmark import compare, markdown, run_configs
+from tests.dist_utils import REPO, cpu_env
+from tests.fixtures import TINY_LLAMA, train_sentencepiece
+
+
+def summary(matrix):
+    from ds_cl.evaluation.cl_metrics import summarize
+
+    return {**summarize(matrix, None), "complete": True}
+
+
+def test_run_configs_fill_method_seed_output_and_task_folders(tmp_path):
+    base = {"tasks": [{"name": "a", "train": "SC/x"}, {"name": "b", "train": "/abs/y"}], "method": {"osft": {}}}
+    runs = run_configs(base, tmp_path / "root", ["seqft", "osft"], [0, 1], tmp_path / "out")
+    assert sorted(runs) == [("osft", 0), ("osft", 1), ("seqft", 0), ("seqft", 1)]
+    c = runs[("osft", 1)]
+    assert (c["method"]["name"], c["seed"], c["output_dir"]) == ("osft", 1, str(tmp_path / "out" / "osft_seed1"))
+    assert [t["train"] for t in c["tasks"]] == [str(tmp_path / "root" / "SC" / "x"), "/abs/y"]
+    assert base["tasks"][0]["train"] == "SC/x"  # the base is not changed
+
+
+def test_compare_mean_and_spread_over_seeds():
+    s = {("seqft", 0): summary([[0.8], [0.4, 0.9]]), ("seqft", 1): summary([[0.6], [0.2, 0.7]]),
+         ("osft", 0): summary([[0.8], [0.8, 0.6]])}
+    t = compare(s)
+    assert t["seqft"]["seeds"] == [0, 1] and t["osft"]["seeds"] == [0]
+    assert t["seqft"]["final"][0] == pytest.approx((30.0, 14.142), abs=1e-3)  # 40 and 20
+    assert t["seqft"]["AA"][0] == pytest.approx(55.0) and t["seqft"]["BWT"][0] == pytest.approx(-40.0)
+    assert t["seqft"]["learnt"][0] == pytest.approx(75.0)  # diagonals 85 and 65
+    assert t["osft"]["BWT"] == pytest.approx((0.0, 0.0)) and t["osft"]["learnt"][0] == pytest.approx(70.0)
+    md = markdown(t, ["a", "b"])
+    assert "| `seqft` | 30.0 ± 14.1 | 80.0 ± 14.1 | 55.0 ± 14.1 | -40.0 ± 0.0 | 75.0 ± 14.1 | 0,1 |" in md
+
+
+@pytest.mark.distributed
+def test_benchmark_end_to_end_two_methods(tmp_path):
+    root = tmp_path / "bench"
+    rows = [json.loads(line) for line in open(REPO / "tests" / "fixtures" / "task_a.jsonl")]
+    for group, task, words in (("SC", "toy-a", None), ("TC", "toy-b", ("alpha", "beta"))):
+        d = root / group / task
+        d.mkdir(parents=True)
+        recs = [{"sentence": r["input"], "label": r["output"] if words is None else words[i % 2]}
+                for i, r in enumerate(rows)]
+        (d / "train.json").write_text(json.dumps(recs[:36]))
+        (d / "test.json").write_text(json.dumps(recs[36:42]))
+        (d / "labels.json").write_text(json.dumps(sorted({r["label"] for r in recs})))
+    train_sentencepiece(tmp_path / "tok.model")
+    base = {"deepspeed": {"zero_optimization": {"stage": 3}},
+            "model": {"config": dict(TINY_LLAMA), "tokenizer": str(tmp_path / "tok.model"), "dtype": "float32"},
+            "method": {"osft": {"rank": "fixed", "ratio": 0.5}},
+            "train": {"lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 8, "max_seq_len": 96,
+                      "max_steps_per_task": 2},
+            "eval": {"batch_size": 8, "max_new_tokens": 3}, "output": {"export_each_task": False},
+            "tasks": [{"name": "a", "train": "SC/toy-a"}, {"name": "b", "train": "TC/toy-b"}]}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ds_cl.cli", "benchmark", str(tmp_path / "base.yaml"), "--data", str(root),
+           "--methods", "seqft,osft", "--seeds", "3", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "comparison.json").read_text())
+    assert res["tasks"] == ["a", "b"] and list(res["methods"]) == ["seqft", "osft"]
+    assert all(len(r["matrices"][0]) == 2 for r in res["methods"].values())
+    assert (out / "comparison.png").stat().st_size > 10_000 and "| `osft` |" in (out / "comparison.md").read_text()
+    # Complete runs are read, not redone.
+    again = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count("complete in") == 2, again.stdout[-2000:]
+    # Bad input fails before any run.
+    bad = subprocess.run(cmd[:-6] + ["--methods", "lora", "--out", str(tmp_path / "o2")], cwd=REPO, env=cpu_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown method 'lora'" in bad.stderr and not (tmp_path / "o2").exists()
