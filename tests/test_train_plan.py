@@ -62,8 +62,8 @@ def test_phase_plan_per_method():
 
 def test_lr_schedule_per_phase():
     t = TrainConfig(lr=1.0, warmup_ratio=0.2, lr_schedule="linear")
-    lr = lr_schedule(t, 10)  # 2 warm-up steps, then linear decay to 0 at step 10
-    assert [round(lr(s), 3) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
+    lr = lr_schedule(t, 10)  # 2 warm-up steps (lr/2, lr), then linear decay towards 0 at step 10
+    assert [round(lr(s), 3) for s in (0, 1, 2, 6, 9)] == [0.5, 1.0, 1.0, 0.5, 0.125]
     t.lr_schedule = "cosine"
     assert lr_schedule(t, 10)(6) == pytest.approx(0.5)
     t.lr_schedule, t.warmup_ratio = "constant", 0.0
@@ -98,3 +98,18 @@ def test_hf_tokenizer_with_chat_template(tmp_path):
         hf.chat_template = None
         hf.save_pretrained(tmp_path / "plain")
         load_tokenizer(str(tmp_path / "plain"), chat_template=True)
+
+
+def test_lr_schedule_matches_the_closed_forms():
+    import math
+
+    for sched in ("constant", "linear", "cosine"):
+        for total, ratio in ((10, 0.0), (10, 0.1), (50, 0.1), (7, 0.3)):
+            t = TrainConfig(lr=2e-3, warmup_ratio=ratio, lr_schedule=sched)
+            warm, lr = int(ratio * total), lr_schedule(t, total)
+            for step in range(total):
+                frac = (step - warm) / max(1, total - warm)
+                want = (t.lr * (step + 1) / warm if step < warm else
+                        {"constant": t.lr, "linear": t.lr * (1 - frac),
+                         "cosine": t.lr * 0.5 * (1 + math.cos(math.pi * frac))}[sched])
+                assert lr(step) == pytest.approx(want, rel=1e-9, abs=1e-15), (sched, total, ratio, step)

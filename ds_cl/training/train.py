@@ -66,7 +66,8 @@ def schedule_phases(phases: list, global_batch: int, epochs: int, max_steps: Opt
 
 
 def lr_schedule(train_cfg, total: int):
-    """step -> learning rate within a phase of `total` steps: transformers' schedule of that name."""
+    """step -> learning rate within a phase of `total` steps: transformers' schedule of that name, except
+    that warm-up starts at lr/warm, not 0 (transformers gives step 0 a zero learning rate: a wasted step)."""
     import torch
     from transformers import get_scheduler
 
@@ -76,7 +77,7 @@ def lr_schedule(train_cfg, total: int):
     # multiplier is read here, from a stand-in optimizer.
     stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     multiplier = get_scheduler(name, stand_in, num_warmup_steps=warm, num_training_steps=total).lr_lambdas[0]
-    return lambda step: train_cfg.lr * multiplier(step)
+    return lambda step: train_cfg.lr * multiplier(step + 1 if step < warm else step)
 
 
 def build_engine(model, params: list, ds_config: dict):
