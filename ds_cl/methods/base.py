@@ -13,7 +13,7 @@ The loop (ds_cl/training/train.py) calls, in order:
             rec.update(method.step_metrics())
         method.record(matrix, scores); method.export_tensors(module); method.save_task_outputs(...)
 
-`state_dict()` / `load_state_dict()` is what the checkpoint keeps of the method beyond the engine (per
+`state_dict()` / `load_state_dict()` (when `has_state`) is what the checkpoint keeps of the method beyond the engine (per
 rank); None when the engine holds everything.
 """
 
@@ -46,6 +46,7 @@ class Method:
     """Sequential fine-tuning (seqft). Every other method derives from it and overrides what differs."""
 
     name = "seqft"
+    has_state = False  # True: state_dict() holds what the checkpoint must keep beyond the engine
 
     def __init__(self, cfg: "RunConfig", dist: "DistInfo", tokenizer: Any):
         self.cfg, self.dist, self.tokenizer = cfg, dist, tokenizer

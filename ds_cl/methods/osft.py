@@ -19,6 +19,7 @@ from ds_cl.tools.faults import fault_point
 
 class OSFT(Method):
     name = "osft"
+    has_state = True  # the projector's bases
 
     def __init__(self, cfg, dist, tokenizer):
         super().__init__(cfg, dist, tokenizer)

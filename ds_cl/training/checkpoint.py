@@ -210,9 +210,8 @@ class CheckpointManager:
                 tmp.mkdir(parents=True)
             _barrier()
             engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
-            method_state = method.state_dict() if method is not None else None
-            if method_state is not None:
-                torch.save(method_state, tmp / f"method_rank{self.rank}.pt")
+            if method is not None and method.has_state:
+                torch.save(method.state_dict(), tmp / f"method_rank{self.rank}.pt")
             torch.save(rng_state(), tmp / f"rng_rank{self.rank}.pt")
             if self.rank == 0:
                 with open(tmp / "trainer_state.json", "w") as f:
@@ -264,7 +263,7 @@ class CheckpointManager:
                                   "(the method's state, e.g. osft's bases, is sharded per rank: resume with the same "
                                   "world size)")
         pfile = path / f"method_rank{self.rank}.pt"
-        stateful = method is not None and method.state_dict() is not None
+        stateful = method is not None and method.has_state
         if stateful and not pfile.is_file():
             raise CheckpointError(f"{pfile}: missing (the method state of rank {self.rank})")
         load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
