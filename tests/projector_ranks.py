@@ -144,6 +144,44 @@ def run_fit(out_dir: Path, rank: int, world: int) -> None:
     engine.destroy()
 
 
+def run_accumulate(out_dir: Path, rank: int, world: int) -> None:
+    """fit -> mark -> train -> extend -> train: the subspace grows by the first task's update."""
+    engine = make_engine(CASES["z3"][0], world)
+    proj = SubspaceProjector(engine)
+    batches = global_batches()
+
+    def train(steps):
+        for step in steps:
+            for micro in range(GAS):
+                ids = batches[step][micro][rank].to(engine.device)
+                engine.backward(engine(input_ids=ids, labels=ids).loss)
+                proj.step()
+
+    proj.fit(FixedRank(0.25))
+    before = {n: tuple(t.cpu() for t in b) for n, b in proj.bases.items()}
+    ranks_before = dict(proj.ranks)
+    proj.mark()
+    w0 = gather_weights(engine)
+    train(range(STEPS // 2))
+    w1 = gather_weights(engine)
+    added = proj.extend(energy=0.9, max_ratio=0.9)
+    after = {n: tuple(t.cpu() for t in b) for n, b in proj.bases.items()}
+    torch.save(proj.state_dict(), out_dir / f"acc_state_{rank}.pt")
+    restored = SubspaceProjector(engine)
+    restored.load_state_dict(torch.load(out_dir / f"acc_state_{rank}.pt", weights_only=True))
+    same = restored.ranks == proj.ranks and restored.anchor.keys() == proj.anchor.keys() and all(
+        torch.equal(restored.anchor[n], proj.anchor[n]) for n in proj.anchor)
+    train(range(STEPS // 2, STEPS))
+    w2 = gather_weights(engine)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, {"before": before, "after": after, "ranks": dict(proj.ranks), "added": added,
+                                      "round_trip": same})
+    if rank == 0:
+        torch.save({"w0": w0, "w1": w1, "w2": w2, "ranks_before": ranks_before, "per_rank": everyone},
+                   out_dir / "accumulate.pt")
+    engine.destroy()
+
+
 def run_errors(out_dir: Path, rank: int, world: int) -> None:
     """Bad input: each case records the error message (or 'no error')."""
     results = {}
@@ -173,6 +211,7 @@ def run_errors(out_dir: Path, rank: int, world: int) -> None:
     record("unknown_name", lambda: proj.set_bases({"model.embed_tokens.weight": (u, v)}))
     record("adaptive_without_batches", lambda: proj.fit("adaptive"))
     record("bad_policy", lambda: proj.fit("sometimes"))
+    record("extend_without_mark", lambda: proj.extend(0.9, 0.9))
     engine.destroy()
     engine = make_engine({"zero_optimization": {"stage": 1}}, world)
     record("zero_stage_1", lambda: SubspaceProjector(engine))
@@ -194,6 +233,8 @@ def main() -> None:
         for case in cases:
             if case == "fit":
                 run_fit(out_dir, rank, world)
+            elif case == "accumulate":
+                run_accumulate(out_dir, rank, world)
             elif case == "errors":
                 run_errors(out_dir, rank, world)
             else:

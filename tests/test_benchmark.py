@@ -30,6 +30,17 @@ def test_run_configs_fill_method_seed_output_and_task_folders(tmp_path):
     assert base["tasks"][0]["train"] == "SC/x"  # the base is not changed
 
 
+def test_variants_are_fragments_merged_into_the_base(tmp_path):
+    base = {"tasks": [], "method": {"osft": {"rank": "fixed", "ratio": 0.5}}, "train": {"lr": 1e-5}}
+    variants = {"osft-acc": {"method": {"name": "osft", "osft": {"subspace": "accumulate"}}, "train": {"lr": 2e-5}}}
+    runs = run_configs(base, tmp_path, ["osft", "osft-acc"], [0], tmp_path / "out", variants)
+    assert runs[("osft", 0)]["method"] == {"name": "osft", "osft": {"rank": "fixed", "ratio": 0.5}}
+    acc = runs[("osft-acc", 0)]
+    assert acc["method"] == {"name": "osft", "osft": {"rank": "fixed", "ratio": 0.5, "subspace": "accumulate"}}
+    assert acc["train"]["lr"] == 2e-5 and acc["output_dir"] == str(tmp_path / "out" / "osft-acc_seed0")
+    assert base["method"]["osft"] == {"rank": "fixed", "ratio": 0.5}
+
+
 def test_compare_mean_and_spread_over_seeds():
     s = {("seqft", 0): summary([[0.8], [0.4, 0.9]]), ("seqft", 1): summary([[0.6], [0.2, 0.7]]),
          ("osft", 0): summary([[0.8], [0.8, 0.6]])}
@@ -62,21 +73,25 @@ def test_benchmark_end_to_end_two_methods(tmp_path):
             "train": {"lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 8, "max_seq_len": 96,
                       "max_steps_per_task": 2},
             "eval": {"batch_size": 8, "max_new_tokens": 3}, "output": {"export_each_task": False},
-            "tasks": [{"name": "a", "train": "SC/toy-a"}, {"name": "b", "train": "TC/toy-b"}]}
+            "tasks": [{"name": "a", "train": "SC/toy-a"}, {"name": "b", "train": "TC/toy-b"}],
+            "variants": {"osft-acc": {"method": {"name": "osft", "osft": {"subspace": "accumulate"}}}}}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ds_cl.cli", "benchmark", str(tmp_path / "base.yaml"), "--data", str(root),
-           "--methods", "seqft,osft", "--seeds", "3", "--out", str(out)]
+           "--methods", "seqft,osft,osft-acc", "--seeds", "3", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "comparison.json").read_text())
-    assert res["tasks"] == ["a", "b"] and list(res["methods"]) == ["seqft", "osft"]
+    assert res["tasks"] == ["a", "b"] and list(res["methods"]) == ["seqft", "osft", "osft-acc"]
     assert all(len(r["matrices"][0]) == 2 for r in res["methods"].values())
+    log = (out / "osft-acc_seed3.log").read_text()
+    assert "phase 1: protected the update of a" in log, log[-2000:]
     assert (out / "comparison.png").stat().st_size > 10_000 and "| `osft` |" in (out / "comparison.md").read_text()
     # Complete runs are read, not redone.
     again = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and again.stdout.count("complete in") == 2, again.stdout[-2000:]
+    assert again.returncode == 0 and again.stdout.count("complete in") == 3, again.stdout[-2000:]
     # Bad input fails before any run.
     bad = subprocess.run(cmd[:-6] + ["--methods", "lora", "--out", str(tmp_path / "o2")], cwd=REPO, env=cpu_env(),
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "unknown method 'lora'" in bad.stderr and not (tmp_path / "o2").exists()
+    assert bad.returncode == 2 and "unknown method 'lora'" in bad.stderr and "osft-acc" in bad.stderr
+    assert not (tmp_path / "o2").exists()

@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("projector")
     torch.save(fixed_bases(tiny_llama()), out / "bases.pt")
     launch(SCRIPT, 2, out, "z3", "z3_offload", "z3_paper", "z3_noupdate", "z3_bf16", "z2", "z3_audit2", "fit",
-           "errors")
+           "accumulate", "errors")
     launch(SCRIPT, 3, out, "z3_nooverlap", "z3_buckets")
     launch(SCRIPT, 1, out, "z0")
     return out
@@ -197,12 +197,13 @@ def test_fit_matches_one_process_svd_and_importance(runs):
     ("unknown_name", ["embed_tokens.weight", "not a projector target"]),
     ("adaptive_without_batches", ["importance_batches"]),
     ("bad_policy", ["sometimes"]),
+    ("extend_without_mark", ["mark()"]),
     ("zero_stage_1", ["ZeRO stage 1"]),
     ("bf16_without_fp32_accum", ["grad_accum_dtype"]),
 ])
 def test_bad_input_is_a_clear_error(runs, case, needles):
     msg = json.loads((runs / "errors.json").read_text())[case]
-    assert msg.startswith("ValueError"), msg
+    assert msg.startswith("RuntimeError" if case == "extend_without_mark" else "ValueError"), msg
     for needle in needles:
         assert needle in msg, msg
 
@@ -211,3 +212,37 @@ def test_state_dict_round_trip(runs):
     fit = torch.load(runs / "fit.pt", weights_only=False)
     assert fit["state_round_trip"] is True
     assert "resume on the same number of ranks" in fit["wrong_world_error"]
+
+
+def test_accumulate_protects_the_finished_tasks_update(runs):
+    """extend(): the old bases stay, the added directions hold 90% of the task's update, the ranks agree
+    on every rank, the state (task-start weights included) round-trips, and the next task's update is
+    orthogonal to the grown subspace."""
+    acc = torch.load(runs / "accumulate.pt", weights_only=False)
+    per_rank = acc["per_rank"]
+    assert per_rank[0]["ranks"] == per_rank[1]["ranks"] and per_rank[0]["added"] == per_rank[1]["added"]
+    assert all(r["round_trip"] for r in per_rank)
+    ranks, added = per_rank[0]["ranks"], per_rank[0]["added"]
+    before = {n: b for r in per_rank for n, b in r["before"].items()}
+    after = {n: b for r in per_rank for n, b in r["after"].items()}
+    names = S.select_targets(acc["w0"])
+    assert set(after) == set(names)
+    grew = 0
+    for n in names:
+        r0 = acc["ranks_before"][n]
+        assert ranks[n] == r0 + added[n] and ranks[n] <= 0.9 * min(acc["w0"][n].shape) + 1e-9
+        u, v = (t.double() for t in after[n])
+        for b in (u, v):
+            assert torch.allclose(b.T @ b, torch.eye(b.shape[1], dtype=torch.float64), atol=1e-6), n
+        u0, v0 = (t.double() for t in before[n])
+        assert torch.allclose(u[:, :r0] @ u[:, :r0].T, u0 @ u0.T, atol=1e-6), f"{n}: the old subspace moved"
+        assert torch.allclose(v[:, :r0] @ v[:, :r0].T, v0 @ v0.T, atol=1e-6), f"{n}: the old subspace moved"
+        dw1 = (acc["w1"][n] - acc["w0"][n]).double()
+        rest = dw1 - u @ (u.T @ dw1)
+        rest = rest - (rest @ v) @ v.T
+        if added[n] and ranks[n] < 0.9 * min(dw1.shape) - 1:  # not capped: 90% of |dW|^2 now protected
+            assert rest.norm() ** 2 <= 0.1 * dw1.norm() ** 2 + 1e-12, n
+        grew += added[n] > 0
+        dw2 = (acc["w2"][n] - acc["w1"][n]).double()
+        assert S.leak(dw2, u, v) < 1e-5, f"{n}: the second task's update leaks into the grown subspace"
+    assert grew == len(names), f"only {grew} of {len(names)} targets gained directions"

@@ -151,3 +151,40 @@ def test_check_bases():
         S.check_bases("w", (6, 4), U * 1.1, V)
     with pytest.raises(ValueError, match="columns"):
         S.check_bases("w", (6, 4), U, orthonormal(4, 3, 2).float())
+
+
+def test_update_directions_hold_the_asked_energy_with_the_fewest_directions():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(40, 6, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(30, 6, dtype=torch.float64))
+    s = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25], dtype=torch.float64)
+    dw = (u * s) @ v.T
+    share = torch.cumsum(s * s, 0) / (s * s).sum()  # 0.76, 0.95, 0.99, ...
+    for energy, k in ((0.5, 1), (0.9, 2), (0.95, 2 if share[1] >= 0.95 else 3), (1.0, 6)):
+        ud, vd = S.update_directions(dw.float(), energy, max_rank=30)
+        assert ud.shape == (40, k) and vd.shape == (30, k), (energy, ud.shape)
+        assert torch.allclose(ud.double() @ ud.double().T, u[:, :k] @ u[:, :k].T, atol=1e-5)
+    assert S.update_directions(dw.float(), 1.0, max_rank=3)[0].shape[1] == 3  # the cap wins
+    assert S.update_directions(torch.zeros(40, 30), 0.9, max_rank=30)[0].shape == (40, 0)
+    with pytest.raises(ValueError, match="non-finite"):
+        S.update_directions(torch.full((4, 3), float("nan")), 0.9, 3)
+    with pytest.raises(ValueError, match="energy"):
+        S.update_directions(dw.float(), 1.5, 3)
+
+
+def test_extend_bases_keeps_the_old_directions_and_stays_orthonormal():
+    torch.manual_seed(1)
+    w = torch.randn(20, 16)
+    u_h, v_h = S.svd_bases(w, 5)
+    # An update projected away from the bases, then its top directions, added five times over.
+    for _ in range(5):
+        dw = S.project(torch.randn(20, 16), u_h, v_h)
+        ud, vd = S.update_directions(dw, 0.3, max_rank=2)
+        r = u_h.shape[1]
+        u_new, v_new = S.extend_bases(u_h, v_h, ud, vd)
+        assert u_new.shape == (20, r + ud.shape[1]) and v_new.shape == (16, r + vd.shape[1])
+        assert torch.equal(u_new[:, :r], u_h) and torch.equal(v_new[:, :r], v_h)
+        S.check_bases("w", (20, 16), u_new, v_new, tol=1e-6)
+        assert S.leak(S.project(dw, u_new, v_new), u_new, v_new) < 1e-6
+        u_h, v_h = u_new, v_new
+    assert S.extend_bases(u_h, v_h, torch.zeros(20, 0), torch.zeros(16, 0))[0] is u_h

@@ -177,6 +177,8 @@ class SubspaceProjector:
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # owned targets only (views into packs)
         self._packs: dict = {}
         self.importance: dict[str, float] | None = None
+        # Owned targets' fp32 weights at the start of the task (host memory), for `extend`; None until `mark`.
+        self.anchor: dict[str, torch.Tensor] | None = None
         self._leaks: dict[str, float] = {}
         self._steps_since_bases = 0
         # audited_at: the optimizer step (1-based) whose leaks audit() returns; 0 before any.
@@ -418,6 +420,48 @@ class SubspaceProjector:
         self._install(bases, ranks)
         return dict(ranks)
 
+    @torch.no_grad()
+    def mark(self) -> None:
+        """Start of a task (collective): remember the owned targets' weights, so that `extend` at the
+        end can protect what the task changed. Kept in host memory: one fp32 copy of the owned targets
+        (total / world per rank), touched only at task boundaries."""
+        anchor = {}
+        for full in self._gathered(self.buckets, lambda n: self.shards.get_master(n).float()):
+            anchor.update((n, w.to("cpu", copy=True)) for n, w in full.items())
+        self.anchor = anchor
+
+    @torch.no_grad()
+    def extend(self, energy: float, max_ratio: float) -> dict[str, int]:
+        """End of a task (collective): add to every target's protected subspace the top directions of the
+        task's update dW = W - W(mark), as many as hold `energy` of |dW|^2 while the total stays within
+        `max_ratio` x min(m, n); then mark the current weights for the next task. Keeps what was
+        protected (see `ds_cl.core.subspace.extend_bases`). Returns {param_name: directions added}."""
+        if self.anchor is None:
+            raise RuntimeError("extend() needs mark() at the start of the task (the weights to diff against)")
+        added = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+        bases, anchor = {}, {}
+        for full in self._gathered(self.buckets, lambda n: self.shards.get_master(n).float()):
+            for n, w in full.items():
+                m, k = self.shapes[n]
+                u, v = self.bases.get(n, (w.new_zeros(m, 0), w.new_zeros(k, 0)))
+                # Projected again: without project_update the optimizer's step leaks, and rounding always does.
+                dw = S.project((w - self.anchor[n].to(w.device)).view(m, k), u, v, "two_sided")
+                room = max(0, math.floor(max_ratio * min(m, k) + 1e-9) - u.shape[1])
+                try:
+                    u_d, v_d = S.update_directions(dw, energy, room)
+                except ValueError as e:
+                    raise ValueError(f"{n}: {e}") from None
+                bases[n] = S.extend_bases(u, v, u_d.to(u.device), v_d.to(v.device))
+                added[self.index[n]] = u_d.shape[1]
+                anchor[n] = w.to("cpu", copy=True)
+        if self.world > 1:
+            dist.all_reduce(added, group=self.group)
+        counts = added.tolist()
+        ranks = {n: self.ranks[n] + int(counts[self.index[n]]) for n in self.names}
+        self._install(bases, ranks)
+        self.anchor = anchor
+        return {n: int(counts[self.index[n]]) for n in self.names}
+
     def layer_importance(self, batches: Sequence[Mapping[str, torch.Tensor]], normalize: str = "minmax") -> dict[str, float]:
         """Per decoder layer, normalised importance from input/output cosine similarity (collective)."""
         batches = list(batches)
@@ -506,6 +550,7 @@ class SubspaceProjector:
             "ranks": dict(self.ranks),
             "importance": self.importance,
             "bases": {n: (u.cpu().clone(), v.cpu().clone()) for n, (u, v) in self.bases.items()},
+            "anchor": None if self.anchor is None else {n: w.clone() for n, w in self.anchor.items()},
         }
 
     def load_state_dict(self, sd: Mapping) -> None:
@@ -527,8 +572,12 @@ class SubspaceProjector:
         missing = [n for n in self.owned() if sd["ranks"][n] > 0 and n not in bases]
         if missing:
             raise ValueError(f"projector state lacks the bases of {missing[0]} (rank {sd['ranks'][missing[0]]})")
+        anchor = sd.get("anchor")
+        if anchor is not None and sorted(anchor) != sorted(self.owned()):
+            raise ValueError("projector state's task-start weights do not match this rank's targets")
         self._install(bases, dict(sd["ranks"]))
         self.importance = sd.get("importance")
+        self.anchor = None if anchor is None else {n: w.to("cpu", torch.float32) for n, w in anchor.items()}
 
 
 class _InFlight:

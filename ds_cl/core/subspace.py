@@ -21,6 +21,13 @@ Rank policies give r per matrix as a fraction of min(m, n):
   similar keeps trr. When every layer has the same c (or there is one layer) all get I = 1: with no
   evidence to tell layers apart, protect as much as the policy allows. ``normalize="none"`` uses
   I_l = clamp(c_l, 0, 1) instead.
+
+Accumulating the subspace (ds-cl's variant, `update_directions` / `extend_bases`): instead of refitting
+U_h, V_h from the current W at each task boundary, keep them and add the top singular directions of the
+finished task's update dW = W_after - W_before. Under the two-sided constraint dW already lies in the
+complement of the protected subspace on both sides, so its directions extend the bases exactly, and
+the next task cannot move what the previous one wrote. A refit cannot do that: the finished task's
+update is small and sits in the low singular directions that the refit leaves free.
 """
 
 from __future__ import annotations
@@ -192,6 +199,45 @@ def svd_bases(weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float3
         log.warning("SVD of a %s weight failed in %s (%s); retrying in float64", tuple(weight.shape), dtype, e)
         u, _, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
     return u[:, :rank].float().contiguous(), vh[:rank].T.float().contiguous()
+
+
+def update_directions(dw: torch.Tensor, energy: float, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top singular directions of an update dW (m x n) holding `energy` of its squared Frobenius norm,
+    at most `max_rank` of them: (U_d m x k, V_d n x k) in fp32. A zero update gives k = 0."""
+    if not 0.0 <= energy <= 1.0:
+        raise ValueError(f"energy must be in [0, 1], got {energy}")
+    if not torch.isfinite(dw).all():
+        raise ValueError("update has non-finite entries; refusing to fit bases from it")
+    m, n = dw.shape
+    u, s, vh = torch.linalg.svd(dw.double(), full_matrices=False)
+    total = float((s * s).sum())
+    if total <= 0.0 or energy == 0.0 or max_rank <= 0:
+        return dw.new_zeros(m, 0, dtype=torch.float32), dw.new_zeros(n, 0, dtype=torch.float32)
+    share = torch.cumsum(s * s, 0) / total
+    # The smallest k whose directions hold `energy` of the update (float tolerance on the last step).
+    k = int(torch.searchsorted(share, torch.tensor(energy - 1e-12, dtype=share.dtype))) + 1
+    k = min(k, max_rank, int((s > s[0] * 1e-6).sum()))
+    return u[:, :k].float().contiguous(), vh[:k].T.float().contiguous()
+
+
+def extend_bases(u_h: torch.Tensor, v_h: torch.Tensor, u_d: torch.Tensor,
+                 v_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal bases of span[U_h, U_d] and span[V_h, V_d], the first columns spanning U_h / V_h.
+
+    U_d, V_d come from an update projected away from U_h, V_h, so they are orthogonal to them up to
+    rounding; one Gram-Schmidt pass in float64 removes the rounding, so bases stay orthonormal to 1e-12
+    however many tasks add to them.
+    """
+    def grow(b, d):
+        d = d.double() - b.double() @ (b.double().T @ d.double())
+        q, _ = torch.linalg.qr(d)
+        return torch.cat([b, q.to(b.dtype)], dim=1).contiguous()
+
+    if u_d.shape[1] != v_d.shape[1]:
+        raise ValueError(f"U_d has {u_d.shape[1]} columns but V_d has {v_d.shape[1]}")
+    if u_d.shape[1] == 0:
+        return u_h, v_h
+    return grow(u_h, u_d), grow(v_h, v_d)
 
 
 def check_bases(name: str, shape: Sequence[int], u_h: torch.Tensor, v_h: torch.Tensor, tol: float = 1e-4) -> None:

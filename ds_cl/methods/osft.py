@@ -1,9 +1,14 @@
 """osft: orthogonal-subspace full fine-tuning (arXiv 2504.07097) in the training loop.
 
-At the start of each task the projector (ds_cl/core/projector.py) refits the protected subspace of every
-target matrix from the current weights: the top singular directions, as many as the rank policy gives
-(adaptive: from each layer's importance on the previous task's samples; fixed: one ratio). Every step
-then goes through the projector, which keeps the update in the orthogonal complement.
+The projector (ds_cl/core/projector.py) holds a protected subspace per target matrix; every step goes
+through it, which keeps the update in the orthogonal complement. `method.osft.subspace` says how the
+subspace follows the sequence:
+
+* refit (the paper): at the start of each task, the top singular directions of the current weights, as
+  many as the rank policy gives (adaptive: from each layer's importance on the previous task's samples;
+  fixed: one ratio).
+* accumulate (osft-acc): the rank policy's fit once before the first task; at the start of each later
+  task, the top directions of the previous task's update are added to what is protected.
 
 The optimizer has two parameter groups: the targets, and the rest (embeddings, norms, lm_head), whose
 learning rate is scaled by `method.osft.non_target_lr_scale` while the constraint is on.
@@ -47,8 +52,32 @@ class OSFT(Method):
         return phase > 0 or self.opts.fit_before_first_task
 
     def start_task(self, phase, phases, fresh):
-        if fresh and self.constrained(phase):
-            self.fit(phase, phases)
+        if not fresh:  # resumed inside the task: the checkpoint restored the subspace
+            return
+        if self.opts.subspace == "refit":
+            if self.constrained(phase):
+                self.fit(phase, phases)
+        elif phase == 0:
+            if self.opts.fit_before_first_task:
+                self.fit(phase, phases)
+            self.projector.mark()
+        else:
+            self.extend(phase, phases)
+
+    def extend(self, phase, phases) -> None:
+        o, t0 = self.opts, time.time()
+        try:
+            added = self.projector.extend(o.update_energy, o.max_protected_ratio)
+        except ValueError as e:
+            raise ValueError(f"task {phase} ({phases[phase].name}): protecting the update of task {phase - 1} "
+                             f"refused on rank {self.dist.rank}: {e}") from None
+        if self.dist.rank == 0:
+            shapes = self.projector.shapes
+            share = lambda r: sum(r[n] / min(shapes[n]) for n in r) / len(r)  # noqa: E731
+            print(f"[ds-cl] phase {phase}: protected the update of {phases[phase - 1].name} (+{100 * share(added):.1f}% "
+                  f"of directions, now {100 * share(self.projector.ranks):.1f}%) in {time.time() - t0:.1f}s",
+                  flush=True)
+        fault_point("fit", self.dist.rank, phase=phase)
 
     def fit(self, phase, phases) -> None:
         from ds_cl.core.subspace import AdaptiveRank, FixedRank

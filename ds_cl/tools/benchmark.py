@@ -3,7 +3,9 @@ methods and seeds, one comparison table.
 
 CONFIG is a run config whose tasks name folders of the continual-learning benchmark's layout relative to
 `--data` (e.g. `train: SC/SST-2`); each (method, seed) run gets its own output folder under --out, run
-one after another with `ds-cl train` on local ranks. A run already complete there is read, not redone, so
+one after another with `ds-cl train` on local ranks. Besides the method names, `--methods` takes the
+labels of variants defined in CONFIG's `variants:` section, each a fragment merged into the run config
+(e.g. `osft-paper: {method: {name: osft, osft: {subspace: refit}}}`): an ablation is one benchmark. A run already complete there is read, not redone, so
 an interrupted benchmark continues where it stopped. Then:
 
     DIR/comparison.md     per method: final accuracy per task, AA, BWT, mean of the matrix diagonal
@@ -27,13 +29,25 @@ import yaml
 from ds_cl.tools.local_runs import launch_train
 
 
-def run_configs(base: dict, data: Path, methods: list[str], seeds: list[int], out: Path) -> dict:
-    """(method, seed) -> run config: the base with method, seed, output_dir and task folders filled."""
-    runs = {}
+def merged(base: dict, fragment: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in fragment.items():
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def run_configs(base: dict, data: Path, methods: list[str], seeds: list[int], out: Path,
+                variants: dict | None = None) -> dict:
+    """(label, seed) -> run config: the base (merged with the label's variant, if it names one) with method,
+    seed, output_dir and task folders filled."""
+    runs, variants = {}, variants or {}
     for method in methods:
         for seed in seeds:
-            cfg = copy.deepcopy(base)
-            cfg.setdefault("method", {})["name"] = method
+            if method in variants:
+                cfg = merged(base, variants[method])
+            else:
+                cfg = copy.deepcopy(base)
+                cfg.setdefault("method", {})["name"] = method
             cfg["seed"] = seed
             cfg["output_dir"] = str(out / f"{method}_seed{seed}")
             for task in cfg.get("tasks", []):
@@ -119,21 +133,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key.sub=value applied to every run config")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in REGISTRY]
-    if bad:
-        print(f"ds-cl benchmark: unknown method {bad[0]!r} (known: {', '.join(REGISTRY)})", file=sys.stderr)
-        return 2
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
         base = yaml.safe_load(args.config.read_text())
     except (ValueError, OSError, yaml.YAMLError) as e:
         print(f"ds-cl benchmark: {e}", file=sys.stderr)
         return 2
+    variants = base.pop("variants", None) or {}
+    bad = [m for m in methods if m not in REGISTRY and m not in variants]
+    if bad:
+        print(f"ds-cl benchmark: unknown method {bad[0]!r} (methods: {', '.join(REGISTRY)}; variants in "
+              f"{args.config}: {', '.join(variants) or 'none'})", file=sys.stderr)
+        return 2
+    odd = [k for k, v in variants.items() if not isinstance(v, dict) or "name" not in (v.get("method") or {})]
+    if odd:
+        print(f"ds-cl benchmark: variant {odd[0]!r} in {args.config} must be a config fragment that sets "
+              f"method.name", file=sys.stderr)
+        return 2
     from ds_cl.training.config import ConfigError, apply_override, load_config
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    runs = run_configs(base, args.data.resolve(), methods, seeds, out)
+    runs = run_configs(base, args.data.resolve(), methods, seeds, out, variants)
     try:  # every run config checked before the first run starts
         for item in args.overrides:
             for cfg in runs.values():

@@ -53,6 +53,15 @@ class ModelConfig:
 
 @dataclass
 class OSFTConfig:
+    # How the protected subspace evolves over the sequence. refit (the paper): at each task boundary,
+    # the top directions of the current weights, as many as the rank policy gives. accumulate (ds-cl's
+    # osft-acc): the rank policy's fit once before the first task, then at each boundary add the top
+    # directions of the finished task's update, so later tasks cannot move it (docs/osft.md).
+    subspace: Literal["refit", "accumulate"] = "refit"
+    # accumulate: the added directions hold this share of the finished task's |dW|^2 ...
+    update_energy: float = 0.9
+    # ... while each matrix's protected directions stay within this fraction of min(m, n).
+    max_protected_ratio: float = 0.9
     # Rank policy per matrix: the paper's adaptive layer importance, or one fixed ratio.
     rank: Literal["adaptive", "fixed"] = "adaptive"
     mrr: float = 0.1  # adaptive: minimum retained ratio
@@ -376,6 +385,9 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     o = cfg.method.osft
     need(0 <= o.mrr <= o.trr <= 1, "method.osft.mrr", f"need 0 <= mrr <= trr <= 1, got mrr={o.mrr} trr={o.trr}")
     need(0 <= o.ratio <= 1, "method.osft.ratio", f"must be in [0, 1], got {o.ratio}")
+    need(0 <= o.update_energy <= 1, "method.osft.update_energy", f"must be in [0, 1], got {o.update_energy}")
+    need(0 <= o.max_protected_ratio <= 1, "method.osft.max_protected_ratio",
+         f"must be in [0, 1], got {o.max_protected_ratio}")
     need(o.non_target_lr_scale >= 0, "method.osft.non_target_lr_scale", "must be >= 0")
     need(o.importance_samples >= 1, "method.osft.importance_samples", "must be >= 1")
     need(o.audit_every >= 1, "method.osft.audit_every", f"must be >= 1, got {o.audit_every}")
