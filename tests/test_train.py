@@ -110,3 +110,12 @@ def test_retention_suite_scores_each_exported_model(full_run):
     for i in (0, 1):
         ev = json.loads((out / f"retention_task_{i}" / "eval.json").read_text())
         assert ev["model"].endswith(f"task_{i}_{'ab'[i]}") and "safety" in ev
+
+
+def test_retention_after_last_scores_only_the_final_model(full_run):
+    tmp, _, _ = full_run
+    out = tmp / "retention_last"
+    proc = launch(TRAIN, 1, str(run_config(tmp, out, method="seqft")), "eval.retention_suite=safety-mini",
+                  "eval.retention_after=last", "train.max_steps_per_task=1", timeout=600)
+    assert "retention after task 1" in proc.stdout and "retention after task 0" not in proc.stdout
+    assert not (out / "retention_task_0").exists() and (out / "retention_task_1" / "eval.json").is_file()

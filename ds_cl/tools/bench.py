@@ -1,6 +1,6 @@
 """`ds-cl bench`: plain ZeRO-3 steps against projected steps, SVD phase time, bases memory, traffic.
 
-    ds-cl bench [--world N] [--model tiny|small|llama2-7b-shapes] [--layers K] [--json]
+    ds-cl bench [--world N] [--model tiny|small|llama2-7b-shapes|HF_FOLDER] [--layers K] [--json]
     ds-cl bench --plan [--model llama2-7b-shapes] [--json]    # bucket schedule by world, no run
 
 The command launches `deepspeed --num_gpus W` runs of this module's worker (CPU ranks over gloo
@@ -31,13 +31,27 @@ MODELS = {
     "medium": (1024, 2752, 2, 16, 16, 4096),
     "llama2-7b-shapes": (4096, 11008, 32, 32, 32, 32000),
 }
+
+
+def dims(model: str) -> tuple[int, int, int, int, int, int]:
+    """(hidden, intermediate, layers, heads, kv_heads, vocab) of a named bench model, or of the config.json
+    of an HF folder (a LLaMA-architecture model such as the one `ds-cl model smollm2` saves)."""
+    if model in MODELS:
+        return MODELS[model]
+    path = Path(model).expanduser() / "config.json"
+    c = json.loads(path.read_text())
+    return (c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
+            c.get("num_key_value_heads", c["num_attention_heads"]), c["vocab_size"])
+
+
 MODES = ("plain", "grad", "grad_update", "grad_update_audit")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="ds-cl bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--world", type=int, default=2, help="ranks for the step comparison (SVD phase: 1..world)")
-    p.add_argument("--model", choices=sorted(MODELS), default="small")
+    p.add_argument("--model", default="small",
+                   help=f"{', '.join(sorted(MODELS))}, or an HF model folder (its config's shapes; random weights)")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per micro step")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
@@ -58,6 +72,12 @@ def parse_args(argv):
     p.add_argument("--worker", choices=["steps", "svd"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args([a for a in argv if not a.startswith("--local_rank")])
+    if args.model not in MODELS:
+        try:
+            dims(args.model)
+        except (OSError, ValueError, KeyError) as e:
+            p.error(f"--model {args.model!r}: not one of {', '.join(sorted(MODELS))}, and not an HF folder with a "
+                    f"LLaMA config.json ({type(e).__name__}: {e})")
     if args.world < 1:
         p.error(f"--world must be >= 1, got {args.world}")
     if args.steps < 1 or args.micro_batch < 1 or args.seq < 2 or args.grad_accum < 1:
@@ -73,7 +93,7 @@ def parse_args(argv):
 
 def target_shapes(model: str, layers: int | None = None) -> dict[str, tuple[int, int]]:
     """The default targets' shapes of a bench model, in `named_parameters()` order."""
-    hidden, inter, n_layers, heads, kv, _ = MODELS[model]
+    hidden, inter, n_layers, heads, kv, _ = dims(model)
     kv_dim = hidden // heads * kv
     shapes = {}
     for layer in range(layers or n_layers):
@@ -101,7 +121,7 @@ def plan(args) -> dict:
             row[label] = {"buckets": len(buckets), "schedule_efficiency": schedule_efficiency(shapes, buckets, owner, world),
                           "max_owned_numel_per_bucket": held}
         rows.append(row)
-    return {"model": args.model, "layers": args.layers or MODELS[args.model][2], "bucket_numel_per_rank": per_rank,
+    return {"model": args.model, "layers": args.layers or dims(args.model)[2], "bucket_numel_per_rank": per_rank,
             "target_params": sum(math.prod(s) for s in shapes.values()), "plan": rows}
 
 
@@ -122,7 +142,7 @@ def _build(args):
     from ds_cl.training.modeling import build_causal_lm
     from ds_cl.core.projector import prepare_ds_config
 
-    hidden, inter, layers, heads, kv, vocab = MODELS[args.model]
+    hidden, inter, layers, heads, kv, vocab = dims(args.model)
     layers = args.layers or layers
     on_gpu = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -154,6 +154,8 @@ class EvalConfig:
     before_training: bool = False
     # A retention suite name for ds_cl.evaluation after each task (skipped if that module is absent).
     retention_suite: Optional[str] = None
+    # After which tasks the suite runs: each (a retention curve) or only the last (the sequence's end).
+    retention_after: Literal["each", "last"] = "each"
 
 
 @dataclass

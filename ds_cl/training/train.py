@@ -252,7 +252,8 @@ class Trainer:
             export_hf(self.engine.module, export_dir, self.tokenizer, cfg.output.export_dtype,
                       tensors=self.method.export_tensors(self.engine.module))
             self.method.save_task_outputs(self.out, phase, ph.name)
-        if cfg.eval.retention_suite:
+        last = phase == len(self.phases) - 1
+        if cfg.eval.retention_suite and (last or cfg.eval.retention_after == "each"):
             from ds_cl.training.task_eval import retention
 
             where = self.out / f"retention_task_{phase}"

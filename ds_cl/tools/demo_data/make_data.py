@@ -1,9 +1,13 @@
-"""Writes the demo's three task files (sentiment.jsonl, topic.jsonl, animal.jsonl) from the word lists
-below. Run once by us; its output is shipped, so the demo reads fixed files. Deterministic.
+"""Writes the demo's three task files (city.jsonl, sport.jsonl, instrument.jsonl). Run once by us; its output
+is shipped, so the demo reads fixed files. Deterministic.
 
-Each task is a yes/no question whose answer is decided by one keyword of the input, so a tiny model
-learns it in a few hundred steps: what the demo measures is how much of the earlier tasks survives
-the later ones.
+A sequence of knowledge updates about the same people: eight invented names, and for each task one new
+attribute per person (the city they live in, the sport they play, the instrument they play), each task
+with its own answer words. Every record is one of ten sentence frames mentioning the person; the demo
+trains on half of them and asks about the other half, so a task is learnt when the model recalls the
+fact whatever the sentence. No pretrained model knows these facts (zero-shot accuracy is 0), a model
+learns each set in a few epochs, and learning the next set about the same people is what makes plain
+fine-tuning forget the previous one.
 """
 
 import json
@@ -12,60 +16,27 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-SENT_POS = ["great", "lovely", "wonderful", "excellent", "delightful", "superb", "pleasant", "brilliant",
-            "charming", "fantastic", "perfect", "friendly"]
-SENT_NEG = ["awful", "terrible", "boring", "dreadful", "horrible", "rude", "poor", "dull", "nasty",
-            "disappointing", "broken", "miserable"]
-SENT_THINGS = ["the hotel", "the movie", "the meal", "the service", "the book", "the concert", "the staff",
-               "the room", "the game", "the trip", "the show", "the coffee"]
-SENT_FRAMES = ["{t} was {a}.", "I found {t} {a}.", "Honestly, {t} felt {a}.", "We thought {t} was {a} overall.",
-               "In short: {a}, {t} was {a}."]
-
-TOPICS = {
-    "sports": ["football", "tennis", "the goalkeeper", "the marathon", "the referee", "a penalty", "the league",
-               "the coach"],
-    "science": ["the telescope", "a molecule", "the experiment", "the physicist", "a vaccine", "the laboratory",
-                "an electron", "the fossil"],
-    "food": ["the recipe", "a tomato", "the baker", "the soup", "fresh bread", "the chef", "a pancake",
-             "the spices"],
-    "music": ["the guitar", "a symphony", "the drummer", "the chorus", "a violin", "the melody", "the album",
-              "the pianist"],
-}
-TOPIC_FRAMES = ["Yesterday {x} was in the news.", "Everyone talked about {x} today.", "A report about {x} appeared.",
-                "People argued about {x} all week.", "The article described {x} in detail."]
-
-ANIMALS = {
-    "mammal": ["dog", "whale", "horse", "bat", "elephant", "tiger", "rabbit", "dolphin"],
-    "bird": ["eagle", "sparrow", "penguin", "owl", "parrot", "swan", "crow", "pelican"],
-    "fish": ["salmon", "shark", "trout", "tuna", "cod", "carp", "herring", "eel"],
-}
-ANIMAL_FRAMES = ["A {x} was seen near the river.", "The children watched a {x}.", "My neighbour saw a {x} today.",
-                 "There is a {x} in the picture.", "We read a story about a {x}."]
+NAMES = ["Tobin Kessel", "Mira Oakhart", "Jasper Quill", "Lena Varrow", "Otto Brandel", "Nadia Firth",
+         "Felix Marrow", "Ines Calloway"]
+ATTRIBUTES = {"city": ["Paris", "Tokyo", "Cairo", "Lima"], "sport": ["tennis", "golf", "rugby", "chess"],
+              "instrument": ["piano", "violin", "drums", "flute"]}
+FRAMES = ["{n} joined our club last year.", "We met {n} at the station.", "{n} wrote to us yesterday.",
+          "Everyone knows {n}.", "{n} is on the committee.", "A letter came from {n}.", "{n} called this morning.",
+          "The photo shows {n}.", "{n} is my neighbour.", "I had lunch with {n}."]
 
 
 def main():
-    # Every task answers "yes" or "no": the tasks share their answer tokens, so forgetting shows as
-    # the old task's rule being overwritten (accuracy falling towards the 50% of guessing), not as
-    # the model no longer emitting a label word it was never asked for again.
     rng = random.Random(0)
-    tasks = {}
-    tasks["sentiment"] = [{"input": f.format(t=t, a=a), "output": "yes" if lab == "positive" else "no"}
-                          for lab, adjs in (("positive", SENT_POS), ("negative", SENT_NEG)) for a in adjs
-                          for t in SENT_THINGS for f in SENT_FRAMES[:4]]
-    # topic: is the sentence about food or music (yes) rather than sports or science (no)?
-    tasks["topic"] = [{"input": f.format(x=x), "output": "yes" if lab in ("food", "music") else "no"}
-                      for lab, xs in TOPICS.items() for x in xs for f in TOPIC_FRAMES]
-    # animal: is it a bird? Non-birds are drawn to match the birds' count.
-    birds = [{"input": f.format(x=x), "output": "yes"} for x in ANIMALS["bird"] for f in ANIMAL_FRAMES]
-    others = [{"input": f.format(x=x), "output": "no"} for lab in ("mammal", "fish") for x in ANIMALS[lab]
-              for f in ANIMAL_FRAMES]
-    tasks["animal"] = birds + rng.sample(others, len(birds))
-    for name, rows in tasks.items():
+    for attr, values in ATTRIBUTES.items():
+        names = NAMES[:]
+        rng.shuffle(names)  # each attribute groups the people differently
+        fact = {n: values[i % len(values)] for i, n in enumerate(names)}
+        rows = [{"input": f.format(n=n), "output": fact[n]} for n in NAMES for f in FRAMES]
         rng.shuffle(rows)
-        with open(HERE / f"{name}.jsonl", "w") as f:
+        with open(HERE / f"{attr}.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-        print(name, len(rows))
+        print(attr, len(rows))
 
 
 if __name__ == "__main__":
