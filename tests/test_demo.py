@@ -24,8 +24,8 @@ def test_demo_quick_runs_both_methods_and_reports(tmp_path):
         assert (out / method / "cl_matrix.json").is_file() and (out / method / "cl_matrix.png").is_file()
         assert f"{method}: AA=" in proc.stdout
     demo = json.loads((out / "demo_summary.json").read_text())
-    assert set(demo) == {"seqft", "osft"}
-    assert "sentiment" in proc.stdout and str(out) in proc.stdout
+    assert set(demo) == {"seed", "model", "seqft", "osft"} and demo["seed"] == 0
+    assert "SmolLM2-135M-Instruct" in demo["model"] and "city" in proc.stdout and str(out) in proc.stdout
     # The osft run really was constrained: the audited steps after the first task have a tiny leak.
     recs = [json.loads(line) for line in (out / "osft" / "metrics.jsonl").read_text().splitlines()]
     later = [r for r in recs if r["phase"] > 0 and "leak" in r]

@@ -57,7 +57,7 @@ class OSFTConfig:
     # the top directions of the current weights, as many as the rank policy gives. accumulate (ds-cl's
     # osft-acc): the rank policy's fit once before the first task, then at each boundary add the top
     # directions of the finished task's update, so later tasks cannot move it (docs/osft.md).
-    subspace: Literal["refit", "accumulate"] = "refit"
+    subspace: Literal["refit", "accumulate"] = "accumulate"
     # accumulate: the added directions hold this share of the finished task's |dW|^2 ...
     update_energy: float = 0.9
     # ... while each matrix's protected directions stay within this fraction of min(m, n).
