@@ -90,6 +90,11 @@ def test_benchmark_end_to_end_two_methods(tmp_path):
     # Complete runs are read, not redone.
     again = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("complete in") == 3, again.stdout[-2000:]
+    # --report-only starts nothing: the table from what is complete, the missing runs named.
+    only = subprocess.run(cmd[:-3] + ["3,4", "--out", str(out), "--report-only"], cwd=REPO, env=cpu_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert only.returncode == 0 and only.stdout.count("left out") == 3, only.stdout[-2000:]
+    assert not (out / "seqft_seed4").exists()
     # Bad input fails before any run.
     bad = subprocess.run(cmd[:-6] + ["--methods", "lora", "--out", str(tmp_path / "o2")], cwd=REPO, env=cpu_env(),
                          capture_output=True, text=True, timeout=60)

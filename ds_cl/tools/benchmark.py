@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1", help="comma-separated (default 0,1)")
     p.add_argument("--out", type=Path, default=Path("ds-cl-benchmark"))
     p.add_argument("--nprocs", type=int, default=2, help="ranks per run (default 2)")
+    p.add_argument("--report-only", action="store_true",
+                   help="start no run: the table from the complete runs under --out, naming the missing ones")
     p.add_argument("overrides", nargs="*", help="key.sub=value applied to every run config")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_dir / "summary.json"
         if summary.is_file() and json.loads(summary.read_text()).get("complete"):
             print(f"== {method} seed {seed}: complete in {run_dir}, read", flush=True)
+        elif args.report_only:
+            print(f"== {method} seed {seed}: not complete in {run_dir}, left out", flush=True)
+            continue
         else:
             resume = (run_dir / "checkpoints" / "latest").is_file()
             path = out / f"{method}_seed{seed}.yaml"
@@ -184,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"   {time.time() - t:.0f}s", flush=True)
         summaries[(method, seed)] = json.loads(summary.read_text())
     tasks = [t["name"] for t in base["tasks"]]
+    if not summaries:
+        print(f"ds-cl benchmark: no complete run under {out}", file=sys.stderr)
+        return 1
     table = compare(summaries)
     (out / "comparison.md").write_text(markdown(table, tasks))
     (out / "comparison.json").write_text(json.dumps({"tasks": tasks, "methods": table}, indent=1))
-    figure(table, tasks, out / "comparison.png", f"{' -> '.join(tasks)}; seeds {args.seeds}")
+    figure(table, tasks, out / "comparison.png", f"{' -> '.join(tasks)}; mean ± std over seeds")
     print("\n" + markdown(table, tasks) + f"\n{out}/comparison.md, comparison.json, comparison.png")
     return 0
 
