@@ -35,6 +35,10 @@ CASES = {
     "z3_nooverlap": ({"zero_optimization": {"stage": 3, "overlap_comm": False, "contiguous_gradients": False}}, {}),
     "z3_offload": ({"zero_optimization": {**BASE_ZERO3, "offload_optimizer": {"device": "cpu"}},
                     "zero_force_ds_cpu_optimizer": False}, {}),
+    # DeepSpeed's own optimizer, as the trainer's offload config gets it: DeepSpeedCPUAdam (AdamW mode).
+    "z3_cpuadam": ({"zero_optimization": {**BASE_ZERO3, "offload_optimizer": {"device": "cpu"}},
+                    "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": WEIGHT_DECAY, "eps": EPS}}},
+                   {}),
     "z3_paper": ({"zero_optimization": BASE_ZERO3}, {"projection": "paper"}),
     # Small buckets: many exchanges in flight at once, ranks that own nothing in a bucket.
     "z3_noupdate": ({"zero_optimization": BASE_ZERO3}, {"project_update": False, "bucket_numel_per_rank": 1000}),
@@ -62,8 +66,15 @@ def ds_config(overrides: dict, world: int) -> dict:
 
 def make_engine(overrides: dict, world: int):
     model = tiny_llama()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, eps=EPS)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(overrides, world))
+    # A config "optimizer" section: DeepSpeed builds its own (DeepSpeedCPUAdam under offload).
+    opt = None if "optimizer" in overrides else torch.optim.AdamW(model.parameters(), lr=LR,
+                                                                   weight_decay=WEIGHT_DECAY, eps=EPS)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, model_parameters=model.parameters(),
+                                      config=ds_config(overrides, world))
+    if "optimizer" in overrides:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        assert isinstance(engine.optimizer.optimizer, DeepSpeedCPUAdam), type(engine.optimizer.optimizer)
     return engine
 
 

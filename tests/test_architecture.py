@@ -94,3 +94,49 @@ def test_the_loop_names_no_method():
     names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     assert sorted(set(REGISTRY) & strings) == [], "ds_cl/training/train.py branches on method names"
     assert sorted(n for n in names if "projector" in n.lower() or "lora" in n.lower()) == []
+
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "all_to_all",
+               "all_to_all_single", "barrier", "broadcast", "broadcast_object_list", "gather", "gather_object",
+               "reduce", "reduce_scatter", "reduce_scatter_tensor", "scatter", "scatter_object_list", "send",
+               "recv", "isend", "irecv", "monitored_barrier"}
+COMM_MODULES = {"torch.distributed", "deepspeed.comm"}
+
+
+def direct_collectives(tree: ast.AST) -> list[str]:
+    """Calls of a torch.distributed / deepspeed.comm collective in `tree`, however the module was imported."""
+    aliases, names = set(), set()  # module aliases (`dist`), and collectives imported by name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname or a.name for a in node.names if a.name in COMM_MODULES and a.asname}
+        elif isinstance(node, ast.ImportFrom):
+            if node.module in COMM_MODULES:
+                names |= {a.asname or a.name for a in node.names if a.name in COLLECTIVES}
+            aliases |= {a.asname or a.name for a in node.names if f"{node.module}.{a.name}" in COMM_MODULES}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Name) and f.id in names:
+            found.append(f"{f.id}() line {node.lineno}")
+        elif isinstance(f, ast.Attribute) and f.attr in COLLECTIVES:
+            owner = ast.unparse(f.value)
+            if owner in aliases or owner in COMM_MODULES:
+                found.append(f"{owner}.{f.attr}() line {node.lineno}")
+    return found
+
+
+def test_collectives_go_through_one_module():
+    # NCCL takes accelerator tensors only: a host tensor in a collective passes every CPU test and fails
+    # the first GPU step. ds_cl/core/collectives.py builds and checks device tensors; nothing else calls
+    # a collective directly.
+    offenders = {str(p.relative_to(PKG.parent)): found for p in PKG.rglob("*.py")
+                 if p.name != "collectives.py" and (found := direct_collectives(ast.parse(p.read_text())))}
+    assert not offenders, f"collectives outside ds_cl/core/collectives.py: {offenders}"
+    # The check itself sees each import style.
+    sample = ("import torch.distributed as dist\nfrom torch import distributed as td\n"
+              "from deepspeed.comm import all_reduce\nimport torch.distributed\n"
+              "dist.all_reduce(t)\ntd.barrier()\nall_reduce(t)\ntorch.distributed.broadcast(t, 0)\n"
+              "dist.get_rank()\n")
+    assert len(direct_collectives(ast.parse(sample))) == 4

@@ -113,3 +113,15 @@ def test_gradient_checkpointing_key_reaches_the_model(tmp_path):
         model, _ = build_model(cfg.model, {"zero_optimization": {"stage": 0}}, seed=0)
         on = getattr(type(model), "is_activation_checkpointing", None)  # transformers 5.x name
         assert (model.is_activation_checkpointing if on is not None else model.is_gradient_checkpointing) is expected
+
+
+def test_shipped_run_configs_load():
+    """configs/*.yaml are what a newcomer copies first: each must pass validation as shipped (the model
+    folder comes from `make model`, which `make test` runs)."""
+    from pathlib import Path
+
+    shipped = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        cfg = load_config(path)
+        assert cfg.tasks and all(Path(t.train).exists() for t in cfg.tasks), path

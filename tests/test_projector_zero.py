@@ -21,7 +21,7 @@ def runs(tmp_path_factory):
     """Launch the cases once: world 2 (ZeRO-3 variants, ZeRO-2, fit, errors), world 3, world 1 (no ZeRO)."""
     out = tmp_path_factory.mktemp("projector")
     torch.save(fixed_bases(tiny_llama()), out / "bases.pt")
-    launch(SCRIPT, 2, out, "z3", "z3_offload", "z3_paper", "z3_noupdate", "z3_bf16", "z2", "z3_audit2", "fit",
+    launch(SCRIPT, 2, out, "z3", "z3_offload", "z3_cpuadam", "z3_paper", "z3_noupdate", "z3_bf16", "z2", "z3_audit2", "fit",
            "accumulate", "errors")
     launch(SCRIPT, 3, out, "z3_nooverlap", "z3_buckets")
     launch(SCRIPT, 1, out, "z0")
@@ -40,6 +40,7 @@ def rel(a, b):
 EXACT = {
     "z3": (2, {}),                 # overlap_comm + contiguous_gradients on, persistence threshold 0
     "z3_offload": (2, {}),         # offload_optimizer to CPU
+    "z3_cpuadam": (2, {}),         # offload_optimizer with DeepSpeed's own DeepSpeedCPUAdam (AdamW mode)
     "z2": (2, {}),                 # ZeRO-2: fragments of flattened groups
     "z3_nooverlap": (3, {}),       # 3 ranks, overlap/contiguous off, default persistence (small params stay gathered)
     "z3_buckets": (3, {}),         # 3 ranks, buckets of 1 or 2 matrices: exchanges pipelined across 12 buckets
@@ -118,7 +119,12 @@ def test_bf16_leak_bound(runs):
 
 def test_bases_are_sharded(runs):
     bases = torch.load(runs / "bases.pt", weights_only=True)
-    total = sum(u.numel() * 4 + v.numel() * 4 for u, v in bases.values())
+    # U_h, V_h, and where it saves flops the short side's complement (S.complement_side), all fp32.
+    total = 0
+    for u, v in bases.values():
+        shape, r = (u.shape[0], v.shape[0]), u.shape[1]
+        side = S.complement_side(shape, r)
+        total += 4 * (u.numel() + v.numel() + (0 if side is None else (min(shape) - r) * min(shape)))
     for case, world in (("z3", 2), ("z3_nooverlap", 3)):
         per_rank = json.loads((runs / f"{case}.bases_bytes.json").read_text())
         assert len(per_rank) == world and sum(per_rank) == total

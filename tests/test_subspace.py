@@ -188,3 +188,80 @@ def test_extend_bases_keeps_the_old_directions_and_stays_orthonormal():
         assert S.leak(S.project(dw, u_new, v_new), u_new, v_new) < 1e-6
         u_h, v_h = u_new, v_new
     assert S.extend_bases(u_h, v_h, torch.zeros(20, 0), torch.zeros(16, 0))[0] is u_h
+
+
+def test_projection_runs_in_full_fp32_whatever_the_host_set():
+    """A training script that enables TF32 (or oneDNN bf16) must not reach the projection's matmuls:
+    TF32's 10-bit mantissa leaves ~1e-3 of the update in the protected subspace. The mode records the
+    precision each matmul of the maths saw; the host's setting is back afterwards."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__", "__rmatmul__", "mm", "bmm"):
+                seen.append((torch.backends.cuda.matmul.fp32_precision,
+                             torch.backends.mkldnn.matmul.fp32_precision))
+            return func(*args, **(kwargs or {}))
+
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 32, generator=g)
+    try:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        with Record():
+            u, v = S.svd_bases(w, 8)
+            dw = S.project(torch.randn(48, 32, generator=g), u, v)
+            S.leaks(dw[None], u[None], v[None])
+            S.update_directions(dw, 0.9, 8)
+        assert seen and set(seen) == {("ieee", "ieee")}, set(seen)
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == \
+            ("tf32", "bf16")
+        assert S.leak(dw, u, v) < 1e-6
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = saved
+
+
+def test_partition_ranges_must_tile_each_matrix():
+    """The projector builds full matrices from each rank's (start, numel) piece; pieces that leave a gap
+    or overlap (a DeepSpeed whose partitioning changed) are refused at construction."""
+    from ds_cl.core.zero_shards import check_tiling
+
+    class Shards:
+        def __init__(self, ranges):
+            self.ranges = {"w": ranges}
+
+        def shape(self, name):
+            return (4, 6)
+
+    check_tiling(Shards([(0, 12), (12, 12)]))
+    check_tiling(Shards([(12, 12), (0, 12), (0, 0)]))  # any order; an empty piece (ZeRO-3 padding rank)
+    for bad, word in [([(0, 12), (13, 11)], "gap"), ([(0, 13), (12, 12)], "overlap"), ([(0, 12), (12, 10)], "cover 22")]:
+        with pytest.raises(RuntimeError, match=word):
+            check_tiling(Shards(bad))
+
+
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48), (24, 24)])
+@pytest.mark.parametrize("ratio", [0.5, 0.8, 1.0])
+def test_projection_through_the_complement_equals_the_direct_one(shape, ratio):
+    g = torch.Generator().manual_seed(1)
+    r = int(ratio * min(shape))
+    u, v = S.svd_bases(torch.randn(*shape, generator=g), r)
+    side = S.complement_side(shape, r)
+    assert side == ("right" if shape[0] >= shape[1] else "left")  # cheaper at all these ratios
+    c = S.complement(v if side == "right" else u)
+    assert c.shape == ((shape[1] if side == "right" else shape[0]), min(shape) - r)
+    grads = torch.randn(3, *shape, generator=g)
+    direct = S.project(grads, u.expand(3, *u.shape), v.expand(3, *v.shape))
+    via = S.project_two_sided_via(grads, u.expand(3, *u.shape), v.expand(3, *v.shape), c.expand(3, *c.shape), side)
+    assert (via - direct).abs().max() < 1e-5
+    assert max(S.leak(x, u, v) for x in via) < 1e-5
+
+
+def test_complement_is_chosen_only_where_it_saves_flops():
+    assert S.complement_side((4096, 4096), 1024) is None          # r = s/4: 8 m n r is cheaper
+    assert S.complement_side((4096, 4096), 2048) == "right"       # r = s/2: 3/4 of the flops
+    assert S.complement_side((4096, 11008), 3277) == "left"       # wide: the rows' complement
+    assert S.complement_side((64, 32), 0) is None

@@ -44,6 +44,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.distributed as dist
 
+from ds_cl.core import collectives
 from ds_cl.core import subspace as S
 from ds_cl.core.zero_shards import shards_for
 
@@ -208,7 +209,7 @@ class SubspaceProjector:
         send = torch.cat([t for ts in per_dest for t in ts]) if sum(in_split) else torch.empty(0, device=self.device)
         out_split = [sum(self.shards.ranges[n][s][1] for n in mine) for s in range(self.world)]
         recv = send.new_empty(sum(out_split))
-        work = dist.all_to_all_single(recv, send, out_split, in_split, group=self.group, async_op=True)
+        work = collectives.all_to_all_single(recv, send, out_split, in_split, self.group, async_op=True)
         self.stats["sent_bytes"] += (sum(in_split) - in_split[self.rank]) * send.element_size()
 
         def unpack() -> dict[str, torch.Tensor]:
@@ -234,7 +235,7 @@ class SubspaceProjector:
         out_split = [sum(self.shards.ranges[n][self.rank][1] for n in names if self.owner[n] == s)
                      for s in range(self.world)]
         recv = send.new_empty(sum(out_split))
-        work = dist.all_to_all_single(recv, send, out_split, in_split, group=self.group, async_op=True)
+        work = collectives.all_to_all_single(recv, send, out_split, in_split, self.group, async_op=True)
         self.stats["sent_bytes"] += (sum(in_split) - in_split[self.rank]) * send.element_size()
 
         def unpack() -> dict[str, torch.Tensor]:
@@ -287,7 +288,10 @@ class SubspaceProjector:
     def _install(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: dict[str, int]) -> None:
         """Keep the owned bases packed per (bucket, shape, rank) group, so a step projects each group with
         one batched product and no per-step copy of the bases; `self.bases[n]` are views into the packs."""
-        self._packs: dict[tuple, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
+        # Peak memory: the old packs go first, and each group's per-matrix bases are dropped from `bases`
+        # (the caller's dict) as soon as they are stacked, so at most one group exists twice.
+        self._packs: dict[tuple, tuple] = {}
+        self.bases = {}
         for b, bucket in enumerate(self.buckets):
             groups: dict[tuple, list[str]] = defaultdict(list)
             for n in bucket:
@@ -295,9 +299,13 @@ class SubspaceProjector:
                     groups[(self.shapes[n], ranks[n])].append(n)
             for (shape, r), names in groups.items():
                 u = torch.stack([bases[n][0] for n in names])
-                v = torch.stack([bases[n][1] for n in names])
-                self._packs[(b, shape, r)] = (names, u, v)
-        self.bases = {n: (u[i], v[i]) for names, u, v in self._packs.values() for i, n in enumerate(names)}
+                v = torch.stack([bases.pop(n)[1] for n in names])
+                # Past ~0.41 min(m, n) protected directions, projecting through the short side's
+                # complement costs fewer flops (S.complement_side): computed here, once per fit.
+                side = S.complement_side(shape, r) if self.projection == "two_sided" else None
+                c = S.complement(v if side == "right" else u) if side else None
+                self._packs[(b, shape, r)] = (names, u, v, c, side)
+        self.bases = {n: (u[i], v[i]) for names, u, v, _, _ in self._packs.values() for i, n in enumerate(names)}
         self.ranks, self._leaks = dict(ranks), {}
         self._steps_since_bases = 0
 
@@ -311,12 +319,12 @@ class SubspaceProjector:
         """Project the owned full flat tensors of bucket `bucket` in place, one batched call per packed
         group; with `leaks`, record each matrix's leak (of the projected tensor, or with project=False of
         the tensor as it is) as a device tensor."""
-        for (b, shape, _), (names, u, v) in self._packs.items():
+        for (b, shape, _), (names, u, v, c, side) in self._packs.items():
             if b != bucket:
                 continue
             g = torch.stack([full[n].view(shape) for n in names])
             if project:
-                g = S.project(g, u, v, self.projection)
+                g = S.project_two_sided_via(g, u, v, c, side) if side else S.project(g, u, v, self.projection)
                 for i, n in enumerate(names):
                     full[n].copy_(g[i].reshape(-1))
             if leaks is not None:
@@ -361,7 +369,7 @@ class SubspaceProjector:
         if leaks:
             vec[torch.tensor([self.index[n] for n in leaks], device=self.device)] = torch.stack(list(leaks.values()))
         if self.world > 1:
-            dist.all_reduce(vec, group=self.group)
+            collectives.all_reduce_(vec, group=self.group)
         values = vec.tolist()  # the step's one host sync for the audit
         return {n: values[self.index[n]] for n in names}
 
@@ -406,6 +414,8 @@ class SubspaceProjector:
             ranks[n] = policy.rank(self.shapes[n], layer_imp)
         self.importance = importance
 
+        # A refit does not read the old bases: free them before the new ones are built.
+        self._packs, self.bases = {}, {}
         bases = {}
         # The next bucket's weights travel to their owners while this bucket's SVDs run.
         for full in self._gathered(self.buckets, lambda n: self.shards.get_master(n).float()):
@@ -455,7 +465,7 @@ class SubspaceProjector:
                 added[self.index[n]] = u_d.shape[1]
                 anchor[n] = w.to("cpu", copy=True)
         if self.world > 1:
-            dist.all_reduce(added, group=self.group)
+            collectives.all_reduce_(added, group=self.group)
         counts = added.tolist()
         ranks = {n: self.ranks[n] + int(counts[self.index[n]]) for n in self.names}
         self._install(bases, ranks)
@@ -467,7 +477,7 @@ class SubspaceProjector:
         batches = list(batches)
         counts = torch.tensor([len(batches), -len(batches)], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self.group)
+            collectives.all_reduce_(counts, "max", group=self.group)
             if counts[0] != len(batches) or -counts[1] != len(batches):
                 raise ValueError(f"importance batches differ in number across ranks (this rank {len(batches)}, "
                                  f"max {int(counts[0])}, min {int(-counts[1])}); ZeRO-3 forwards are collective")
@@ -509,7 +519,7 @@ class SubspaceProjector:
             model.train(was_training)
         vec = torch.tensor([v for layer in layers for v in sums[layer]], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(vec, group=self.group)
+            collectives.all_reduce_(vec, group=self.group)
         cos_sum = {layer: float(vec[2 * i]) for i, layer in enumerate(layers)}
         count = {layer: float(vec[2 * i + 1]) for i, layer in enumerate(layers)}
         return S.layer_importance(cos_sum, count, normalize)
@@ -536,7 +546,8 @@ class SubspaceProjector:
     # ---------------------------------------------------------------------------------- checkpoints
     def bases_bytes(self) -> int:
         """Bytes of bases held by this rank."""
-        return sum(u.numel() * u.element_size() + v.numel() * v.element_size() for u, v in self.bases.values())
+        return sum(t.numel() * t.element_size() for _, u, v, c, _ in self._packs.values()
+                   for t in (u, v, c) if t is not None)
 
     def state_dict(self) -> dict:
         """This rank's state (its owned bases, every rank's ranks): save one file per rank."""

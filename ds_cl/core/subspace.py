@@ -32,6 +32,8 @@ update is small and sits in the low singular directions that the refit leaves fr
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import re
@@ -49,6 +51,44 @@ DEFAULT_TARGET_PATTERNS = (r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_pro
 
 # "model.layers.12.self_attn.q_proj.weight" -> "model.layers.12": the decoder layer a parameter lives in.
 _LAYER_RE = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|block|layer)\.\d+)\.")
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """Full fp32 matmuls inside, whatever the host script set: GPU training code often enables TF32
+    (`torch.backends.cuda.matmul.allow_tf32 = True`, `torch.set_float32_matmul_precision("high")`),
+    whose 10-bit mantissa would leave ~1e-3 of a projected update in the protected subspace; "medium"
+    also lets oneDNN use bf16 on CPUs that have it."""
+    # torch >= 2.9 keeps the setting per backend (fp32_precision); reading the legacy global after a
+    # mix of the two APIs raises, so use the per-backend one where it exists.
+    backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+                if b is not None and hasattr(b, "fp32_precision")]
+    if backends:
+        saved = [b.fp32_precision for b in backends]
+        try:
+            for b in backends:
+                b.fp32_precision = "ieee"
+            yield
+        finally:
+            for b, value in zip(backends, saved):
+                b.fp32_precision = value
+        return
+    precision, tf32 = torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _in_full_fp32(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with full_fp32():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 # ---------------------------------------------------------------------------------------------- ranks
@@ -178,6 +218,7 @@ def select_targets(names: Iterable[str], patterns: Sequence[str] | None = None) 
 
 
 # ------------------------------------------------------------------------------------------------- SVD
+@_in_full_fp32
 def svd_bases(weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`rank` left and right singular vectors (U_h: m x r, V_h: n x r) of `weight`, returned in fp32.
 
@@ -201,6 +242,7 @@ def svd_bases(weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float3
     return u[:, :rank].float().contiguous(), vh[:rank].T.float().contiguous()
 
 
+@_in_full_fp32
 def update_directions(dw: torch.Tensor, energy: float, max_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top singular directions of an update dW (m x n) holding `energy` of its squared Frobenius norm,
     at most `max_rank` of them: (U_d m x k, V_d n x k) in fp32. A zero update gives k = 0."""
@@ -220,6 +262,7 @@ def update_directions(dw: torch.Tensor, energy: float, max_rank: int) -> tuple[t
     return u[:, :k].float().contiguous(), vh[:k].T.float().contiguous()
 
 
+@_in_full_fp32
 def extend_bases(u_h: torch.Tensor, v_h: torch.Tensor, u_d: torch.Tensor,
                  v_d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal bases of span[U_h, U_d] and span[V_h, V_d], the first columns spanning U_h / V_h.
@@ -263,6 +306,7 @@ def check_bases(name: str, shape: Sequence[int], u_h: torch.Tensor, v_h: torch.T
 
 
 # ------------------------------------------------------------------------------------------ projection
+@_in_full_fp32
 def project(g: torch.Tensor, u_h: torch.Tensor, v_h: torch.Tensor, kind: str = "two_sided") -> torch.Tensor:
     """Project an m x n update (or a batch b x m x n with batched bases) away from the high subspace.
 
@@ -279,11 +323,51 @@ def project(g: torch.Tensor, u_h: torch.Tensor, v_h: torch.Tensor, kind: str = "
     raise ValueError(f"projection must be one of {PROJECTIONS}, got {kind!r}")
 
 
+def complement_side(shape: Sequence[int], r: int) -> str | None:
+    """Which side's complement makes the two-sided projection cheaper, or None.
+
+    With s = min(m, n), l = max(m, n): 8 m n r flops directly, 4 (s - r)(m n + l r) through the
+    orthonormal complement of the short side's basis (s - r columns). The complement wins for
+    r > (sqrt(2) - 1) s: at r = s/2 it needs 3/4 of the flops, at 0.8 s a quarter, at 0.9 s a tenth.
+    """
+    m, n = int(shape[0]), int(shape[1])
+    s, l = min(m, n), max(m, n)
+    if r == 0 or 4 * (s - r) * (m * n + l * r) >= 8 * m * n * r:
+        return None
+    return "right" if m >= n else "left"
+
+
+@_in_full_fp32
+def complement(q: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis (k x (k - r), or batched) of the complement of the orthonormal columns q (k x r):
+    the trailing columns of q's complete QR (Householder: orthogonal to q to working precision)."""
+    full, _ = torch.linalg.qr(q, mode="complete")
+    return full[..., q.shape[-1]:]
+
+
+@_in_full_fp32
+def project_two_sided_via(g: torch.Tensor, u_h: torch.Tensor, v_h: torch.Tensor, c: torch.Tensor,
+                          side: str) -> torch.Tensor:
+    """`project(g, u_h, v_h, "two_sided")` through the short side's complement c (see `complement_side`):
+    side "right" (m >= n), c = complement(v_h): (I - U U^T) (G C) C^T; side "left", c = complement(u_h):
+    C ((C^T G)(I - V V^T)). Same result, since C C^T = I - V V^T (or I - U U^T)."""
+    if side == "right":
+        x = g @ c
+        x = x - u_h @ (u_h.transpose(-1, -2) @ x)
+        return x @ c.transpose(-1, -2)
+    if side == "left":
+        x = c.transpose(-1, -2) @ g
+        x = x - (x @ v_h) @ v_h.transpose(-1, -2)
+        return c @ x
+    raise ValueError(f"side must be 'right' or 'left', got {side!r}")
+
+
 def leak(dw: torch.Tensor, u_h: torch.Tensor, v_h: torch.Tensor) -> float:
     """max(|U_h^T dW|, |dW V_h|) / |dW| (Frobenius); 0 for a zero update or empty bases."""
     return float(leaks(dw.unsqueeze(0), u_h.unsqueeze(0), v_h.unsqueeze(0))[0])
 
 
+@_in_full_fp32
 def leaks(dw: torch.Tensor, u_h: torch.Tensor, v_h: torch.Tensor) -> torch.Tensor:
     """`leak` of a batch b x m x n with bases b x m x r and b x n x r, as a float64 tensor of b values.
 

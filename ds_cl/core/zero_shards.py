@@ -18,8 +18,12 @@ may start or end mid-row and may be empty; together they cover [0, numel) exactl
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
+
+from ds_cl.core import collectives
 
 Range = tuple[int, int]  # (start, n) in the parameter's flat row-major index space
 
@@ -109,8 +113,7 @@ class FragmentShards:
             else:
                 addr = mapping.lp_fragment_address
                 local[name] = (int(addr.start), int(addr.numel))
-        everyone: list = [None] * self.world
-        dist.all_gather_object(everyone, local, group=group)
+        everyone = collectives.all_gather_object(local, group=group)
         self.ranges = {name: [everyone[k][name] for k in range(self.world)] for name in named}
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -147,25 +150,16 @@ class FragmentShards:
             self.params[name]._hp_mapping.get_hp_fragment().view(-1).copy_(value)
 
     def finish_master_updates(self, names: list[str], optimizer=None) -> None:
-        # Model weights are replicated under ZeRO-2 and were already refreshed from the old master
-        # inside engine.step(): rebuild each from the corrected fragments (disjoint, so a sum).
+        # Model weights are replicated under ZeRO-2 and engine.step() refreshed them from the
+        # uncorrected masters. DeepSpeed's own refresh copies each rank's fp32 partition (which holds our
+        # corrected fragments) into its working-precision partition and all-gathers those: no full-size
+        # fp32 buffer (a dense all-reduce of every target would cost ~24 GiB per GPU at LLaMA-2-7B).
         if not names:
             return
-        sizes = [self.params[n].numel() for n in names]
-        flat = torch.zeros(sum(sizes), dtype=torch.float32, device=self.params[names[0]].device)
-        offset = 0
-        for name, size in zip(names, sizes):
-            start, n = self.ranges[name][self.rank]
-            if n:
-                flat[offset + start: offset + start + n].copy_(self.get_master(name))
-            offset += size
-        if self.world > 1:
-            dist.all_reduce(flat, group=self.group)
-        offset = 0
-        for name, size in zip(names, sizes):
-            p = self.params[name]
-            p.data.view(-1).copy_(flat[offset: offset + size].to(p.dtype))
-            offset += size
+        if optimizer is None or not hasattr(optimizer, "update_lp_params"):
+            raise RuntimeError("ZeRO-2 projection needs DeepSpeed's ZeRO-1/2 optimizer (update_lp_params) to "
+                               "refresh the replicated weights from the corrected masters")
+        optimizer.update_lp_params()
 
 
 class PlainShards:
@@ -201,6 +195,27 @@ class PlainShards:
         pass
 
 
+def check_tiling(shards) -> None:
+    """Every target's per-rank pieces must tile [0, numel) exactly once. The projector fills full matrices
+    from these ranges into uninitialised buffers: a gap (a changed DeepSpeed internal, an unexpected
+    partitioning) would project uninitialised memory silently, an overlap would double-write."""
+    for name, ranges in shards.ranges.items():
+        numel = math.prod(shards.shape(name))
+        pieces = sorted((start, n) for start, n in ranges if n > 0)
+        end = 0
+        for start, n in pieces:
+            if start != end:
+                what = "a gap" if start > end else "an overlap"
+                raise RuntimeError(f"{name}: the ranks' partitions leave {what} at element {min(start, end)} of "
+                                   f"{numel} (pieces (start, numel) by rank: {ranges}); this DeepSpeed "
+                                   f"version partitions differently from what {type(shards).__name__} reads")
+            end = start + n
+        if end != numel:
+            raise RuntimeError(f"{name}: the ranks' partitions cover {end} of its {numel} elements (pieces "
+                               f"(start, numel) by rank: {ranges}); this DeepSpeed version partitions "
+                               f"differently from what {type(shards).__name__} reads")
+
+
 def shards_for(engine, named: dict[str, torch.nn.Parameter]):
     """Pick the backend for `engine`, or raise a clear error for a configuration we cannot make exact."""
     stage = engine.zero_optimization_stage()
@@ -214,12 +229,12 @@ def shards_for(engine, named: dict[str, torch.nn.Parameter]):
                          f"{{\"grad_accum_dtype\": \"fp32\"}} in the DeepSpeed config "
                          f"(ds_cl.core.projector.prepare_ds_config does it for you)")
     if stage == 3:
-        return Zero3Shards(named)
+        return _checked(Zero3Shards(named))
     if stage == 2:
         if engine.zero_offload_optimizer():
             raise ValueError("ZeRO stage 2 with offload_optimizer is not supported by SubspaceProjector; "
                              "use ZeRO stage 3 (offload supported) or stage 2 without offload")
-        return FragmentShards(named, engine.optimizer.dp_process_group)
+        return _checked(FragmentShards(named, engine.optimizer.dp_process_group))
     if stage == 0:
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world != 1:
@@ -228,6 +243,11 @@ def shards_for(engine, named: dict[str, torch.nn.Parameter]):
         if model_dtype != torch.float32:
             raise ValueError(f"without ZeRO the projector needs fp32 training (got {model_dtype}); "
                              f"use ZeRO stage 2/3 for bf16")
-        return PlainShards(named)
+        return _checked(PlainShards(named))
     raise ValueError(f"ZeRO stage {stage} is not supported by SubspaceProjector: use stage 3 (the focus), "
                      f"stage 2, or no ZeRO (stage 0) on one process")
+
+
+def _checked(shards):
+    check_tiling(shards)
+    return shards

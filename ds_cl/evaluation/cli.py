@@ -78,7 +78,7 @@ def evaluate_model(model_path: str, suite, parts: dict, out: Path, *, device: st
     """Generate and score one model on all ranks of the current process group (or alone).
     Rank 0 writes the files under `out` and returns the summary; other ranks return None.
     `ds-cl train` can call this after each task with the exported checkpoint."""
-    import torch.distributed as dist
+    from ds_cl.core import collectives
 
     from .generate import dist_info, generate_distributed, load_model
     rank, world = dist_info()
@@ -115,8 +115,7 @@ def evaluate_model(model_path: str, suite, parts: dict, out: Path, *, device: st
         gen = run_lm_eval(str(model_path), suite.lm_eval, device=device, dtype=dtype)
         write_json(out / "general.json", gen)
         summary["general"] = gen["results"]
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
     summary["seconds"] = round(time.time() - t0, 1)
     if rank == 0:
         write_json(out / "eval.json", summary)
@@ -168,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if created:
             import torch.distributed as dist
-            dist.barrier()
+
+            from ds_cl.core import collectives
+            collectives.barrier()
             dist.destroy_process_group()
     return 0
 

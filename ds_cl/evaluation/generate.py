@@ -71,15 +71,14 @@ def generate_local(model, tok, prompts: Sequence[str], *, max_new_tokens: int = 
 
 def generate_distributed(model, tok, prompts: Sequence[str], **kw) -> list[str] | None:
     """Split `prompts` over the ranks; rank 0 gets all answers in order, other ranks get None."""
-    import torch.distributed as dist
+    from ds_cl.core import collectives
 
     rank, world = dist_info()
     mine = list(range(rank, len(prompts), world))
     answers = generate_local(model, tok, [prompts[i] for i in mine], progress=(rank == 0), **kw)
     if world == 1:
         return answers
-    gathered: list | None = [None] * world if rank == 0 else None
-    dist.gather_object(list(zip(mine, answers)), gathered, dst=0)
+    gathered = collectives.gather_object(list(zip(mine, answers)), dst=0)
     if rank != 0:
         return None
     out: list[str | None] = [None] * len(prompts)

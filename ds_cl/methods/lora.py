@@ -240,6 +240,8 @@ class LoRAAdapters:
         import torch.distributed as dist
         from safetensors.torch import save_file
 
+        from ds_cl.core import collectives
+
         rank = dist.get_rank() if dist.is_initialized() else 0
         out = {}
         for t in range(self.current + 1):
@@ -254,8 +256,7 @@ class LoRAAdapters:
                     "targets": json.dumps(self.cfg.targets)}
             save_file(out, str(path) + ".tmp", metadata=meta)
             os.replace(str(path) + ".tmp", path)
-        if dist.is_initialized():
-            dist.barrier()
+        collectives.barrier()
 
 
 def _gathered_all(params):

@@ -168,16 +168,17 @@ def _build(args):
 
 def _barrier_time(fn):
     import torch
-    import torch.distributed as dist
 
-    dist.barrier()
+    from ds_cl.core.collectives import barrier
+
+    barrier()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t = time.perf_counter()
     out = fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    dist.barrier()
+    barrier()
     return time.perf_counter() - t, out
 
 
@@ -186,6 +187,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from ds_cl import SubspaceProjector
+    from ds_cl.core import collectives
     from ds_cl.training.environment import init_distributed
     from ds_cl.core.projector import matrix_cost
     from ds_cl.core.subspace import FixedRank
@@ -204,9 +206,7 @@ def worker(args) -> None:
     cost = {n: matrix_cost(proj.shapes[n]) for n in proj.names}
     shares = [sum(c for n, c in cost.items() if proj.owner[n] == r) / sum(cost.values()) for r in range(world)]
     result = {"world": world, "svd_seconds": svd_s, "svd_work_share_by_rank": shares}
-    bases = [None] * world
-    dist.all_gather_object(bases, proj.bases_bytes())
-    result["bases_bytes_by_rank"] = bases
+    result["bases_bytes_by_rank"] = collectives.all_gather_object(proj.bases_bytes())
 
     if args.worker == "steps":
         g = torch.Generator().manual_seed(rank)
@@ -237,8 +237,7 @@ def worker(args) -> None:
         for mode in MODES[1:]:
             r = [t / p for t, p in zip(times[mode], times["plain"])]
             ratios[mode] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
-        per_rank = [None] * world
-        dist.all_gather_object(per_rank, {"comm": max(comm), "peak": _peak_mem_bytes(engine.device)})
+        per_rank = collectives.all_gather_object({"comm": max(comm), "peak": _peak_mem_bytes(engine.device)})
         result.update(
             step_seconds={m: statistics.median(v) for m, v in times.items()},
             ratios=ratios,
@@ -255,7 +254,7 @@ def worker(args) -> None:
     if rank == 0:
         Path(args.result).write_text(json.dumps(result))
     engine.destroy()
-    dist.barrier()
+    collectives.barrier()
     dist.destroy_process_group()
 
 

@@ -40,7 +40,8 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from ds_cl.core import collectives
 
 MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
@@ -51,30 +52,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file."""
 
 
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier():
-    if _dist():
-        dist.barrier()
-
-
-def _any(flag: bool) -> bool:
-    """True on every rank if `flag` is true on any rank (collective)."""
-    if not _dist():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t)
-    return bool(t.item() > 0)
-
-
-def _gather(obj) -> list:
-    if not _dist():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+_barrier = collectives.barrier
+_any = collectives.any_rank
+_gather = collectives.all_gather_object
 
 
 def rng_state() -> dict:
@@ -82,9 +62,13 @@ def rng_state() -> dict:
     import numpy as np
 
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
-                                                  int(has_gauss), float(gauss)],
-            "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                   int(has_gauss), float(gauss)],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # Dropout on the GPU draws from the device's generator: without it a GPU resume is not bit-identical.
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(s: dict) -> None:
@@ -94,6 +78,8 @@ def set_rng_state(s: dict) -> None:
     kind, keys, pos, has_gauss, gauss = s["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
 
 
 def file_digest(path: Path, fsync: bool = False) -> str:

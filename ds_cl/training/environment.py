@@ -206,9 +206,11 @@ def release_cpu_shm() -> None:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from ds_cl.core import collectives
+
     if get_accelerator().device_name() != "cpu" or not dist.is_initialized():
         return
-    dist.barrier()
+    collectives.barrier()
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
     Path("/dev/shm", name).unlink(missing_ok=True)

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ds_cl.core import collectives
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 WEIGHTS_PATTERN = "model{suffix}.safetensors"  # model.safetensors / model-00001-of-00003.safetensors
 INDEX_NAME = "model.safetensors.index.json"
@@ -107,6 +109,5 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None, dtype: str = "b
             tokenizer.save(str(tmp))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-    if dist.is_initialized():
-        dist.barrier()
+    collectives.barrier()
     return out if rank == 0 else None

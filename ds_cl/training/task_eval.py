@@ -12,8 +12,8 @@ def evaluate_tasks(engine, tokenizer, tasks: list, eval_cfg, dist, out: Path, ta
     """Greedy generation on `tasks`, sharded over ranks; one score per task. Rank 0 writes
     predictions_<tag>.jsonl (the first 200 predictions)."""
     import torch
-    import torch.distributed as tdist
 
+    from ds_cl.core import collectives
     from ds_cl.training.data import collate_prompts
 
     bs = eval_cfg.batch_size
@@ -45,9 +45,8 @@ def evaluate_tasks(engine, tokenizer, tasks: list, eval_cfg, dist, out: Path, ta
                 if len(preds_out) < 200:
                     preds_out.append({"task": task.name, "index": i, "prediction": text,
                                       "reference": task.eval_answers[i]})
-        t = torch.tensor([total, float(count)], dtype=torch.float64)
-        tdist.all_reduce(t)
-        scores.append(float(t[0] / t[1]))
+        total, count = collectives.all_reduce_values([total, count])
+        scores.append(total / count)
     if dist.rank == 0:
         with open(out / f"predictions_{tag}.jsonl", "w") as f:
             for p in preds_out:

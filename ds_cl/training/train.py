@@ -157,9 +157,7 @@ class Trainer:
                 g["step"] = 0
 
     def train_step(self, phase: int, step: int, lr: float) -> dict:
-        import torch
-        import torch.distributed as dist
-
+        from ds_cl.core import collectives
         from ds_cl.tools.faults import poisoned
         from ds_cl.training.data import collate, epoch_order, rank_micro_batches
 
@@ -184,9 +182,8 @@ class Trainer:
             loss_sum += float(task_loss.detach())
             tokens += int(batch["attention_mask"].sum())
         # [2]: ranks that received SIGTERM (they agree on the step after which to checkpoint and stop).
-        stats = torch.tensor([loss_sum / len(micro), float(tokens), float(self.preempted)], dtype=torch.float64)
-        dist.all_reduce(stats)
-        self.preempted = bool(stats[2] > 0)
+        stats = collectives.all_reduce_values([loss_sum / len(micro), tokens, self.preempted])
+        self.preempted = stats[2] > 0
         gn = self.engine.get_global_grad_norm()
         rec = {"step": self.state.global_step + 1, "task": ph.name, "phase": phase, "task_step": step + 1,
                "loss": float(stats[0]) / d.world, "lr": lr, "grad_norm": None if gn is None else float(gn),
@@ -344,12 +341,9 @@ class Trainer:
             pass
 
     def agree_preempted(self) -> bool:
-        import torch
-        import torch.distributed as dist
+        from ds_cl.core import collectives
 
-        t = torch.tensor([float(self.preempted)])
-        dist.all_reduce(t)
-        self.preempted = bool(t.item() > 0)
+        self.preempted = collectives.any_rank(self.preempted)
         return self.preempted
 
     def should_stop(self) -> bool:
@@ -370,17 +364,16 @@ class Trainer:
     def weights_finite(self) -> bool:
         """Collective: every rank's share of every parameter is finite."""
         import torch
-        import torch.distributed as dist
 
-        bad = 0.0
+        from ds_cl.core import collectives
+
+        bad = False
         for p in self.engine.module.parameters():
             local = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
             if not torch.isfinite(local).all():
-                bad = 1.0
+                bad = True
                 break
-        t = torch.tensor([bad])
-        dist.all_reduce(t)
-        return t.item() == 0
+        return not collectives.any_rank(bad)
 
     def check_finite(self, rec: dict, phase: int) -> None:
         """A non-finite loss or gradient norm (the same on every rank: both are reduced): skip or stop."""
@@ -472,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
         # the launcher ends them when this process exits).
         print(f"\nds-cl train: rank {info.rank}: {e}", file=sys.stderr)  # \n: after a progress bar
         _exit_now(3 if isinstance(e, NonFiniteError) else 1)
-    dist.barrier()
+    from ds_cl.core import collectives
+
+    collectives.barrier()
     dist.destroy_process_group()
     return rc
 
