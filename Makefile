@@ -16,13 +16,15 @@ setup: $(STAMP)
 # torch first: with no CUDA, torch==2.13.0 is the CPU build (an unpinned torch, asked for by
 # deepspeed's build, would pull gigabytes of CUDA wheels); with CUDA the same release's CUDA build.
 # deepspeed ships only an sdist whose setup.py imports torch, so it is built against the torch we
-# installed (--no-build-isolation).
+# installed (--no-build-isolation). Last, DeepSpeed's CPU ops (shared-memory all-reduce, CPU Adam) are
+# compiled here, with a line each, instead of silently inside the first run or test (~1-2 min each).
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c $(LOCK) pip setuptools wheel
 	$(PIP) install -q -c $(LOCK) torch
 	$(PIP) install -q -c $(LOCK) --no-build-isolation deepspeed
 	$(PIP) install -q -c $(LOCK) -e '.[test]'
+	DS_ACCELERATOR=cpu $(VENV)/bin/python -m ds_cl.tools.ops build
 	touch $@
 
 demo: model

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from ds_cl.tools import launch_checks
+from ds_cl.training.config import CONFIG_HEADER
 from ds_cl.training import train as ds_train
 from tests.dist_utils import REPO
 from tests.fixtures import FIXTURES, train_sentencepiece
@@ -71,6 +72,26 @@ def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
         edit(cfg, lambda c: c.update(tasks=[]))
     elif cid == "config-duplicate-task":
         edit(cfg, lambda c: c["tasks"][1].update(name="a"))
+    elif cid == "config-duplicate-key":
+        cfg.write_text(cfg.read_text() + "train: {lr: 0.1}\n")
+    elif cid == "config-negative-count":
+        edit(cfg, set_task(max_train_samples=-1))
+    elif cid == "config-adam-betas":
+        edit(cfg, lambda c: c["train"].update(betas=[0.9, 1.5]))
+    elif cid == "config-grad-clip":
+        edit(cfg, lambda c: c["train"].update(grad_clip=-1))
+    elif cid == "config-eval-tokens":
+        edit(cfg, lambda c: c["eval"].update(max_new_tokens=0))
+    elif cid == "data-null-output":
+        edit(cfg, set_task(train=data_file(tmp, "task.jsonl", good + b'\n{"input": "a", "output": null}\n')))
+    elif cid == "data-csv-missing-cell":
+        edit(cfg, set_task(train=data_file(tmp, "task.csv", b"input,output\nthe food was fine,positive\nawful\n")))
+    elif cid == "data-label-not-offered":
+        edit(cfg, set_task(labels=["positive", "neutral"]))
+    elif cid == "ds-misspelt-key":
+        edit(cfg, lambda c: c.update(deepspeed={"zero_optimisation": {"stage": 3}}))
+    elif cid == "ds-zero-unknown-key":
+        edit(cfg, lambda c: c.update(deepspeed={"zero_optimization": {"stage": 3, "overlap_com": True}}))
     elif cid == "override-syntax":
         return "train", [str(cfg), "train.lr"]
     elif cid == "data-missing":
@@ -120,6 +141,13 @@ def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
         (tmp / "out" / "checkpoints" / "latest").write_text("step_00000004\n")
     elif cid == "output-is-file":
         edit(cfg, lambda c: c.update(output_dir=str(tmp / "out" / "metrics.jsonl")))
+    elif cid == "output-user-config":
+        (tmp / "out" / "config.yaml").write_text("# my settings\nseed: 3\n")
+    elif cid == "resume-changed-seed":
+        from ds_cl.training.config import load_config, save_config
+
+        save_config(load_config(cfg, ["seed=99"]), tmp / "out" / "config.yaml")
+        return "train", [str(cfg), "--resume"]
     elif cid.startswith("launch-"):
         hf = tmp / "hostfile"
         hf.write_text({"launch-duplicate-host": "n1 slots=2\nn2 slots=2\nn1 slots=2\n",
@@ -151,7 +179,7 @@ def test_bad_input(cid, expect, tok, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')  # an earlier run's outputs
-    (out / "config.yaml").write_text("old: true\n")
+    (out / "config.yaml").write_text(CONFIG_HEADER + "old: true\n")  # written by an earlier ds-cl run
     cfg = tiny_config(tok, out)
     cfg = cfg.rename(tmp_path / "run.yaml")
     command, argv = _case(cid, tmp_path, cfg, monkeypatch)
@@ -208,3 +236,21 @@ def test_security_weights_are_safetensors_only():
     # torch.save is used only by the checkpoint manager (projector/RNG states read back weights_only).
     users = sorted(str(f.relative_to(REPO)) for f in SOURCES if "torch.save(" in f.read_text())
     assert users in (["ds_cl/training/checkpoint.py"], ["ds_cl/training/checkpoint.py", "ds_cl/methods/lora.py"]), users
+
+
+def test_a_libraries_value_error_keeps_its_traceback():
+    """`ds-cl train` turns ds-cl's own input errors (ValueError with a message for the user) into one line
+    and exit 2; a ValueError from inside a library is a bug, not a usage error, and must not be hidden."""
+    import json as json_module
+
+    from ds_cl.training.data import to_examples
+    from ds_cl.training.config import TaskConfig
+
+    try:
+        to_examples(TaskConfig(name="a", train="x"), [{"input": "a"}], [], "tasks.0")
+    except ValueError as e:
+        assert ds_train._raised_by_ds_cl(e)
+    try:
+        json_module.loads("{not json")
+    except ValueError as e:
+        assert not ds_train._raised_by_ds_cl(e)

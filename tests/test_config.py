@@ -125,3 +125,21 @@ def test_shipped_run_configs_load():
     for path in shipped:
         cfg = load_config(path)
         assert cfg.tasks and all(Path(t.train).exists() for t in cfg.tasks), path
+
+
+def test_resume_accepts_and_lists_only_changes_that_keep_the_runs_meaning(tmp_path):
+    from ds_cl.training.preflight import check_saved_config
+
+    data = base(tmp_path)
+    path = write(tmp_path, data)
+    (tmp_path / "out").mkdir()
+    save_config(load_config(path), tmp_path / "out" / "config.yaml")
+    assert check_saved_config(load_config(path), resume=True, config_path=path) == []
+    safe = load_config(path, ["eval.batch_size=64", "checkpoint.keep=5"])
+    assert check_saved_config(safe, resume=True) == ["checkpoint.keep 2 -> 5", "eval.batch_size 8 -> 64"]
+    for override, key in (("seed=1", "seed"), ("train.global_batch_size=16", "train.global_batch_size"),
+                          ("method.name=seqft", "method.name"), ("train.lr=1e-3", "train.lr")):
+        with pytest.raises(ConfigError, match=f"differs from the run's .*{key} "):
+            check_saved_config(load_config(path, [override]), resume=True)
+    # A fresh run over a finished one's folder (no checkpoint left) may replace ds-cl's own file.
+    assert check_saved_config(load_config(path, ["seed=1"]), resume=False) == []

@@ -16,3 +16,20 @@ def test_evaluation_reader_names_file_and_line_of_non_utf8(tmp_path):
     p.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
     with pytest.raises(EvalInputError, match=r"r\.jsonl:2: not UTF-8"):
         read_jsonl(p)
+
+
+def test_metrics_truncation_on_resume_survives_a_torn_line_and_is_atomic(tmp_path):
+    """A run killed mid-write leaves half a JSON line; --resume drops it with the steps after the checkpoint,
+    and rewrites the file through a temporary (no half-written metrics.jsonl if killed again)."""
+    import json
+
+    from ds_cl.training.outputs import MetricsLog
+
+    log = MetricsLog(tmp_path, rank=0, tensorboard=False)
+    for step in (1, 2, 3):
+        log.write({"step": step, "loss": 1.0 / step})
+    with open(log.path, "a") as f:
+        f.write('{"step": 4, "lo')
+    log.truncate_after(2)
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2]
+    assert not list(tmp_path.glob("*.tmp"))

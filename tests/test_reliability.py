@@ -10,6 +10,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -114,6 +115,53 @@ def test_sigterm_checkpoints_then_requeue_resumes(tmp, reference):
     p = run(cfg, "--resume")  # the requeued job
     assert p.returncode == 0, explain(p)
     assert_same_run(reference, out)
+
+
+def test_ctrl_c_checkpoints_without_a_traceback_then_resumes(tmp, reference):
+    """Ctrl-C in the terminal: SIGINT to the launcher and every rank. The first one checkpoints at the
+    next step boundary (as SIGTERM does) instead of ~50 lines of KeyboardInterrupt traceback."""
+    out = tmp / "ctrl_c"
+    cfg = tiny_config(tmp, out, checkpoint={"every_steps": 0})
+    proc = subprocess.Popen(launch_cmd(cfg), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        metrics, t0 = out / "metrics.jsonl", time.time()
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert proc.poll() is None and time.time() - t0 < 240, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "SIGINT: checkpointing after the current step" in stdout and "preempted: checkpoint" in stdout, stdout
+    assert "Traceback" not in stdout and "KeyboardInterrupt" not in stdout, stdout
+    state = json.loads((out / "checkpoints" / latest(out) / "trainer_state.json").read_text())
+    assert not state["done"], state
+    p = run(cfg, "--resume")
+    assert p.returncode == 0, explain(p)
+    assert_same_run(reference, out)
+
+
+def test_ctrl_c_exit_status_of_a_single_process_run(tmp):
+    """Without a launcher the process's own status is the user's: 130 (128 + SIGINT), after the checkpoint."""
+    out = tmp / "ctrl_c_one"
+    cfg = tiny_config(tmp, out, steps=40, checkpoint={"every_steps": 0})
+    proc = subprocess.Popen([sys.executable, "-m", "ds_cl.cli", "train", str(cfg)], cwd=REPO, env=cpu_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        metrics, t0 = out / "metrics.jsonl", time.time()
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert proc.poll() is None and time.time() - t0 < 240, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stdout
+    assert "preempted: checkpoint" in stdout and "Traceback" not in stdout, stdout
+    assert (out / "checkpoints" / latest(out) / "trainer_state.json").is_file()
 
 
 def test_write_failure_while_saving_keeps_previous_checkpoint(tmp, reference):

@@ -66,6 +66,8 @@ def test_exported_model_loads_and_generates(full_run):
     folder = out / "task_1_b"
     model = AutoModelForCausalLM.from_pretrained(folder)
     sd = load_file(folder / "model.safetensors")
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(folder / "model.safetensors") == mode(folder / "config.json") == mode(out / "metrics.jsonl")
     # Full shapes, not the empty ZeRO-3 placeholders.
     assert sd["model.layers.0.mlp.up_proj.weight"].shape == (64, 32)
     assert sum(v.numel() for v in sd.values()) == sum(p.numel() for p in model.parameters())

@@ -241,6 +241,7 @@ class LoRAAdapters:
         from safetensors.torch import save_file
 
         from ds_cl.core import collectives
+        from ds_cl.training.export import readable_like_other_outputs
 
         rank = dist.get_rank() if dist.is_initialized() else 0
         out = {}
@@ -255,6 +256,7 @@ class LoRAAdapters:
             meta = {"rank": str(self.cfg.rank), "alpha": str(self.cfg.alpha), "tasks": str(self.current + 1),
                     "targets": json.dumps(self.cfg.targets)}
             save_file(out, str(path) + ".tmp", metadata=meta)
+            readable_like_other_outputs(str(path) + ".tmp")
             os.replace(str(path) + ".tmp", path)
         collectives.barrier()
 

@@ -12,6 +12,7 @@ Errors are `ConfigError` with one line naming the file and the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -22,7 +23,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from ds_cl.methods import REGISTRY
-from ds_cl.training.ds_config import load_ds_config, zero_stage
+from ds_cl.training.ds_config import check_ds_keys, load_ds_config, zero_stage
 from ds_cl.training.errors import ConfigError  # its home is errors.py; everything imports it from here
 
 # Local data formats we read ourselves; anything else is a `datasets` name or a saved dataset folder.
@@ -367,6 +368,7 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     try:
         if isinstance(cfg.deepspeed, str):
             cfg.deepspeed = load_ds_config(_resolve(cfg.deepspeed, base), key="deepspeed")
+        check_ds_keys(cfg.deepspeed, src="deepspeed")
         zero_stage(cfg.deepspeed, src="deepspeed")
     except ConfigError as e:
         raise ConfigError(f"{src}: {e}") from None
@@ -378,7 +380,16 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {t.warmup_ratio}")
     need(len(t.betas) == 2, "train.betas", f"needs two values, got {t.betas}")
     need(t.max_steps_per_task is None or t.max_steps_per_task >= 1, "train.max_steps_per_task", "must be >= 1")
+    need(math.isfinite(t.lr), "train.lr", f"must be finite, got {t.lr}")
+    need(t.grad_clip >= 0 and math.isfinite(t.grad_clip), "train.grad_clip",
+         f"must be >= 0 (0: no clipping), got {t.grad_clip}")
+    need(all(0 <= b < 1 for b in t.betas), "train.betas", f"Adam's betas must be in [0, 1), got {t.betas}")
+    need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens",
+         f"must be >= 1 (or null: from the longest answer), got {cfg.eval.max_new_tokens}")
+    need(cfg.checkpoint.stop_after_steps is None or cfg.checkpoint.stop_after_steps >= 1,
+         "checkpoint.stop_after_steps", f"must be >= 1 (or null), got {cfg.checkpoint.stop_after_steps}")
     need(not cfg.eval.retention_suite or cfg.output.export_each_task, "eval.retention_suite",
          "needs output.export_each_task: true (the suite scores the model exported after each task)")
     need(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
@@ -439,6 +450,8 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
                 raise ConfigError(f"{src}: {key}.template: only {{instruction}}, {{options}}, {{input}} "
                                   f"may appear ({e!r})") from None
         need(task.eval_size >= 1, f"{key}.eval_size", "must be >= 1")
+        need(task.max_train_samples is None or task.max_train_samples >= 1, f"{key}.max_train_samples",
+             f"must be >= 1 (or null: all), got {task.max_train_samples}")
         if task.metric != "exact_match":
             need(":" in task.metric, f"{key}.metric", f"'exact_match' or 'module:function', got {task.metric!r}")
 
@@ -486,6 +499,30 @@ def use_benchmark_layout(task: TaskConfig, where: str) -> None:
             task.instruction = ""
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last silently, so a
+    second `train:` block would replace the whole first one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice in the same "
+                                  f"section (first on line {seen[key] + 1}); YAML would keep only the last")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | os.PathLike):
+    """YAML with duplicate keys refused (ConfigError naming both lines)."""
+    with open(path) as f:
+        try:
+            return yaml.load(f, Loader=_UniqueKeyLoader)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), data: dict | None = None) -> RunConfig:
     """Read YAML (or take `data`), apply overrides, type-check and validate. Raises ConfigError."""
     src = str(path) if path is not None else "config"
@@ -493,8 +530,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), data:
         if not os.path.isfile(path):
             raise ConfigError(f"{src}: no such config file")
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f)
+            data = read_yaml(path)
         except yaml.YAMLError as e:
             raise ConfigError(f"{src}: not valid YAML: {str(e).splitlines()[0]}") from None
         if data is None:
@@ -517,7 +553,16 @@ def to_dict(cfg: RunConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# First line of the config.yaml that `ds-cl train` writes into output_dir: how a later run tells its own
+# file from a user's (ds_cl/training/preflight.py never lets a run overwrite the latter).
+CONFIG_HEADER = "# Written by ds-cl train: this run's resolved config (absolute paths). Resume with --resume.\n"
+
+
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config (paths absolute, deepspeed inline): re-loadable with load_config."""
-    with open(path, "w") as f:
+    """Write the resolved config (paths absolute, deepspeed inline): re-loadable with load_config.
+    Atomically: a run killed while writing keeps the previous file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(CONFIG_HEADER)
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)

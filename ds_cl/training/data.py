@@ -203,11 +203,20 @@ def to_examples(task: TaskConfig, rows: list[dict], labels: list[str], key: str)
                 if f not in r:
                     raise ValueError(f"{key}: record {n} has no field {f!r} (fields: {', '.join(map(str, r))}); "
                                      f"set tasks.*.input_field / output_field")
+            for f in (task.input_field, task.output_field):
+                v = r[f]
+                if v is None or (isinstance(v, float) and v != v):  # JSON null, an empty CSV/Parquet cell
+                    raise ValueError(f"{key}: record {n}: field {f!r} has no value (null or empty cell); "
+                                     f"it would train on the text {str(v)!r}")
             text, answer = str(r[task.input_field]), str(r[task.output_field]).strip()
             prompt = text if task.template is None else task.template.format(
                 instruction=task.instruction, options=", ".join(labels), input=text).lstrip()
         if not answer.strip():
             raise ValueError(f"{key}: record {n} has an empty output ({task.output_field!r})")
+        if task.labels is not None and not task.messages_field and answer not in labels:
+            raise ValueError(f"{key}: record {n}: answer {answer!r} is not one of the task's labels "
+                             f"({', '.join(map(repr, labels[:8]))}{', ...' if len(labels) > 8 else ''}); the "
+                             f"prompt's options would not offer it")
         out.append(Example(prompt, answer))
     return out
 

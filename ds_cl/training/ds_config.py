@@ -155,6 +155,52 @@ def _solve(known: dict[str, tuple[int, str]], world: int) -> Batch:
 # ZeRO stage and precision
 
 
+# DeepSpeed's documented top-level keys (deepspeed.ai/docs/config-json). DeepSpeed ignores a key it does not
+# know, so a typo such as `zero_optimisation` would silently train without the intended section.
+DS_TOP_LEVEL = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "fp16", "bf16", "amp", "torch_autocast", "gradient_clipping", "prescale_gradients", "gradient_predivide_factor",
+    "sparse_gradients", "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "steps_per_print", "wall_clock_breakdown", "dump_state", "memory_breakdown", "flops_profiler",
+    "activation_checkpointing", "sparse_attention", "data_efficiency", "curriculum_learning", "tensorboard",
+    "wandb", "csv_monitor", "comet", "comms_logger", "elasticity", "communication_data_type", "data_types",
+    "aio", "checkpoint", "autotuning", "compression_training", "pipeline", "timers", "compile", "nebula",
+    "hybrid_engine", "progressive_layer_drop", "eigenvalue", "quantize_training", "weight_quantization",
+    "gradient_allreduce_op", "seq_parallel_communication_data_type", "disable_allgather", "dataloader_drop_last",
+    "vocabulary_size", "use_data_before_expert_parallelism", "tensor_parallel", "graph_harvesting",
+    "disable_python_gc", "zenflow", "mics_shard_size", "mics_hierarchical_params_gather", "load_universal_checkpoint",
+)
+
+
+def _zero_keys() -> set[str]:
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    fields = DeepSpeedZeroConfig.model_fields
+    return set(fields) | {f.alias for f in fields.values() if f.alias}
+
+
+def check_ds_keys(ds: dict, src: str = "deepspeed") -> None:
+    """Refuse a misspelt DeepSpeed key: a top-level key close to a known one (an unknown key nothing
+    resembles may be a newer DeepSpeed's, and passes), and any key of `zero_optimization` that
+    DeepSpeed's own ZeRO config model does not have."""
+    import difflib
+
+    for key in ds:
+        if key not in DS_TOP_LEVEL:
+            near = difflib.get_close_matches(str(key), DS_TOP_LEVEL, n=1, cutoff=0.8)
+            if near:
+                raise ConfigError(f"{src}: unknown DeepSpeed key {key!r} (did you mean {near[0]!r}?); "
+                                  f"DeepSpeed would ignore it silently")
+    zero = ds.get("zero_optimization")
+    if isinstance(zero, dict):
+        known = _zero_keys()
+        for key in zero:
+            if key not in known:
+                near = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+                raise ConfigError(f"{src}.zero_optimization: unknown key {key!r}"
+                                  f"{f' (did you mean {near[0]!r}?)' if near else ''}")
+
+
 def zero_stage(ds: dict, src: str = "deepspeed") -> int:
     """The ZeRO stage of a DeepSpeed config (0 when its zero_optimization section has no stage, as in
     DeepSpeed; build_ds_config adds a section with stage 3 when there is none)."""

@@ -48,6 +48,15 @@ def full_tensors(model):
         yield name, t
 
 
+def readable_like_other_outputs(path: str | os.PathLike) -> None:
+    """safetensors writes its files mode 0600 (through a private temporary), while every other output
+    follows the umask (usually 0644): give weights the umask's mode too, so a shared run folder's
+    exported models are readable by the same people as its metrics."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_safetensors(state_dict: dict[str, torch.Tensor], folder: Path, shard_bytes: int,
                       total_parameters: int | None = None) -> list[str]:
     """Write `state_dict` to `folder` in HF's layout: model.safetensors, or shards of at most `shard_bytes`
@@ -60,6 +69,7 @@ def write_safetensors(state_dict: dict[str, torch.Tensor], folder: Path, shard_b
                                                max_shard_size=shard_bytes)
     for fname, names in split.filename_to_tensors.items():
         save_file({k: state_dict.pop(k).contiguous() for k in names}, folder / fname, metadata={"format": "pt"})
+        readable_like_other_outputs(folder / fname)
     files = list(split.filename_to_tensors)
     if split.is_sharded:
         meta = dict(split.metadata)  # {"total_size": bytes of all tensors}

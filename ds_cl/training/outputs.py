@@ -4,6 +4,7 @@ summary (cl_matrix.json, summary.json), the two figures, and the text tables pri
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
@@ -33,8 +34,18 @@ class MetricsLog:
         """Drop records of steps after `step` (a resume redoes them)."""
         if self.rank != 0 or not self.path.is_file():
             return
-        keep = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # the torn last line of a killed run
+                continue
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        # Atomically: a second kill while rewriting must not lose the records before the checkpoint.
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -33,6 +33,60 @@ def check_output_dir(cfg: RunConfig, resume: bool) -> None:
                           "pass --resume to continue it, or choose a new output_dir (nothing was overwritten)")
 
 
+# What may change between a run and its --resume: how it is evaluated, checkpointed, logged and where it
+# lives. Anything else (seed, data, batch arithmetic, method, model, optimizer, DeepSpeed) changes what the
+# run trains, and a resumed run would mix two experiments under one name.
+RESUME_SAFE = ("output_dir", "eval.batch_size", "eval.retention_suite", "eval.retention_after", "checkpoint.",
+               "output.plots", "model.gradient_checkpointing", "train.on_nonfinite", "deepspeed.steps_per_print",
+               "deepspeed.wall_clock_breakdown")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_saved_config(cfg: RunConfig, resume: bool, config_path: str | os.PathLike | None = None) -> list[str]:
+    """The run's `config.yaml` in output_dir: never overwrite a file ds-cl did not write (the user's own
+    config kept there), and on --resume refuse changes that alter what the run trains. Returns the safe
+    changes, one string each, for the caller to report."""
+    import yaml
+
+    from ds_cl.training.config import CONFIG_HEADER, to_dict
+
+    saved = Path(cfg.output_dir) / "config.yaml"
+    if not saved.is_file():
+        return []
+    text = saved.read_text(errors="replace")
+    try:
+        old = yaml.safe_load(text)
+    except yaml.YAMLError:
+        old = None
+    ours = text.startswith(CONFIG_HEADER) or (isinstance(old, dict) and old.get("output_dir") == str(cfg.output_dir)
+                                             and isinstance(old.get("deepspeed"), dict))
+    if not ours:
+        running = config_path is not None and Path(config_path).resolve() == saved.resolve()
+        raise ConfigError(f"output_dir: {saved} {'is the config you are running' if running else 'exists'} and was "
+                          f"not written by ds-cl; ds-cl writes the run's resolved config there: keep your config "
+                          f"outside output_dir or choose another output_dir (nothing was written)")
+    if not resume or not isinstance(old, dict):
+        return []
+    before, now = _flat(old), _flat(to_dict(cfg))
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    show = lambda k: f"{k} {before.get(k)!r} -> {now.get(k)!r}"  # noqa: E731
+    unsafe = [k for k in changed if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_SAFE)]
+    if unsafe:
+        listed = "; ".join(show(k) for k in unsafe[:6]) + (f"; and {len(unsafe) - 6} more" if len(unsafe) > 6 else "")
+        raise ConfigError(f"--resume: the config differs from the run's ({saved}) in what it trains: {listed}; "
+                          f"undo these, or start a new output_dir (nothing was written)")
+    return [show(k) for k in changed]
+
+
 def _model_vocab(cfg: RunConfig) -> int | None:
     m = cfg.model
     if m.name_or_path is None:
@@ -128,9 +182,11 @@ def check_deepspeed(cfg: RunConfig, world: int) -> None:
     check_ds_config(cfg, world)
 
 
-def check_inputs(cfg: RunConfig, world: int | None = None, resume: bool = False) -> None:
+def check_inputs(cfg: RunConfig, world: int | None = None, resume: bool = False,
+                 config_path: str | os.PathLike | None = None) -> list[str]:
     """Everything above, cheapest first. Raises ConfigError (one line). `world`: default the world size
-    this process will join (ds_cl.training.environment.world_size: torch env, SLURM, else 1)."""
+    this process will join (ds_cl.training.environment.world_size: torch env, SLURM, else 1). Returns
+    the config changes a --resume accepted (check_saved_config), for the caller to report."""
     if world is None:
         from ds_cl.training.environment import world_size
 
@@ -139,7 +195,9 @@ def check_inputs(cfg: RunConfig, world: int | None = None, resume: bool = False)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     check_output_dir(cfg, resume)
+    accepted = check_saved_config(cfg, resume, config_path)
     check_deepspeed(cfg, world)
     check_model(cfg)
     check_tokenizer(cfg)
     check_data(cfg)
+    return accepted

@@ -134,6 +134,7 @@ class Trainer:
         self.state = RunState()
         self.steps_this_process = 0
         self.preempted = False
+        self.stop_signal: str | None = None  # the signal this rank received: SIGTERM or SIGINT
 
     def log(self, msg: str) -> None:
         if self.dist.rank == 0:
@@ -254,7 +255,9 @@ class Trainer:
             from ds_cl.training.task_eval import retention
 
             where = self.out / f"retention_task_{phase}"
-            if retention(cfg.eval.retention_suite, export_dir, where, self.dist, cfg.model.chat_template):
+            # The suite scores the model as an assistant, as `ds-cl eval` scores the base: through its chat
+            # template when the tokenizer has one, however the tasks' prompts were formatted.
+            if retention(cfg.eval.retention_suite, export_dir, where, self.dist, chat_template=True):
                 self.log(f"retention after task {phase}: {where / 'eval.json'}")
         st.phase, st.step_in_phase = phase + 1, 0
         st.done = st.phase == len(self.phases)
@@ -323,21 +326,29 @@ class Trainer:
     # -- reliability: preemption, stop requests, non-finite steps (docs/reliability.md) -------------
 
     def install_sigterm(self) -> None:
-        """SIGTERM (SLURM preemption, the deepspeed launcher passing one on) asks for a checkpoint after
-        the current optimizer step. Later SIGTERMs are ignored (SLURM signals every process and the
-        launcher forwards its own: a rank gets two); SIGKILL after the grace period ends it anyway."""
+        """SIGTERM (SLURM preemption, the deepspeed launcher passing one on) and the first SIGINT (Ctrl-C)
+        ask for a checkpoint after the current optimizer step, then exit 143 / 130. Later SIGTERMs are
+        ignored (SLURM signals every process and the launcher forwards its own: a rank gets two); a second
+        SIGINT exits at once, without a checkpoint or a traceback. SIGKILL after a grace period ends it
+        anyway (the deepspeed launcher's is 30 s after it passes Ctrl-C on)."""
         import signal
 
-        def on_term(signum, frame):
+        def on_signal(signum, frame):
+            name = signal.Signals(signum).name
             if self.preempted:
+                if signum == signal.SIGINT:
+                    print(f"\n{log_prefix} rank {self.dist.rank}: second SIGINT: exiting now, without a checkpoint "
+                          f"(the last one is {self.checkpoints.latest() or 'none'})", file=sys.stderr, flush=True)
+                    _exit_now(130)
                 return
-            self.preempted = True
-            print(f"{log_prefix} rank {self.dist.rank}: SIGTERM: checkpointing after the current step, then exiting",
-                  flush=True)
+            self.preempted, self.stop_signal = True, name
+            print(f"\n{log_prefix} rank {self.dist.rank}: {name}: checkpointing after the current step, then "
+                  f"exiting{' (Ctrl-C again to exit now)' if signum == signal.SIGINT else ''}", flush=True)
 
         try:
-            signal.signal(signal.SIGTERM, on_term)
-        except ValueError:  # not the main thread (embedded use): leave the default
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+        except ValueError:  # not the main thread (embedded use): leave the defaults
             pass
 
     def agree_preempted(self) -> bool:
@@ -357,7 +368,8 @@ class Trainer:
         if self.preempted:
             self.log(f"preempted: checkpoint {self.checkpoints.latest()} written (task {st.phase}, step "
                      f"{st.step_in_phase}); rerun with --resume to continue")
-            return 143  # 128 + SIGTERM: a scheduler sees an interrupted run, not a finished one
+            # 128 + the signal: a scheduler or shell sees an interrupted run, not a finished one.
+            return 130 if self.stop_signal == "SIGINT" else 143
         self.log(f"stopping after {self.steps_this_process} steps (checkpoint.stop_after_steps)")
         return 0
 
@@ -398,6 +410,17 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _raised_by_ds_cl(e: BaseException) -> bool:
+    """True when the innermost frame of `e` is ds-cl's own code: the input checks that raise ValueError
+    with a message for the user (data records, subspace fits). A ValueError from inside a library is
+    not the user's input error and keeps its traceback."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    pkg = str(Path(__file__).resolve().parents[1])
+    return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(pkg)
+
+
 def _exit_now(rc: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
@@ -424,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         # Every input that can be read cheaply, before DeepSpeed starts or any output is written.
         from ds_cl.training.preflight import check_inputs
 
-        check_inputs(cfg, resume=args.resume)
+        accepted = check_inputs(cfg, resume=args.resume, config_path=args.config)
     except ConfigError as e:
         if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # one copy of the line
             print(f"ds-cl train: {e}", file=sys.stderr)
@@ -440,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(cfg.output_dir)
         if info.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
+            if accepted:
+                print(f"{log_prefix} --resume: changed since the run started, accepted (they do not change what "
+                      f"it trains): {'; '.join(accepted)}", flush=True)
             save_config(cfg, out / "config.yaml")
         trainer = Trainer(cfg, info)
         rc = trainer.run(resume=args.resume)
@@ -451,11 +477,17 @@ def main(argv: list[str] | None = None) -> int:
                   + format_matrix(trainer.state.matrix, [t.name for t in trainer.tasks]), flush=True)
             print(f"{log_prefix} outputs in {out}", flush=True)
     except (ConfigError, ValueError) as e:
+        if not isinstance(e, ConfigError) and not _raised_by_ds_cl(e):
+            raise  # a library's own error (torch, transformers, DeepSpeed): a bug to report, with its traceback
         if info.rank == 0 or not isinstance(e, ConfigError):  # a ValueError may be one rank's alone
             print(f"ds-cl train: {'' if isinstance(e, ConfigError) else f'rank {info.rank}: '}{e}", file=sys.stderr)
         rc = 2
         if not isinstance(e, ConfigError):
             _exit_now(rc)
+    except KeyboardInterrupt:  # Ctrl-C before the trainer's handler was installed (model loading, set-up)
+        print(f"\nds-cl train: rank {info.rank}: interrupted (SIGINT) before training started; nothing to "
+              f"checkpoint", file=sys.stderr)
+        _exit_now(130)
     except Exception as e:
         from ds_cl.training.checkpoint import CheckpointError
 

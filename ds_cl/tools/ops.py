@@ -1,0 +1,115 @@
+"""`python -m ds_cl.tools.ops build`: compile DeepSpeed's CPU ops once (`make setup` runs it), and the
+stale-lock check `ds-cl train` runs before DeepSpeed starts.
+
+On CPU, DeepSpeed JIT-compiles its shared-memory all-reduce (`deepspeed_shm_comm`) the first time a
+process group starts, and its CPU Adam (`cpu_adam`) the first time optimizer offload runs: each takes
+one to two minutes on 2 cores, silently. torch's extension loader guards a build with a `lock` file in
+the op's build folder and waits, forever and without a message, while that file exists; a run killed
+during the compile leaves it behind, and every later run then hangs. `stale_locks` finds such files
+(no compiler running), and `ds-cl train` removes them with a message instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+OPS = ("deepspeed_shm_comm", "cpu_adam")
+
+
+def build_root() -> Path:
+    """The folder this torch builds JIT extensions in (torch.utils.cpp_extension._get_build_directory's
+    rule, without its side effect of creating the op's folder): $TORCH_EXTENSIONS_DIR, else the default
+    root's py<ver>_<cpu|cu...|rocm...> folder."""
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    if torch.version.hip is not None:
+        acc = f"rocm{torch.version.hip.replace('.', '')}"
+    elif torch.version.cuda is not None:
+        acc = f"cu{torch.version.cuda.replace('.', '')}"
+    else:
+        acc = "cpu"
+    py = f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}"
+    return Path(get_default_build_root()) / f"{py}_{acc}"
+
+
+def _compiler_running() -> bool:
+    """Any live ninja / compiler process on this machine (it may be building into the folder)."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if name in ("ninja", "cc1plus", "c++", "g++", "gcc", "ld"):
+            return True
+    return False
+
+
+def stale_locks(min_age_s: float = 30.0) -> list[Path]:
+    """Lock files of DeepSpeed op builds that no build is using: older than `min_age_s`, with no compiler
+    running (a build in progress keeps one running throughout)."""
+    root = build_root()
+    locks = [root / op / "lock" for op in OPS if (root / op / "lock").exists()]
+    now = time.time()
+    locks = [p for p in locks if now - p.stat().st_mtime > min_age_s]
+    if locks and _compiler_running():
+        return []
+    return locks
+
+
+def clear_stale_locks(log=print) -> list[Path]:
+    """Remove stale build locks (see `stale_locks`), saying so; the op is then rebuilt from scratch."""
+    removed = []
+    for lock in stale_locks():
+        try:
+            lock.unlink(missing_ok=True)  # another rank of this machine may have removed it first
+        except OSError as e:
+            raise RuntimeError(f"{lock}: a stale lock of an interrupted DeepSpeed op build that cannot be removed "
+                               f"({e}); delete it by hand, or every run hangs waiting for it") from None
+        log(f"removed {lock}: left by a DeepSpeed op build that was interrupted (the op is rebuilt now, "
+            f"~1-2 min on 2 cores)")
+        removed.append(lock)
+    return removed
+
+
+def announce_first_build(op: str = "deepspeed_shm_comm", log=print) -> None:
+    """Say so when DeepSpeed is about to compile `op` (not built yet): otherwise a first run is silent for
+    one to two minutes."""
+    if not list((build_root() / op).glob("*.so")):
+        log(f"building DeepSpeed's {op} op before the first step (once per machine, ~1-2 min on 2 cores; "
+            f"`python -m ds_cl.tools.ops build` does it ahead)")
+
+
+def build(ops=OPS) -> None:
+    """Compile the CPU ops now (each prints a line; a no-op when already built)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    clear_stale_locks()
+    builders = {"deepspeed_shm_comm": ShareMemCommBuilder, "cpu_adam": CPUAdamBuilder}
+    for op in ops:
+        t = time.time()
+        print(f"ds-cl: building DeepSpeed's {op} op (once; ~1-2 min on 2 cores) ...", flush=True)
+        builders[op]().load(verbose=False)
+        print(f"ds-cl: {op} ready ({time.time() - t:.0f}s)", flush=True)
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["build"]:
+        print("usage: python -m ds_cl.tools.ops build", file=sys.stderr)
+        return 2
+    build()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
