@@ -82,6 +82,15 @@ def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
         edit(cfg, lambda c: c["train"].update(grad_clip=-1))
     elif cid == "config-eval-tokens":
         edit(cfg, lambda c: c["eval"].update(max_new_tokens=0))
+    elif cid == "config-targets-nomatch":
+        edit(cfg, lambda c: c["method"].update(osft={"rank": "fixed", "ratio": 0.5, "targets": ["nope_proj"]}))
+    elif cid == "config-metric-not-callable":
+        edit(cfg, set_task(metric="math:pi"))
+    elif cid == "model-heads":
+        edit(cfg, lambda c: c["model"]["config"].update(hidden_size=30, num_attention_heads=4, num_key_value_heads=2))
+    elif cid == "data-fewer-than-batch":
+        lines = good.splitlines()
+        edit(cfg, set_task(train=data_file(tmp, "task.jsonl", b"\n".join(lines[:10]) + b"\n")))
     elif cid == "data-null-output":
         edit(cfg, set_task(train=data_file(tmp, "task.jsonl", good + b'\n{"input": "a", "output": null}\n')))
     elif cid == "data-csv-missing-cell":

@@ -164,6 +164,42 @@ def test_ctrl_c_exit_status_of_a_single_process_run(tmp):
     assert (out / "checkpoints" / latest(out) / "trainer_state.json").is_file()
 
 
+class _RunsACommand:
+    """What a crafted pickle does: torch.load(weights_only=False) calls os.system while unpickling."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_crafted_shard(tmp, reference):
+    """A checkpoint folder from someone else: DeepSpeed's optimizer shard replaced by a pickle that runs a
+    command, the manifest rewritten to match it. --resume must refuse it in one line without running it."""
+    from ds_cl.training.checkpoint import MANIFEST, file_digest
+
+    out = tmp / "crafted"
+    cfg = tiny_config(tmp, out)
+    p = run(cfg, "checkpoint.stop_after_steps=2")
+    assert p.returncode == 0, explain(p)
+    ckpt = out / "checkpoints" / latest(out)
+    marker = tmp / "crafted_ran"
+    for shard in (ckpt / "deepspeed" / "state").glob("*optim_states.pt"):
+        state = torch.load(shard, weights_only=False)  # our own file, to keep its shape
+        state["optimizer_state_dict"]["payload"] = _RunsACommand(marker)
+        torch.save(state, shard)
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    for name in manifest["files"]:
+        f = ckpt / name
+        manifest["files"][name] = {"size": f.stat().st_size, "sha256": file_digest(f)}
+    (ckpt / MANIFEST).write_text(json.dumps(manifest))
+    p = run(cfg, "--resume")
+    assert p.returncode != 0 and not marker.exists(), explain(p)
+    assert "refused to unpickle" in p.stderr and "posix.system" in p.stderr, explain(p)
+    assert "Traceback" not in p.stderr, explain(p)
+
+
 def test_write_failure_while_saving_keeps_previous_checkpoint(tmp, reference):
     """A file-size limit (RLIMIT_FSIZE: writes past it fail with EFBIG, as on a full disk) hits the
     optimizer shards mid-save: the error says so, the partial save is removed, the last checkpoint

@@ -52,6 +52,13 @@ class Method:
         self.cfg, self.dist, self.tokenizer = cfg, dist, tokenizer
         self.engine: Any = None  # deepspeed.DeepSpeedEngine, from bind()
 
+    # -- before any work ---------------------------------------------------------------------------
+
+    @classmethod
+    def check_model(cls, cfg: "RunConfig", model: "torch.nn.Module") -> None:
+        """Preflight (ds_cl/training/preflight.py), on the model built on the meta device: raise ValueError
+        for settings that do not fit this model (e.g. target patterns that match nothing)."""
+
     # -- data policy ------------------------------------------------------------------------------
 
     def plan(self, tasks: list["TaskData"]) -> list[Phase]:

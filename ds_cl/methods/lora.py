@@ -277,9 +277,12 @@ class OLoRA(Method):
     name = "olora"
     orthogonal = True
 
+    @classmethod
+    def check_model(cls, cfg, model):
+        target_linears(model, cfg.method.lora.targets)
+
     def __init__(self, cfg, dist, tokenizer):
         super().__init__(cfg, dist, tokenizer)
-        check_targets(cfg)  # on the meta device: a clear error before data and weights are loaded
         self.adapters: Optional[LoRAAdapters] = None
         self.n_tasks = 0
         self.last_lr = 0.0

@@ -31,6 +31,20 @@ class OSFT(Method):
         self.opts = cfg.method.osft
         self.projector = None  # ds_cl.core.projector.SubspaceProjector, from bind()
 
+    @classmethod
+    def check_model(cls, cfg, model):
+        from ds_cl.core.subspace import select_targets
+
+        params = dict(model.named_parameters())
+        try:
+            names = select_targets(params, cfg.method.osft.targets)
+        except ValueError as e:
+            raise ValueError(f"method.osft.targets: {e}") from None
+        for name in names:
+            if params[name].dim() != 2:
+                raise ValueError(f"method.osft.targets: {name} has shape {tuple(params[name].shape)}; only 2-D "
+                                 f"weights can be projected (narrow the patterns)")
+
     def param_groups(self, model):
         from ds_cl.core.subspace import select_targets
 

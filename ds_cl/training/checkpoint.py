@@ -26,8 +26,11 @@ the last one; a write that fails anyway (ENOSPC, EFBIG, EIO) removes the partial
 raises `CheckpointError` saying the previous checkpoint is intact (it is never touched before the
 new one is complete).
 
-Security: only tensors and plain containers are unpickled (`torch.load(..., weights_only=True)`);
-DeepSpeed's own loader reads its `deepspeed/` files, which the manifest checks first.
+Security: only tensors, plain containers and an allowlist of two DeepSpeed classes are unpickled, in
+our files and in DeepSpeed's (`torch.load(..., weights_only=True)`; DeepSpeed's own loader unpickles
+anything, so `load` gives the engine a checkpoint engine that does not). A checkpoint folder from
+someone else cannot run code when resumed. The manifest catches damage, not tampering: whoever can
+write the files can rewrite it too.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -55,6 +59,26 @@ class CheckpointError(RuntimeError):
 _barrier = collectives.barrier
 _any = collectives.any_rank
 _gather = collectives.all_gather_object
+
+
+def _load_weights_only(engine) -> None:
+    """Make `engine.load_checkpoint` unpickle with weights_only=True. DeepSpeed's TorchCheckpointEngine
+    unpickles with weights_only off, which runs whatever a crafted file asks; its files need two classes
+    beyond tensors and containers (the optimizer states' LossScaler and ZeroStageEnum)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if type(ce) is not TorchCheckpointEngine:  # another engine (Nebula, decoupled): its own loader
+        return
+
+    def load(path: str, map_location=None):
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    ce.load = load
 
 
 def rng_state() -> dict:
@@ -252,8 +276,15 @@ class CheckpointManager:
         stateful = method is not None and method.has_state
         if stateful and not pfile.is_file():
             raise CheckpointError(f"{pfile}: missing (the method state of rank {self.rank})")
-        load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+        _load_weights_only(engine)
+        try:
+            load_path, _ = engine.load_checkpoint(str(path / "deepspeed"), tag="state", load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+        except pickle.UnpicklingError as e:
+            lines = str(e).strip().splitlines()
+            why = next((ln for ln in lines if "GLOBAL" in ln), lines[0] if lines else "")
+            raise CheckpointError(f"{path / 'deepspeed'}: refused to unpickle it (only tensors, plain containers and "
+                                  f"DeepSpeed's LossScaler/ZeroStageEnum are allowed): {why.strip()[:300]}") from None
         if load_path is None:
             raise CheckpointError(f"{path}: deepspeed could not load its checkpoint")
         if stateful:

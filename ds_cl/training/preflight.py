@@ -117,6 +117,47 @@ def check_model(cfg: RunConfig) -> None:
         raise ConfigError(f"model.name_or_path: {folder} has no *.safetensors weights{hint}")
 
 
+def check_model_shapes(cfg: RunConfig) -> None:
+    """The model's own arithmetic, and the method's settings against the model built on the meta device
+    (no memory, no weights): target patterns that match nothing or the wrong parameters fail here, in
+    seconds, not after DeepSpeed started and the weights were loaded."""
+    import importlib
+
+    from ds_cl.methods import REGISTRY
+    from ds_cl.training.modeling import hf_config, meta_model
+
+    key = "model.config" if cfg.model.config is not None else "model.name_or_path"
+
+    def check_heads(get) -> None:
+        hidden, heads = get("hidden_size"), get("num_attention_heads")
+        kv = get("num_key_value_heads") or heads
+        if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+            if get("head_dim") is None and hidden % heads:
+                raise ConfigError(f"{key}: hidden_size {hidden} is not a multiple of num_attention_heads {heads} "
+                                  f"({hidden} / {heads} = {hidden / heads:.2f})")
+            if isinstance(kv, int) and kv > 0 and heads % kv:
+                raise ConfigError(f"{key}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+
+    if cfg.model.config is not None:  # before transformers, whose own check says less
+        check_heads(cfg.model.config.get)
+    try:
+        hf = hf_config(cfg.model.config, cfg.model.name_or_path)
+    except Exception as e:  # transformers raises several kinds for a bad config
+        detail = " ".join(line.strip() for line in str(e).splitlines()[:3] if line.strip())[:300]
+        raise ConfigError(f"{key}: not a valid model config ({type(e).__name__}: {detail})") from None
+    check_heads(lambda k: getattr(hf, k, None))
+    try:
+        model = meta_model(hf)
+    except Exception as e:
+        raise ConfigError(f"{key}: the model cannot be built ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    module, cls = REGISTRY[cfg.method.name].split(":")
+    try:
+        getattr(importlib.import_module(module), cls).check_model(cfg, model)
+    except ValueError as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
 def tokenizer_size(tok) -> int:
     if getattr(tok, "kind", None) == "sentencepiece":
         return tok.sp.get_piece_size()
@@ -162,6 +203,15 @@ def check_data(cfg: RunConfig) -> None:
             elif len(rows) < 2:
                 raise ValueError(f"{key}.train: {task.train} has {len(rows)} record; holding out evaluation "
                                  "samples needs at least 2 (or set tasks.*.eval)")
+            held_out = 0 if task.eval is not None else min(task.eval_size, len(rows) // 2)
+            n_train = len(rows) - held_out
+            if task.max_train_samples is not None:
+                n_train = min(n_train, task.max_train_samples)
+            if n_train < cfg.train.global_batch_size and cfg.method.name != "multitask":  # it pools the tasks
+                raise ValueError(f"{key}.train: {n_train} training records ({len(rows)} - {held_out} held out"
+                                 f"{'' if task.max_train_samples is None else f', max_train_samples {task.max_train_samples}'}"
+                                 f") are fewer than train.global_batch_size {cfg.train.global_batch_size}: not "
+                                 f"one full step")
         except ConfigError:
             raise
         except (ValueError, OSError) as e:
@@ -170,9 +220,19 @@ def check_data(cfg: RunConfig) -> None:
             from ds_cl.training.data import resolve_metric
 
             try:
-                resolve_metric(task.metric)
+                fn = resolve_metric(task.metric)
             except (ImportError, AttributeError) as e:
                 raise ConfigError(f"{key}.metric: cannot import {task.metric!r} ({e})") from None
+            if not callable(fn):
+                raise ConfigError(f"{key}.metric: {task.metric!r} is a {type(fn).__name__}, not a function "
+                                  f"(prediction, reference) -> float")
+    o = cfg.method.osft
+    if cfg.method.name == "osft" and o.first_task_importance_data:
+        rows = read_records(o.first_task_importance_data, "train", "method.osft.first_task_importance_data")
+        if not rows or o.first_task_importance_field not in rows[0]:
+            raise ConfigError(f"method.osft.first_task_importance_field: {o.first_task_importance_field!r} is not a "
+                              f"field of {o.first_task_importance_data} (fields: "
+                              f"{', '.join(map(str, rows[0])) if rows else 'no records'})")
 
 
 def check_deepspeed(cfg: RunConfig, world: int) -> None:
@@ -198,6 +258,7 @@ def check_inputs(cfg: RunConfig, world: int | None = None, resume: bool = False,
     accepted = check_saved_config(cfg, resume, config_path)
     check_deepspeed(cfg, world)
     check_model(cfg)
+    check_model_shapes(cfg)
     check_tokenizer(cfg)
     check_data(cfg)
     return accepted
