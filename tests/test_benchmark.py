@@ -100,3 +100,6 @@ def test_benchmark_end_to_end_two_methods(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown method 'lora'" in bad.stderr and "osft-acc" in bad.stderr
     assert not (tmp_path / "o2").exists()
+    # Overrides may follow the options, and reach every run config (here one that refuses them all).
+    late = subprocess.run(cmd + ["train.lr=-1"], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=60)
+    assert late.returncode == 2 and "train.lr" in late.stderr, late.stderr[-2000:]

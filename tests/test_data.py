@@ -155,3 +155,41 @@ def test_benchmark_task_folder_layout(tmp_path):
     assert ex[0].answer == "Good"
     ex = to_examples(c, read_records(c.train, "train"), c.labels, "c")
     assert ex[1].prompt == "Option: B, A\ntoy-copa text 1\nAnswer:" and ex[1].answer == "B"
+
+
+def test_formats_users_bring_are_read_unchanged(tmp_path):
+    """TRACE, Alpaca, OpenAI messages and ShareGPT files, as those projects write them, auto-detected from the
+    first record (or named by tasks.*.format), become ds-cl's prompt/answer examples."""
+    import json
+
+    from ds_cl.training.config import TaskConfig
+    from ds_cl.training.data import detect_format, normalize_records, read_records, task_labels, to_examples
+
+    files = {
+        "trace.json": ("trace", json.dumps([{"prompt": "Translate to French: cat", "answer": "chat"}]),
+                       ("Translate to French: cat", "chat")),
+        "alpaca.json": ("alpaca", json.dumps([{"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+                                              {"instruction": "Say hi.", "input": "", "output": "hi"}]),
+                        ("Add the numbers.\n\n2 and 3", "5")),
+        "openai.jsonl": ("messages", json.dumps({"messages": [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris"}]}), ("Be brief.\nCapital of France?", "Paris")),
+        "sharegpt.json": ("sharegpt", json.dumps([{"conversations": [
+            {"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}]), ("2+2?", "4")),
+    }
+    for name, (fmt, text, (prompt, answer)) in files.items():
+        (tmp_path / name).write_text(text)
+        task = TaskConfig(name="t", train=str(tmp_path / name))
+        rows = read_records(task.train, "train", "tasks.0")
+        assert detect_format(task, rows) == fmt, name
+        plain, norm = normalize_records(task, rows, "tasks.0")
+        ex = to_examples(plain, norm, task_labels(plain, norm), "tasks.0")
+        assert (ex[0].prompt, ex[0].answer) == (prompt, answer), name
+        # Named explicitly, the same.
+        named = TaskConfig(name="t", train=str(tmp_path / name), format=fmt)
+        assert to_examples(*normalize_records(named, rows, "k"), [], "k")[0].answer == answer
+    with pytest.raises(ValueError, match="unknown speaker 'robot'"):
+        normalize_records(TaskConfig(name="t", train="x", format="sharegpt"),
+                          [{"conversations": [{"from": "robot", "value": "x"}]}], "tasks.0")
+    with pytest.raises(ValueError, match="has no field 'answer'"):
+        normalize_records(TaskConfig(name="t", train="x", format="trace"), [{"prompt": "p"}], "tasks.0")

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true",
                    help="start no run: the table from the complete runs under --out, naming the missing ones")
     p.add_argument("overrides", nargs="*", help="key.sub=value applied to every run config")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may follow the options
     methods = [m for m in args.methods.split(",") if m]
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]

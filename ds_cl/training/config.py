@@ -59,8 +59,9 @@ class OSFTConfig:
     # osft-acc): the rank policy's fit once before the first task, then at each boundary add the top
     # directions of the finished task's update, so later tasks cannot move it (docs/osft.md).
     subspace: Literal["refit", "accumulate"] = "accumulate"
-    # accumulate: the added directions hold this share of the finished task's |dW|^2 ...
-    update_energy: float = 0.9
+    # accumulate: the added directions hold this share of the finished task's |dW|^2 (0.99: docs/osft.md,
+    # 0.9 left a third of a task's answers to be overwritten in one seed of three) ...
+    update_energy: float = 0.99
     # ... while each matrix's protected directions stay within this fraction of min(m, n).
     max_protected_ratio: float = 0.9
     # Rank policy per matrix: the paper's adaptive layer importance, or one fixed ratio.
@@ -186,6 +187,11 @@ class TaskConfig:
     train_split: str = "train"
     eval_split: str = "test"
     eval_size: int = 100
+    # Record format (ds_cl/training/data.py `normalize_records`): auto (from the first record's keys),
+    # input_output (the fields below), trace ({"prompt", "answer"}), alpaca ({"instruction", "input",
+    # "output"}), messages (OpenAI {"messages": [{"role", "content"}]}), sharegpt ({"conversations":
+    # [{"from", "value"}]}). The benchmark's folder layout is recognised from the folder itself.
+    format: Literal["auto", "input_output", "trace", "alpaca", "messages", "sharegpt"] = "auto"
     # Field mapping: input/output text, or a chat `messages` list (last assistant turn is the answer).
     input_field: str = "input"
     output_field: str = "output"

@@ -179,6 +179,79 @@ class Example:
     answer: str
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+def detect_format(task: TaskConfig, rows: list[dict]) -> str:
+    """`task.format`, or for auto the format the first record's keys show (input_output when unsure:
+    its own error then names the missing fields)."""
+    if task.format != "auto":
+        return task.format
+    if task.messages_field:
+        return "messages"
+    keys = set(rows[0]) if rows and isinstance(rows[0], dict) else set()
+    if {"instruction", "output"} <= keys and "instruction" not in (task.input_field, task.output_field):
+        return "alpaca"  # it has input/output fields too, but the instruction is part of the prompt
+    if {task.input_field, task.output_field} <= keys:
+        return "input_output"
+    for fmt, need in (("trace", {"prompt", "answer"}), ("alpaca", {"instruction", "output"}),
+                      ("messages", {"messages"}), ("sharegpt", {"conversations"})):
+        if need <= keys:
+            return fmt
+    return "input_output"
+
+
+def normalize_records(task: TaskConfig, rows: list[dict], key: str,
+                      fmt: str | None = None) -> tuple[TaskConfig, list[dict]]:
+    """The task and its records in ds-cl's own terms (input/output fields, or a `messages` list): TRACE's
+    prompt/answer and Alpaca's instruction/input/output become input/output with the prompt used as it
+    is (they carry their own instructions: no template); ShareGPT's conversations become messages."""
+    import dataclasses
+
+    fmt = fmt or detect_format(task, rows)
+    if fmt == "input_output":
+        return task, rows
+
+    def field(r, n, name, optional=False):
+        if not isinstance(r, dict) or (name not in r and not optional):
+            raise ValueError(f"{key}: record {n} has no field {name!r} ({fmt} format: "
+                             f"fields {', '.join(map(str, r)) if isinstance(r, dict) else type(r).__name__})")
+        v = r.get(name)
+        if v is None and not optional:
+            raise ValueError(f"{key}: record {n}: field {name!r} has no value (null)")
+        return "" if v is None else str(v)
+
+    plain = dataclasses.replace(task, input_field="input", output_field="output", messages_field=None, template=None)
+    if fmt == "trace":
+        return plain, [{"input": field(r, n, "prompt"), "output": field(r, n, "answer")} for n, r in enumerate(rows)]
+    if fmt == "alpaca":
+        out = []
+        for n, r in enumerate(rows):
+            extra = field(r, n, "input", optional=True).strip()
+            text = field(r, n, "instruction").strip() + (f"\n\n{extra}" if extra else "")
+            out.append({"input": text, "output": field(r, n, "output")})
+        return plain, out
+    chat = dataclasses.replace(task, messages_field="messages")
+    if fmt == "messages":
+        name = task.messages_field or "messages"
+        return chat, [{"messages": r.get(name) if isinstance(r, dict) else None} for r in rows]
+    out = []  # sharegpt
+    for n, r in enumerate(rows):
+        turns = r.get("conversations") if isinstance(r, dict) else None
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise ValueError(f"{key}: record {n}: 'conversations' must be a list of {{'from', 'value'}} turns")
+        msgs = []
+        for t in turns:
+            role = SHAREGPT_ROLES.get(str(t.get("from", "")).lower())
+            if role is None:
+                raise ValueError(f"{key}: record {n}: unknown speaker {t.get('from')!r} (expected one of "
+                                 f"{', '.join(sorted(SHAREGPT_ROLES))})")
+            msgs.append({"role": role, "content": str(t.get("value", ""))})
+        out.append({"messages": msgs})
+    return chat, out
+
+
 def task_labels(task: TaskConfig, train_rows: list[dict]) -> list[str]:
     if task.labels is not None:
         return list(task.labels)
@@ -192,7 +265,9 @@ def to_examples(task: TaskConfig, rows: list[dict], labels: list[str], key: str)
     for n, r in enumerate(rows):
         if task.messages_field:
             msgs = r.get(task.messages_field)
-            if not isinstance(msgs, list) or len(msgs) < 2 or msgs[-1].get("role") != "assistant":
+            if (not isinstance(msgs, list) or len(msgs) < 2 or not all(isinstance(m, dict) and "content" in m
+                                                                      for m in msgs)
+                    or msgs[-1].get("role") != "assistant"):
                 raise ValueError(f"{key}: record {n}: {task.messages_field!r} must be a list of chat messages "
                                  "ending with an assistant turn")
             # Earlier turns are flattened into the prompt; the last assistant turn is the answer.
@@ -317,6 +392,9 @@ def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int) -> Tas
         raise ValueError(f"{key}.train: no training records in {task.train}")
     if not eval_rows:
         raise ValueError(f"{key}.eval: no evaluation records")
+    fmt = detect_format(task, rows)  # the training records decide; the evaluation records follow
+    _, eval_rows = normalize_records(task, eval_rows, f"{key}.eval", fmt)
+    task, rows = normalize_records(task, rows, f"{key}.train", fmt)
     labels = task_labels(task, rows)
     train = encode_all(tok, to_examples(task, rows, labels, f"{key}.train"), max_len, f"{key} train")
     evals = to_examples(task, eval_rows, labels, f"{key}.eval")

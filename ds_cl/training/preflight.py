@@ -185,7 +185,7 @@ def check_tokenizer(cfg: RunConfig):
 
 
 def check_data(cfg: RunConfig) -> None:
-    from ds_cl.training.data import read_records, task_labels, to_examples
+    from ds_cl.training.data import detect_format, normalize_records, read_records, task_labels, to_examples
 
     for i, task in enumerate(cfg.tasks):
         key = f"tasks.{i} ({task.name})"
@@ -193,13 +193,15 @@ def check_data(cfg: RunConfig) -> None:
             rows = read_records(task.train, task.train_split, f"{key}.train")
             if not rows:
                 raise ValueError(f"{key}.train: {task.train} holds no records")
-            labels = task_labels(task, rows)
-            to_examples(task, rows, labels, f"{key}.train")
+            fmt = detect_format(task, rows)
+            plain, norm = normalize_records(task, rows, f"{key}.train", fmt)
+            labels = task_labels(plain, norm)
+            to_examples(plain, norm, labels, f"{key}.train")
             if task.eval is not None:
                 ev = read_records(task.eval, task.eval_split, f"{key}.eval")
                 if not ev:
                     raise ValueError(f"{key}.eval: {task.eval} holds no records")
-                to_examples(task, ev, labels, f"{key}.eval")
+                to_examples(plain, normalize_records(task, ev, f"{key}.eval", fmt)[1], labels, f"{key}.eval")
             elif len(rows) < 2:
                 raise ValueError(f"{key}.train: {task.train} has {len(rows)} record; holding out evaluation "
                                  "samples needs at least 2 (or set tasks.*.eval)")
