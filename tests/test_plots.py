@@ -44,10 +44,32 @@ def test_loss_curve(tmp_path, n):
     losses = [3 * math.exp(-(i % (n // 2 or 1)) / 50) + 0.1 * (i % 7) for i in range(n)]
     if n > 100:
         losses[400] = float("nan")  # a skipped non-finite step leaves a gap
-    loss_curve(losses, [n // 2, n], tmp_path / "loss.png", tasks=["a", "b"] if n > 1 else None)
+    fig = loss_curve(losses, [n // 2, n], tmp_path / "loss.png", tasks=["a", "b"] if n > 1 else None)
     img = read(tmp_path / "loss.png")
-    red = (img[..., 0] > 150) & (img[..., 1] < 120) & (img[..., 2] < 120)
-    assert red.sum() > (20 if n == 1 else 300)  # the curve is drawn
+    coloured = img.max(axis=-1) - img.min(axis=-1) > 80  # the curves (grey text and grid are not)
+    assert coloured.sum() > (20 if n == 1 else 300)  # the curve is drawn
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "optimizer step" and ax.get_ylabel() == "loss"
+    if n > 1:  # one colour and one legend entry per task, named; the boundary marked
+        legend = [t.get_text() for t in fig.legends[0].get_texts()]
+        assert legend[:2] == ["a", "b"] and "task boundary" in legend
+        colours = {line.get_color() for line in ax.get_lines() if line.get_label() in ("a", "b")}
+        assert len(colours) == 2
+
+
+def test_loss_curve_with_osft_leak_panel_and_named_heatmap(tmp_path):
+    fig = loss_curve([2.0, 1.5, 1.2, 2.2, 1.0, 0.8], [3], tmp_path / "loss.png", tasks=["city", "sport"],
+                     leaks=[(1, 1e-6), (4, 8e-7)])
+    read(tmp_path / "loss.png")
+    loss_ax, leak_ax = fig.axes[:2]
+    assert leak_ax.get_yscale() == "log" and leak_ax.get_ylabel() == "leak"
+    assert leak_ax.get_xlabel() == "optimizer step" and loss_ax.get_ylabel() == "loss"
+    fig = heatmap([[0.9], [0.5, 1.0]], tmp_path / "m.png", tasks=["city", "sport"], title="osft (AA 75.0, BWT -40.0)")
+    read(tmp_path / "m.png")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0: city", "1: sport"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0: city", "1: sport"]
+    assert "AA 75.0" in ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
 
 
 def test_loss_curve_without_steps(tmp_path):

@@ -67,8 +67,22 @@ def write_results(out: Path, method: str, task_names: list[str], matrix: list, b
     if plots:
         from ds_cl.training.plots import heatmap, loss_curve
 
-        heatmap(matrix, out / "cl_matrix.png")
-        loss_curve(losses, boundaries, out / "loss.png")
+        aa, bwt = summ.get("AA"), summ.get("BWT")
+        scores = ", ".join(f"{k} {100 * v:+.1f}" if k == "BWT" else f"{k} {100 * v:.1f}"
+                           for k, v in (("AA", aa), ("BWT", bwt)) if v is not None)
+        heatmap(matrix, out / "cl_matrix.png", tasks=task_names,
+                title=f"{method}: accuracy x 100{f' ({scores})' if scores else ''}")
+        leaks = []
+        if (out / "metrics.jsonl").is_file():  # osft's audited leak, for the curve's second panel
+            for line in (out / "metrics.jsonl").read_text(errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if rec.get("leak") is not None:
+                    leaks.append((rec["step"], rec["leak"]))
+        loss_curve(losses, boundaries, out / "loss.png", tasks=task_names, title=f"{method}: training loss",
+                   leaks=leaks)
 
 
 def fmt_row(scores: list[float]) -> str:

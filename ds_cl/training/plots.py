@@ -22,7 +22,7 @@ def _labels(n: int, tasks: Sequence[str] | None) -> list[str]:
 
 
 def heatmap(matrix: Sequence[Sequence[float | None]], path: str | os.PathLike,
-            tasks: Sequence[str] | None = None, title: str = "Accuracy matrix (score x 100)") -> None:
+            tasks: Sequence[str] | None = None, title: str = "Accuracy matrix (score x 100)") -> Figure:
     """matrix[i][j]: the score (0..1) on task j after training task i; rows may be shorter than the
     widest one (tasks not evaluated yet), those cells and None are grey. Each cell shows score x 100.
     `tasks`: names for the tick labels (else the task indices)."""
@@ -55,6 +55,7 @@ def heatmap(matrix: Sequence[Sequence[float | None]], path: str | os.PathLike,
     ax.set_ylabel("after training task i")
     ax.set_title(title)
     _save(fig, path)
+    return fig
 
 
 def _moving_average(y, window: int, ends: Sequence[int]):
@@ -76,15 +77,21 @@ def _moving_average(y, window: int, ends: Sequence[int]):
 
 
 def loss_curve(losses: Sequence[float], boundaries: Sequence[int], path: str | os.PathLike,
-               tasks: Sequence[str] | None = None, title: str = "Training loss") -> None:
+               tasks: Sequence[str] | None = None, title: str = "Training loss",
+               leaks: Sequence[tuple[int, float]] = ()) -> Figure:
     """losses[k]: the mean loss of optimizer step k + 1; boundaries: the global steps at which tasks
-    ended (dashed verticals between that step and the next). Non-finite losses leave gaps. On long
-    runs a moving average is drawn over the raw curve. `tasks`: names written over each task's span."""
+    ended (dashed verticals between that step and the next). Non-finite losses leave gaps. Each task's
+    steps in their own colour; on long runs a moving average over the raw curve. `tasks`: names over
+    each task's span. `leaks`: (step, leak) of osft's audited steps, drawn on a second, log-scale panel."""
     import numpy as np
 
-    fig = Figure(figsize=(8.0, 4.0), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_xlabel("optimizer step")
+    leaks = [(int(st), float(v)) for st, v in leaks if v is not None and math.isfinite(v)]
+    fig = Figure(figsize=(8.0, 5.6 if leaks else 4.0), dpi=100, layout="constrained")
+    if leaks:
+        ax, lax = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1.3])
+    else:
+        ax, lax = fig.add_subplot(), None
+    (lax or ax).set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -93,24 +100,38 @@ def loss_curve(losses: Sequence[float], boundaries: Sequence[int], path: str | o
     if n == 0:
         ax.text(0.5, 0.5, "no training steps", transform=ax.transAxes, ha="center", va="center")
         _save(fig, path)
-        return
+        return fig
     x = np.arange(1, n + 1)
     ends = sorted({b for b in boundaries if 0 < b < n})
     window = n // 25
-    ax.plot(x, y, color="tab:red", lw=1.0, alpha=0.35 if window >= 2 else 1.0,
-            marker="o" if n <= 30 else None, ms=3, label="loss per step")
-    if window >= 2:
-        ax.plot(x, _moving_average(y, window, ends), color="tab:red", lw=1.8,
-                label=f"moving average ({window} steps, per task)")
+    avg = _moving_average(y, window, ends) if window >= 2 else None
+    spans = list(zip([0] + ends, ends + [n]))
+    for k, (s, e) in enumerate(spans):  # one colour per task
+        colour = f"C{k % 10}"
+        name = tasks[k] if tasks and k < len(tasks) else f"task {k}"
+        ax.plot(x[s:e], y[s:e], color=colour, lw=1.0, alpha=0.35 if avg is not None else 1.0,
+                marker="o" if n <= 30 else None, ms=3, label=None if avg is not None else name)
+        if avg is not None:
+            ax.plot(x[s:e], avg[s:e], color=colour, lw=1.8, label=name)
     for k, b in enumerate(ends):
-        ax.axvline(b + 0.5, color="0.4", ls="--", lw=1.0, label="task boundary" if k == 0 else None)
+        for a in (ax, lax) if lax is not None else (ax,):
+            a.axvline(b + 0.5, color="0.4", ls="--", lw=1.0, label="task boundary" if k == 0 and a is ax else None)
+    if avg is not None:
+        ax.text(0.99, 0.97, f"thick: moving average of {window} steps (per task); thin: each step",
+                transform=ax.transAxes, ha="right", va="top", fontsize=7, color="0.3")
+    if lax is not None:
+        lx, ly = zip(*leaks)
+        lax.semilogy(lx, [max(v, 1e-12) for v in ly], "o", color="0.2", ms=3)
+        lax.set_ylabel("leak")
+        lax.grid(alpha=0.3)
+        lax.set_title("osft: share of the update inside the protected subspace (audited steps)", fontsize=8)
     if tasks:  # task names on a top axis, centred over each task's steps
-        spans = list(zip([0] + ends, ends + [n]))[: len(tasks)]
+        named = spans[: len(tasks)]
         top = ax.secondary_xaxis("top")
-        top.set_xticks([(s + e + 1) / 2 for s, e in spans], list(tasks[: len(spans)]), fontsize=8)
+        top.set_xticks([(s + e + 1) / 2 for s, e in named], list(tasks[: len(named)]), fontsize=8)
         top.tick_params(length=0)
     ax.set_xlim(0.5, n + 0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if ends or window >= 2:
-        fig.legend(fontsize=8, loc="outside lower center", ncols=3, frameon=False)
+    (lax or ax).xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(fontsize=8, loc="outside lower center", ncols=min(6, len(spans) + 1), frameon=False)
     _save(fig, path)
+    return fig
