@@ -103,3 +103,26 @@ def test_benchmark_end_to_end_two_methods(tmp_path):
     # Overrides may follow the options, and reach every run config (here one that refuses them all).
     late = subprocess.run(cmd + ["train.lr=-1"], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=60)
     assert late.returncode == 2 and "train.lr" in late.stderr, late.stderr[-2000:]
+
+
+def test_compare_pools_seeds_of_finished_runs_and_refuses_what_does_not_fit(tmp_path, capsys):
+    from ds_cl.tools.compare import main as compare_main
+    from ds_cl.training.outputs import write_results
+
+    def run(name, matrix, tasks=("a", "b"), complete=True):
+        d = tmp_path / name
+        d.mkdir()
+        write_results(d, name.split("_")[0], list(tasks), matrix, None, [1.0, 0.5], [1], complete, plots=False)
+        return str(d)
+
+    runs = [run("seqft_seed0", [[0.8], [0.2, 0.9]]), run("seqft_seed1", [[0.6], [0.4, 0.7]]),
+            run("osft_seed0", [[0.8], [0.8, 0.9]])]
+    assert compare_main(runs + ["--out", str(tmp_path / "cmp")]) == 0
+    res = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert list(res["methods"]) == ["seqft", "osft"] and res["methods"]["seqft"]["seeds"] == [0, 1]
+    assert res["methods"]["seqft"]["final"][0][0] == pytest.approx(30.0)
+    assert (tmp_path / "cmp" / "comparison.png").stat().st_size > 10_000
+    for bad, needle in ((run("half_seed0", [[0.5]], complete=False), "not complete"),
+                        (run("other_seed0", [[0.5], [0.5, 0.5]], tasks=("a", "c")), "differ")):
+        assert compare_main(runs + [bad, "--out", str(tmp_path / "x")]) == 2
+        assert needle in capsys.readouterr().err

@@ -1,0 +1,67 @@
+"""`ds-cl compare RUN [RUN ...] --out DIR`: one comparison of finished runs (any `ds-cl train` output
+folders): final accuracy per task per method, AA / BWT / learnt bars, as `ds-cl benchmark` draws them.
+
+A run's label is its folder name without a trailing `_seed<N>` (so `osft_seed0`, `osft_seed1` pool into
+`osft`, mean ± std over the seeds), or `--label-by method` (summary.json's method). Runs must have the
+same task names. Writes DIR/comparison.md, comparison.json, comparison.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from ds_cl.tools.benchmark import compare, figure, markdown
+
+
+def read_runs(runs: list[Path], label_by: str) -> tuple[dict, list[str]]:
+    """{(label, seed): summary} and the shared task names; ValueError naming the run that does not fit."""
+    summaries, tasks = {}, None
+    for run in runs:
+        summ_path = run / "summary.json"
+        if not summ_path.is_file():
+            raise ValueError(f"{run}: no summary.json (not a ds-cl run folder, or it has not finished a task)")
+        summ = json.loads(summ_path.read_text())
+        if not summ.get("complete"):
+            raise ValueError(f"{run}: the run is not complete (summary.json complete: false); finish it with "
+                             f"--resume, or leave it out")
+        names = json.loads((run / "cl_matrix.json").read_text())["tasks"]
+        if tasks is not None and names != tasks:
+            raise ValueError(f"{run}: tasks {names} differ from {tasks} of the runs before it")
+        tasks = names
+        m = re.fullmatch(r"(.+)_seed(\d+)", run.name)
+        label = summ.get("method", run.name) if label_by == "method" else (m.group(1) if m else run.name)
+        seed = int(m.group(2)) if m else len([k for k in summaries if k[0] == label])
+        if (label, seed) in summaries:
+            raise ValueError(f"{run}: a second run labelled {label!r} seed {seed}")
+        summaries[(label, seed)] = summ
+    return summaries, tasks or []
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ds-cl compare", description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path, help="ds-cl train output folders")
+    p.add_argument("--out", type=Path, required=True, help="folder for comparison.md/.json/.png")
+    p.add_argument("--label-by", choices=["folder", "method"], default="folder")
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    try:
+        summaries, tasks = read_runs(args.runs, args.label_by)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"ds-cl compare: {e}", file=sys.stderr)
+        return 2
+    table = compare(summaries)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "comparison.md").write_text(markdown(table, tasks))
+    (args.out / "comparison.json").write_text(json.dumps({"tasks": tasks, "methods": table}, indent=1))
+    figure(table, tasks, args.out / "comparison.png",
+           args.title or f"{' -> '.join(tasks)}; mean ± std over seeds")
+    print(markdown(table, tasks) + f"\n{args.out}/comparison.md, comparison.json, comparison.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
