@@ -124,6 +124,42 @@ def test_merged_export_loads_and_matches_base_plus_adapters(tmp_path):
     torch.testing.assert_close(sd["model.layers.0.self_attn.q_proj.weight"], w.detach(), rtol=1e-6, atol=1e-6)
 
 
+def test_peft_loads_the_adapter_folder_with_the_same_logits(tmp_path):
+    """adapters/task_<i>_<name>/ is a PEFT LoRA folder: PeftModel.from_pretrained(base, folder) on the
+    untouched base gives ds-cl's model after task i (adapters 0..i stacked into one LoRA)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ds_cl.methods.lora import LoRAAdapters, write_peft_adapter
+
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "base")  # before the adapters: the frozen base PEFT starts from
+    lcfg = lora_cfg(targets=["q_proj", "v_proj", "down_proj"])
+    lora = LoRAAdapters(model, lcfg, n_tasks=3, orthogonal=True, dtype=torch.float32)
+    lora.start_task(1)  # adapters 0 and 1 trained, 2 not yet
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _, m in lora.modules:
+            for s in range(2):
+                m.lora_pair(s)[1].copy_(torch.randn(m.lora_pair(s)[1].shape, generator=g) * 0.1)
+    ids = torch.tensor([[1, 7, 30, 99, 250, 3, 2]])
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    tensors = {n: p.detach().clone() for t in range(2) for n, p in lora.adapter_params(t)}
+    write_peft_adapter(tensors, [n for n, _ in lora.modules], 2, lcfg, tmp_path / "task_1_b", str(tmp_path / "base"))
+    config = json.loads((tmp_path / "task_1_b" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["target_modules"] == ["down_proj", "q_proj",
+                                                                                              "v_proj"]
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        peft_model = PeftModel.from_pretrained(base, tmp_path / "task_1_b").eval()
+        got = peft_model(input_ids=ids).logits
+    assert (plain - want).abs().max() > 1e-3  # the adapters matter
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_bad_lora_input_is_a_one_line_error(tmp_path):
     from ds_cl.methods.lora import check_targets
 
@@ -185,6 +221,9 @@ def test_two_rank_zero3_olora_run(olora_run):
     for k in ad0:
         assert torch.equal(ad0[k], ad1[k]), k
     assert all(ad1[k].abs().sum() > 0 for k in ad1 if "lora_B_1" in k)
+    # ... and as PEFT LoRA folders (rank 4 per task, stacked: 8 after task 1).
+    assert json.loads((out / "adapters" / "task_1_b" / "adapter_config.json").read_text())["r"] == 8
+    assert (out / "adapters" / "task_0_a" / "adapter_model.safetensors").is_file()
 
     # Exports: plain HF models; the base stayed frozen on ZeRO-3 (non-targets bitwise equal between
     # tasks) and task 1's export adds exactly (alpha / r) B_1 A_1 to each target.

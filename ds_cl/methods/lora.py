@@ -231,9 +231,10 @@ class LoRAAdapters:
                 yield name, t
 
 
-    def save_adapters(self, path) -> None:
+    def save_adapters(self, path, base_model: str | None = None) -> None:
         """Every trained adapter (tasks 0..current) as full tensors, `<module>.lora_A_<t>` /
-        `<module>.lora_B_<t>`, to a safetensors file on rank 0. Collective under ZeRO-3."""
+        `<module>.lora_B_<t>`, to a safetensors file on rank 0, and the same as one PEFT LoRA folder
+        next to it (`path` without its suffix; see `write_peft_adapter`). Collective under ZeRO-3."""
         import json
         from pathlib import Path
 
@@ -255,10 +256,49 @@ class LoRAAdapters:
             path.parent.mkdir(parents=True, exist_ok=True)
             meta = {"rank": str(self.cfg.rank), "alpha": str(self.cfg.alpha), "tasks": str(self.current + 1),
                     "targets": json.dumps(self.cfg.targets)}
+            write_peft_adapter(out, [n for n, _ in self.modules], self.current + 1, self.cfg,
+                               path.with_suffix(""), base_model)
             save_file(out, str(path) + ".tmp", metadata=meta)
             readable_like_other_outputs(str(path) + ".tmp")
             os.replace(str(path) + ".tmp", path)
         collectives.barrier()
+
+
+def write_peft_adapter(tensors: dict, modules: list[str], tasks: int, lcfg, folder, base_model: str | None) -> None:
+    """The adapters of tasks 0..tasks-1 as one PEFT LoRA adapter folder (adapter_config.json +
+    adapter_model.safetensors) that `PeftModel.from_pretrained(base, folder)` loads onto the frozen base.
+
+    The model after task t is W + (alpha / r) sum_s B_s A_s: stacking the t + 1 adapters gives one LoRA of
+    rank (t + 1) r, B = [B_0 ... B_t], A = [A_0; ...; A_t], with lora_alpha (t + 1) alpha so that PEFT's
+    scale lora_alpha / r stays alpha / r."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from ds_cl.training.export import readable_like_other_outputs
+
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    peft = {}
+    for name in modules:
+        a = torch.cat([tensors[f"{name}.lora_A_{t}"] for t in range(tasks)], dim=0)
+        b = torch.cat([tensors[f"{name}.lora_B_{t}"] for t in range(tasks)], dim=1)
+        peft[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        peft[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    save_file(peft, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+    readable_like_other_outputs(tmp / "adapter_model.safetensors")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": lcfg.rank * tasks, "lora_alpha": lcfg.alpha * tasks, "lora_dropout": lcfg.dropout, "bias": "none",
+              "target_modules": sorted({n.rsplit(".", 1)[-1] for n in modules}), "fan_in_fan_out": False,
+              "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+              "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def _gathered_all(params):
@@ -318,7 +358,8 @@ class OLoRA(Method):
 
     def save_task_outputs(self, out, phase, name):
         # The adapters themselves, unmerged: adapters/task_<i>_<name>.safetensors
-        self.adapters.save_adapters(out / "adapters" / f"task_{phase}_{name}.safetensors")
+        # and as a PEFT LoRA folder adapters/task_<i>_<name>/ for PeftModel.from_pretrained(base, ...)
+        self.adapters.save_adapters(out / "adapters" / f"task_{phase}_{name}.safetensors", self.cfg.model.name_or_path)
 
 
 class IncLoRA(OLoRA):
