@@ -73,4 +73,9 @@ if (( DRY_RUN )); then
     done
     exit 0
 fi
+# Ctrl-C reaches every process of the terminal's group: the ranks checkpoint and exit (docs/reliability.md);
+# deepspeed's single-node runner has no handler and would print a KeyboardInterrupt traceback while it
+# waits for them. Ignored here, it is inherited ignored by the runner only (its launcher and the ranks
+# install their own handlers; the multi-node pdsh runner installs one too).
+trap '' INT
 exec "${CMD[@]}"

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ds_cl.training.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
-from tests.dist_utils import REPO, cpu_env
+from tests.dist_utils import REPO, cpu_env, free_port
 from tests.fixtures import train_sentencepiece
 from tests.reliability_utils import explain, launch_cmd, run, tiny_config
 
@@ -122,7 +122,8 @@ def test_ctrl_c_checkpoints_without_a_traceback_then_resumes(tmp, reference):
     next step boundary (as SIGTERM does) instead of ~50 lines of KeyboardInterrupt traceback."""
     out = tmp / "ctrl_c"
     cfg = tiny_config(tmp, out, checkpoint={"every_steps": 0})
-    proc = subprocess.Popen(launch_cmd(cfg), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+    cmd = ["bash", str(REPO / "launchers" / "single_node.sh"), "--gpus", "2", "--port", str(free_port()), str(cfg)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(PYTHON=sys.executable), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         metrics, t0 = out / "metrics.jsonl", time.time()
