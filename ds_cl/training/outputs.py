@@ -60,10 +60,12 @@ def write_results(out: Path, method: str, task_names: list[str], matrix: list, b
     summ = summarize(matrix, task_names[: len(matrix)], baseline=baseline)
     summ["method"] = method
     summ["complete"] = complete
-    with open(out / "cl_matrix.json", "w") as f:
-        json.dump({"tasks": task_names, "matrix": matrix, "baseline": baseline}, f, indent=1)
-    with open(out / "summary.json", "w") as f:
-        json.dump(summ, f, indent=1)
+    # Atomically: a reader (a dashboard, `ds-cl compare`) or a crash never sees half a file.
+    for name, data in (("cl_matrix.json", {"tasks": task_names, "matrix": matrix, "baseline": baseline}),
+                       ("summary.json", summ)):
+        tmp = out / f"{name}.tmp"
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, out / name)
     if plots:
         from ds_cl.training.plots import heatmap, loss_curve
 
