@@ -28,6 +28,24 @@ def tiny_model(seed=0):
     return AutoModelForCausalLM.from_config(AutoConfig.for_model(mc.pop("model_type"), **mc), dtype=torch.float32)
 
 
+def adapters_after_task_1(model, lcfg, filled: int):
+    """Adapters for 3 tasks on `model`, at task 1 (adapters 0 and 1 active), with random B for the first
+    `filled` adapters (B = 0 is their untrained start); returns (adapters, input ids, the model's logits)."""
+    from ds_cl.methods.lora import LoRAAdapters
+
+    lora = LoRAAdapters(model, lcfg, n_tasks=3, orthogonal=True, dtype=torch.float32)
+    lora.start_task(1)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, m in lora.modules:
+            for s in range(filled):
+                m.lora_pair(s)[1].copy_(torch.randn(m.lora_pair(s)[1].shape, generator=g) * 0.1)
+    ids = torch.tensor([[1, 7, 30, 99, 250, 3, 2]])
+    model.eval()
+    with torch.no_grad():
+        return lora, ids, model(input_ids=ids).logits
+
+
 def forward_loss(model, lora):
     ids = torch.tensor([[1, 5, 9, 13, 2]])
     model.train()
@@ -93,21 +111,10 @@ def test_merged_export_loads_and_matches_base_plus_adapters(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from ds_cl.training.export import export_hf
-    from ds_cl.methods.lora import LoRAAdapters
 
     model = tiny_model()
-    lora = LoRAAdapters(model, lora_cfg(targets=["q_proj", "v_proj", "down_proj"]), n_tasks=3, orthogonal=True,
-                        dtype=torch.float32)
-    lora.start_task(1)  # adapters 0 and 1 trained (nonzero B), adapter 2 not yet
-    g = torch.Generator().manual_seed(3)
+    lora, ids, want = adapters_after_task_1(model, lora_cfg(targets=["q_proj", "v_proj", "down_proj"]), filled=3)
     with torch.no_grad():
-        for _, m in lora.modules:
-            for s in range(3):
-                m.lora_pair(s)[1].copy_(torch.randn(m.lora_pair(s)[1].shape, generator=g) * 0.1)
-    ids = torch.tensor([[1, 7, 30, 99, 250, 3, 2]])
-    model.eval()
-    with torch.no_grad():
-        want = model(input_ids=ids).logits
         m0 = model.model.layers[0].self_attn.q_proj
         plain = torch.nn.functional.linear(torch.ones(1, 32), m0.weight)
         assert not torch.allclose(m0(torch.ones(1, 32)), plain)  # the adapters do change the output
@@ -130,22 +137,12 @@ def test_peft_loads_the_adapter_folder_with_the_same_logits(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from ds_cl.methods.lora import LoRAAdapters, write_peft_adapter
+    from ds_cl.methods.lora import write_peft_adapter
 
     model = tiny_model()
     model.save_pretrained(tmp_path / "base")  # before the adapters: the frozen base PEFT starts from
     lcfg = lora_cfg(targets=["q_proj", "v_proj", "down_proj"])
-    lora = LoRAAdapters(model, lcfg, n_tasks=3, orthogonal=True, dtype=torch.float32)
-    lora.start_task(1)  # adapters 0 and 1 trained, 2 not yet
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for _, m in lora.modules:
-            for s in range(2):
-                m.lora_pair(s)[1].copy_(torch.randn(m.lora_pair(s)[1].shape, generator=g) * 0.1)
-    ids = torch.tensor([[1, 7, 30, 99, 250, 3, 2]])
-    model.eval()
-    with torch.no_grad():
-        want = model(input_ids=ids).logits
+    lora, ids, want = adapters_after_task_1(model, lcfg, filled=2)
     tensors = {n: p.detach().clone() for t in range(2) for n, p in lora.adapter_params(t)}
     write_peft_adapter(tensors, [n for n, _ in lora.modules], 2, lcfg, tmp_path / "task_1_b", str(tmp_path / "base"))
     config = json.loads((tmp_path / "task_1_b" / "adapter_config.json").read_text())

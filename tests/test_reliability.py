@@ -91,23 +91,30 @@ def test_kill_at_boundary_and_mid_save_then_damaged_checkpoint_resume_equals_uni
     assert_same_run(reference, out)
 
 
-def test_sigterm_checkpoints_then_requeue_resumes(tmp, reference):
-    out = tmp / "preempted"
-    cfg = tiny_config(tmp, out, checkpoint={"every_steps": 0})  # checkpoints only at task ends...
-    proc = subprocess.Popen(launch_cmd(cfg), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def signal_after_first_step(cmd: list[str], out: Path, sig: int, env: dict) -> tuple[int, str]:
+    """Start `cmd` in its own process group, send `sig` to the whole group (as a terminal or SLURM does) once
+    the first optimizer step is logged, and return (exit status, output)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         metrics, t0 = out / "metrics.jsonl", time.time()
-        while not (metrics.is_file() and metrics.read_text().strip()):  # step 1 of task a is done
+        while not (metrics.is_file() and metrics.read_text().strip()):
             assert proc.poll() is None and time.time() - t0 < 240, proc.stdout.read() if proc.poll() else "timeout"
             time.sleep(0.02)
-        # As SLURM does: SIGTERM to every process of the job step (the launcher forwards one more).
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
         stdout, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0, stdout
+    return proc.returncode, stdout
+
+
+def test_sigterm_checkpoints_then_requeue_resumes(tmp, reference):
+    out = tmp / "preempted"
+    cfg = tiny_config(tmp, out, checkpoint={"every_steps": 0})  # checkpoints only at task ends...
+    # As SLURM does: SIGTERM to every process of the job step (the launcher forwards one more).
+    rc, stdout = signal_after_first_step(launch_cmd(cfg), out, signal.SIGTERM, cpu_env())
+    assert rc != 0, stdout
     assert "SIGTERM: checkpointing after the current step" in stdout and "preempted: checkpoint" in stdout, stdout
     state = json.loads((out / "checkpoints" / latest(out) / "trainer_state.json").read_text())
     # ...so a checkpoint inside task a can only be the preemption's (unless the signal came as task a ended).
@@ -123,18 +130,7 @@ def test_ctrl_c_checkpoints_without_a_traceback_then_resumes(tmp, reference):
     out = tmp / "ctrl_c"
     cfg = tiny_config(tmp, out, checkpoint={"every_steps": 0})
     cmd = ["bash", str(REPO / "launchers" / "single_node.sh"), "--gpus", "2", "--port", str(free_port()), str(cfg)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(PYTHON=sys.executable), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        metrics, t0 = out / "metrics.jsonl", time.time()
-        while not (metrics.is_file() and metrics.read_text().strip()):
-            assert proc.poll() is None and time.time() - t0 < 240, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    _, stdout = signal_after_first_step(cmd, out, signal.SIGINT, cpu_env(PYTHON=sys.executable))
     assert "SIGINT: checkpointing after the current step" in stdout and "preempted: checkpoint" in stdout, stdout
     assert "Traceback" not in stdout and "KeyboardInterrupt" not in stdout, stdout
     state = json.loads((out / "checkpoints" / latest(out) / "trainer_state.json").read_text())
@@ -148,19 +144,9 @@ def test_ctrl_c_exit_status_of_a_single_process_run(tmp):
     """Without a launcher the process's own status is the user's: 130 (128 + SIGINT), after the checkpoint."""
     out = tmp / "ctrl_c_one"
     cfg = tiny_config(tmp, out, steps=40, checkpoint={"every_steps": 0})
-    proc = subprocess.Popen([sys.executable, "-m", "ds_cl.cli", "train", str(cfg)], cwd=REPO, env=cpu_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        metrics, t0 = out / "metrics.jsonl", time.time()
-        while not (metrics.is_file() and metrics.read_text().strip()):
-            assert proc.poll() is None and time.time() - t0 < 240, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, stdout
+    rc, stdout = signal_after_first_step([sys.executable, "-m", "ds_cl.cli", "train", str(cfg)], out, signal.SIGINT,
+                                         cpu_env())
+    assert rc == 130, stdout
     assert "preempted: checkpoint" in stdout and "Traceback" not in stdout, stdout
     assert (out / "checkpoints" / latest(out) / "trainer_state.json").is_file()
 
