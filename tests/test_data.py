@@ -193,3 +193,43 @@ def test_formats_users_bring_are_read_unchanged(tmp_path):
                           [{"conversations": [{"from": "robot", "value": "x"}]}], "tasks.0")
     with pytest.raises(ValueError, match="has no field 'answer'"):
         normalize_records(TaskConfig(name="t", train="x", format="trace"), [{"prompt": "p"}], "tasks.0")
+
+
+def test_chat_records_are_rendered_as_turns_with_the_loss_on_assistant_turns(tmp_path):
+    """With model.chat_template, a ShareGPT/OpenAI record keeps its system prompt and turns (rendered by the
+    tokenizer's own template, as HF does) and the loss covers the last assistant turn, or every one."""
+    import os
+
+    from ds_cl.tools.models import model_dir
+    from ds_cl.training.config import TaskConfig
+    from ds_cl.training.data import (IGNORE_INDEX, encode_example, encode_prompt_for_generation, load_tokenizer,
+                                     to_examples)
+
+    path = str(model_dir("smollm2"))
+    assert os.path.isdir(path), "run `make model` first (make test does)"
+    tok = load_tokenizer(path, chat_template=True)
+    msgs = [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Capital of Peru?"},
+            {"role": "assistant", "content": "Lima"}, {"role": "user", "content": "And of Egypt?"},
+            {"role": "assistant", "content": "Cairo"}]
+    for loss_on, taught in (("last", ["Cairo"]), ("assistant", ["Lima", "Cairo"])):
+        task = TaskConfig(name="t", train="x", messages_field="messages", loss_on=loss_on)
+        ex = to_examples(task, [{"messages": msgs}], [], "tasks.0")[0]
+        enc, truncated = encode_example(tok, ex, 512)
+        assert not truncated and len(enc.input_ids) == len(enc.labels)
+        text = tok.tok.decode(enc.input_ids)
+        assert "You answer in one word." in text and text.count("Capital of Peru?") == 1
+        spans, cur = [], []
+        for i, lab in zip(enc.input_ids, enc.labels):
+            if lab == IGNORE_INDEX:
+                if cur:
+                    spans.append(tok.decode(cur).strip())
+                cur = []
+            else:
+                assert lab == i
+                cur.append(i)
+        if cur:
+            spans.append(tok.decode(cur).strip())
+        assert spans == taught, (loss_on, spans)
+    prompt = tok.tok.decode(encode_prompt_for_generation(tok, ex.prompt, 512, ex.messages))
+    assert "You answer in one word." in prompt and "And of Egypt?" in prompt and "Cairo" not in prompt
+    assert prompt.rstrip().endswith("assistant")  # the generation prompt opens the assistant's turn

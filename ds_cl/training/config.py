@@ -196,6 +196,8 @@ class TaskConfig:
     input_field: str = "input"
     output_field: str = "output"
     messages_field: Optional[str] = None
+    # Chat records with model.chat_template: the loss on the last assistant turn, or on every one.
+    loss_on: Literal["last", "assistant"] = "last"
     # Prompt: `template` with {instruction}, {options}, {input}; null template: the input as is.
     template: Optional[str] = DEFAULT_TEMPLATE
     instruction: str = DEFAULT_INSTRUCTION

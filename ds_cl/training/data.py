@@ -18,7 +18,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from ds_cl.training.config import TaskConfig
 from ds_cl.training.records import decode_utf8, parse_jsonl
@@ -95,6 +95,30 @@ class HFTokenizer:
             # The template carries its own bos; ours is added in encode_example, so drop a leading one.
             return list(ids[1:] if self.bos_id is not None and ids and ids[0] == self.bos_id else ids)
         return self.tok.encode(text, add_special_tokens=False)
+
+    def render(self, messages: list, generation_prompt: bool) -> list[int]:
+        ids = self.tok.apply_chat_template([{"role": m.get("role", "user"), "content": str(m["content"])}
+                                            for m in messages], add_generation_prompt=generation_prompt,
+                                           tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    def encode_chat(self, messages: list, loss_on: str) -> tuple[list[int], list[int]]:
+        """(ids, labels) of a conversation rendered by the chat template, as HF's chat fine-tuning does:
+        labels are the ids on the last assistant turn (or every one) and IGNORE_INDEX elsewhere. Each turn's
+        span is found by rendering the conversation up to it, so the template must render prefixes as
+        prefixes (true of ChatML, LLaMA-2's and most others; checked)."""
+        ids = self.render(messages, generation_prompt=False)
+        labels = [IGNORE_INDEX] * len(ids)
+        turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
+        for i in (turns if loss_on == "assistant" else turns[-1:]):
+            start = len(self.render(messages[:i], generation_prompt=True))
+            upto = self.render(messages[: i + 1], generation_prompt=False)
+            if ids[: len(upto)] != upto or upto[:start] != self.render(messages[:i], generation_prompt=True):
+                raise ValueError("the tokenizer's chat template does not render a conversation's beginning as "
+                                 "a prefix of the whole; use tasks.*.loss_on: last with shorter records, or "
+                                 "model.chat_template: false")
+            labels[start: len(upto)] = ids[start: len(upto)]
+        return ids, labels
 
     def encode_answer(self, text: str) -> list[int]:
         # BPE tokenizers mark word starts with the space: " positive" is what follows "Answer:".
@@ -177,6 +201,10 @@ def read_records(source: str, split: str, key: str = "data") -> list[dict]:
 class Example:
     prompt: str
     answer: str
+    # A chat record's turns (the last is the answer): with a chat template they are rendered as turns,
+    # system prompt included, and the loss covers the last assistant turn or (loss_on "assistant") all.
+    messages: Optional[list] = None
+    loss_on: str = "last"
 
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -292,7 +320,7 @@ def to_examples(task: TaskConfig, rows: list[dict], labels: list[str], key: str)
             raise ValueError(f"{key}: record {n}: answer {answer!r} is not one of the task's labels "
                              f"({', '.join(map(repr, labels[:8]))}{', ...' if len(labels) > 8 else ''}); the "
                              f"prompt's options would not offer it")
-        out.append(Example(prompt, answer))
+        out.append(Example(prompt, answer, msgs if task.messages_field else None, task.loss_on))
     return out
 
 
@@ -308,7 +336,12 @@ class Encoded:
 
 def encode_example(tok, ex: Example, max_len: int) -> tuple[Encoded, bool]:
     """(sample, truncated). Over-long prompts lose their *start* (the answer and the template's tail
-    such as "Answer:" stay); an answer longer than the budget is cut at its end."""
+    such as "Answer:" stay); an answer longer than the budget is cut at its end. A chat record with a
+    chat template is rendered whole (`encode_chat`); too long, it loses its start."""
+    if ex.messages is not None and getattr(tok, "chat", False):
+        ids, labels = tok.encode_chat(ex.messages, ex.loss_on)
+        cut = max(0, len(ids) - max_len)
+        return Encoded(ids[cut:], labels[cut:]), cut > 0
     bos = [tok.bos_id] if tok.bos_id is not None else []
     prompt = tok.encode_prompt(ex.prompt)
     answer = tok.encode_answer(ex.answer) + [tok.eos_id]
@@ -336,7 +369,12 @@ def encode_all(tok, examples: list[Example], max_len: int, what: str) -> list[En
     return out
 
 
-def encode_prompt_for_generation(tok, prompt: str, max_len: int) -> list[int]:
+def encode_prompt_for_generation(tok, prompt: str, max_len: int, messages: list | None = None) -> list[int]:
+    """The ids a model continues to answer: `prompt` after bos, or with a chat template and `messages`
+    (a chat record) every turn before the last, rendered, with the assistant's generation prompt."""
+    if messages is not None and getattr(tok, "chat", False):
+        ids = tok.render(messages[:-1], generation_prompt=True)
+        return ids[max(0, len(ids) - max_len):]
     bos = [tok.bos_id] if tok.bos_id is not None else []
     ids = tok.encode_prompt(prompt)
     return bos + ids[max(0, len(ids) - (max_len - len(bos))):]
@@ -398,7 +436,7 @@ def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int) -> Tas
     labels = task_labels(task, rows)
     train = encode_all(tok, to_examples(task, rows, labels, f"{key}.train"), max_len, f"{key} train")
     evals = to_examples(task, eval_rows, labels, f"{key}.eval")
-    prompts = [encode_prompt_for_generation(tok, e.prompt, max_len) for e in evals]
+    prompts = [encode_prompt_for_generation(tok, e.prompt, max_len, e.messages) for e in evals]
     return TaskData(task.name, train, prompts, [e.answer for e in evals], resolve_metric(task.metric))
 
 
