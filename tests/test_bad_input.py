@@ -82,6 +82,8 @@ def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
         edit(cfg, lambda c: c["train"].update(grad_clip=-1))
     elif cid == "config-eval-tokens":
         edit(cfg, lambda c: c["eval"].update(max_new_tokens=0))
+    elif cid == "config-template-attribute":
+        edit(cfg, set_task(template="{input.upper}"))
     elif cid == "config-targets-nomatch":
         edit(cfg, lambda c: c["method"].update(osft={"rank": "fixed", "ratio": 0.5, "targets": ["nope_proj"]}))
     elif cid == "config-metric-not-callable":

@@ -452,11 +452,17 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
         if is_benchmark_task_folder(task.train):
             use_benchmark_layout(task, f"{src}: {key}.train")
         if task.template is not None:
+            import string
+
             try:
-                task.template.format(instruction="", options="", input="")
-            except (KeyError, IndexError, ValueError) as e:
-                raise ConfigError(f"{src}: {key}.template: only {{instruction}}, {{options}}, {{input}} "
-                                  f"may appear ({e!r})") from None
+                # Exactly these names: `{input.upper}` or `{input[0]}` would format, wrongly, not fail.
+                bad = [f for _, f, _, _ in string.Formatter().parse(task.template)
+                       if f is not None and f not in ("instruction", "options", "input")]
+            except ValueError as e:  # an unmatched brace
+                bad = [str(e)]
+            if bad:
+                raise ConfigError(f"{src}: {key}.template: only {{instruction}}, {{options}}, {{input}} may appear "
+                                  f"(found {{{bad[0]}}}; write a literal brace as {{{{ or }}}})")
         need(task.eval_size >= 1, f"{key}.eval_size", "must be >= 1")
         need(task.max_train_samples is None or task.max_train_samples >= 1, f"{key}.max_train_samples",
              f"must be >= 1 (or null: all), got {task.max_train_samples}")
