@@ -31,3 +31,17 @@ def test_first_build_is_announced_only_when_the_op_is_missing(tmp_path, monkeypa
     (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").touch()
     ops.announce_first_build(log=said.append)
     assert len(said) == 1
+
+
+def test_ops_build_with_the_interpreters_ninja(monkeypatch):
+    import sys
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    ops.use_interpreter_ninja()
+    bindir = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(bindir, "ninja")):  # pip's ninja (a deepspeed requirement) is in the venv
+        assert os.environ["PATH"].split(os.pathsep)[0] == bindir
+        ops.use_interpreter_ninja()  # once only
+        assert os.environ["PATH"].count(bindir) == 1
+    else:
+        assert os.environ["PATH"] == "/usr/bin:/bin"

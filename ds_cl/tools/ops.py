@@ -38,6 +38,18 @@ def build_root() -> Path:
     return Path(get_default_build_root()) / f"{py}_{acc}"
 
 
+def use_interpreter_ninja() -> None:
+    """Build with the ninja installed next to this Python (pip's, a deepspeed requirement), whatever PATH
+    finds first. torch's loader runs `ninja` from PATH, and a system ninja of another version reads the
+    other's build log as too old and rebuilds the op from scratch: with the venv activated for one run and
+    not for the next, every run paid the compile again."""
+    bindir = os.path.dirname(sys.executable)
+    if os.path.isfile(os.path.join(bindir, "ninja")):
+        path = os.environ.get("PATH", "")
+        if path.split(os.pathsep)[0] != bindir:
+            os.environ["PATH"] = bindir + (os.pathsep + path if path else "")
+
+
 def _compiler_running() -> bool:
     """Any live ninja / compiler process on this machine (it may be building into the folder)."""
     for pid in os.listdir("/proc"):
@@ -93,6 +105,7 @@ def build(ops=OPS) -> None:
     from deepspeed.ops.op_builder import CPUAdamBuilder
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
+    use_interpreter_ninja()
     clear_stale_locks()
     builders = {"deepspeed_shm_comm": ShareMemCommBuilder, "cpu_adam": CPUAdamBuilder}
     for op in ops:

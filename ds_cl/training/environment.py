@@ -167,9 +167,10 @@ def build_distributed() -> DistInfo:
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     acc = get_accelerator()
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
-    from ds_cl.tools.ops import announce_first_build, clear_stale_locks
+    from ds_cl.tools.ops import announce_first_build, clear_stale_locks, use_interpreter_ninja
 
     say = lambda msg: print(f"[ds-cl] rank {os.environ.get('RANK', '0')}: {msg}", flush=True)  # noqa: E731
+    use_interpreter_ninja()  # the same ninja as `make setup`'s build: another one would rebuild the ops
     clear_stale_locks(log=say)  # a killed first run's build lock would hang every later one
     if acc.device_name() == "cpu" and os.environ.get("RANK", "0") == "0":
         announce_first_build(log=say)
