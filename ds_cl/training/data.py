@@ -289,6 +289,8 @@ def task_labels(task: TaskConfig, train_rows: list[dict]) -> list[str]:
 
 
 def to_examples(task: TaskConfig, rows: list[dict], labels: list[str], key: str) -> list[Example]:
+    """Records to prompt/answer examples; errors name `key` and the record's index from 0 (in a JSONL file,
+    record n is on line n + 1)."""
     out = []
     for n, r in enumerate(rows):
         if task.messages_field:

@@ -194,14 +194,16 @@ def check_data(cfg: RunConfig) -> None:
             if not rows:
                 raise ValueError(f"{key}.train: {task.train} holds no records")
             fmt = detect_format(task, rows)
-            plain, norm = normalize_records(task, rows, f"{key}.train", fmt)
+            where = f"{key}.train ({task.train})"  # the record errors name the file too
+            plain, norm = normalize_records(task, rows, where, fmt)
             labels = task_labels(plain, norm)
-            to_examples(plain, norm, labels, f"{key}.train")
+            to_examples(plain, norm, labels, where)
             if task.eval is not None:
                 ev = read_records(task.eval, task.eval_split, f"{key}.eval")
                 if not ev:
                     raise ValueError(f"{key}.eval: {task.eval} holds no records")
-                to_examples(plain, normalize_records(task, ev, f"{key}.eval", fmt)[1], labels, f"{key}.eval")
+                where = f"{key}.eval ({task.eval})"
+                to_examples(plain, normalize_records(task, ev, where, fmt)[1], labels, where)
             elif len(rows) < 2:
                 raise ValueError(f"{key}.train: {task.train} has {len(rows)} record; holding out evaluation "
                                  "samples needs at least 2 (or set tasks.*.eval)")
