@@ -158,7 +158,8 @@ def test_peft_loads_the_adapter_folder_with_the_same_logits(tmp_path):
 
 
 def test_bad_lora_input_is_a_one_line_error(tmp_path):
-    from ds_cl.methods.lora import check_targets
+    from ds_cl.methods.lora import OLoRA, target_linears
+    from ds_cl.training.modeling import hf_config, meta_model
 
     base = {"output_dir": str(tmp_path / "o"), "model": {"config": TINY_LLAMA, "tokenizer": str(FIXTURES / "task_a.jsonl")},
             "tasks": [{"name": "a", "train": str(FIXTURES / "task_a.jsonl")}]}
@@ -167,11 +168,11 @@ def test_bad_lora_input_is_a_one_line_error(tmp_path):
     with pytest.raises(ConfigError, match=r"method.lora.dropout"):
         load_config(None, ["method.lora.dropout=1.5"], data=base)
     cfg = load_config(None, ["method.name=olora", "method.lora.targets=[qproj]"], data=base)
+    model = meta_model(hf_config(cfg.model.config))  # what preflight checks the targets on
     with pytest.raises(ValueError, match=r"match no Linear module .* q_proj") as e:
-        check_targets(cfg)
+        OLoRA.check_model(cfg, model)
     assert "\n" not in str(e.value)
-    cfg = load_config(None, ["method.name=olora", "method.lora.targets=[self_attn.o_proj, up_proj]"], data=base)
-    assert check_targets(cfg) == 4
+    assert len(target_linears(model, ["self_attn.o_proj", "up_proj"])) == 4
 
 
 # ---------------------------------------------------------------------------------------------

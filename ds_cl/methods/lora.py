@@ -86,15 +86,6 @@ def target_linears(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.L
     return [(n, linears[n]) for n in names]
 
 
-def check_targets(cfg) -> int:
-    """Before any heavy work: build the model on the meta device (no memory, no weights) and check that
-    `method.lora.targets` match some Linear. Returns the number of target modules."""
-    from ds_cl.training.modeling import hf_config, meta_model
-
-    model = meta_model(hf_config(cfg.model.config, cfg.model.name_or_path))
-    return len(target_linears(model, cfg.method.lora.targets))
-
-
 class LoRAAdapters:
     """The adapters of a run: attach, per-task freezing, parameter groups, regulariser, merged export."""
 
@@ -272,6 +263,7 @@ def write_peft_adapter(tensors: dict, modules: list[str], tasks: int, lcfg, fold
     rank (t + 1) r, B = [B_0 ... B_t], A = [A_0; ...; A_t], with lora_alpha (t + 1) alpha so that PEFT's
     scale lora_alpha / r stays alpha / r."""
     import json
+    import shutil
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -295,8 +287,6 @@ def write_peft_adapter(tensors: dict, modules: list[str], tasks: int, lcfg, fold
               "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
               "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    import shutil
-
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
 

@@ -137,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
-        base = yaml.safe_load(args.config.read_text())
-    except (ValueError, OSError, yaml.YAMLError) as e:
+        from ds_cl.training.config import read_yaml
+
+        base = read_yaml(args.config)  # duplicate keys refused, as for a run config
+    except (ValueError, OSError, yaml.YAMLError) as e:  # ConfigError is a ValueError
         print(f"ds-cl benchmark: {e}", file=sys.stderr)
         return 2
     variants = base.pop("variants", None) or {}

@@ -56,11 +56,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file."""
 
 
-_barrier = collectives.barrier
-_any = collectives.any_rank
-_gather = collectives.all_gather_object
-
-
 def _load_weights_only(engine) -> None:
     """Make `engine.load_checkpoint` unpickle with weights_only=True. DeepSpeed's TorchCheckpointEngine
     unpickles with weights_only off, which runs whatever a crafted file asks; its files need two classes
@@ -184,7 +179,8 @@ class CheckpointManager:
 
     def verify(self, path: Path) -> list[str]:
         """Collective: every problem of `path` (the ranks share the hashing); [] if intact."""
-        return sorted(p for part in _gather(verify_checkpoint(path, self.rank, self.world)) for p in part)
+        mine = verify_checkpoint(path, self.rank, self.world)
+        return sorted(p for part in collectives.all_gather_object(mine) for p in part)
 
     # -- save / load (collective: every rank calls) -----------------------------------------
 
@@ -200,7 +196,7 @@ class CheckpointManager:
                     msg = (f"not enough space in {self.root} for checkpoint {name}: {free} bytes free, "
                            f"the last checkpoint took {need / SPACE_MARGIN:.0f}; nothing was written and the "
                            f"previous checkpoint {prev} is intact")
-        msg = _gather(msg)[0]
+        msg = collectives.all_gather_object(msg)[0]
         if msg:
             raise CheckpointError(msg)
 
@@ -211,14 +207,14 @@ class CheckpointManager:
         tmp, final = self.root / f".tmp-{name}", self.root / name
         if self.rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
-        _barrier()
+        collectives.barrier()
         self._check_space(name)
         prev = self.latest()
         try:
             if self.rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-            _barrier()
+            collectives.barrier()
             engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
             if method is not None and method.has_state:
                 torch.save(method.state_dict(), tmp / f"method_rank{self.rank}.pt")
@@ -227,12 +223,12 @@ class CheckpointManager:
                 with open(tmp / "trainer_state.json", "w") as f:
                     json.dump({**state, "world_size": self.world}, f, indent=1)
             fault_point("save", self.rank, step=global_step)
-            _barrier()
+            collectives.barrier()
             # Each rank hashes (and fsyncs: a full disk can surface only then) its share of the files.
             files = _files(tmp)
             mine = {n: {"size": (tmp / n).stat().st_size, "sha256": file_digest(tmp / n, fsync=True)}
                     for i, n in enumerate(files) if i % self.world == self.rank}
-            entries = {k: v for part in _gather(mine) for k, v in part.items()}
+            entries = {k: v for part in collectives.all_gather_object(mine) for k, v in part.items()}
             if self.rank == 0:
                 with open(tmp / MANIFEST, "w") as f:
                     json.dump({"files": entries}, f, indent=1)
@@ -261,7 +257,7 @@ class CheckpointManager:
             kept = f"the previous checkpoint {prev} is intact" if prev else "there is no earlier checkpoint"
             raise CheckpointError(f"writing checkpoint {name} failed on rank {self.rank}: {what}; "
                                   f"removed the partial {tmp.name}; {kept}") from e
-        _barrier()
+        collectives.barrier()
         return final
 
     def load(self, path: Path, engine, method) -> dict:
