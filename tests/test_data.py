@@ -233,3 +233,30 @@ def test_chat_records_are_rendered_as_turns_with_the_loss_on_assistant_turns(tmp
     prompt = tok.tok.decode(encode_prompt_for_generation(tok, ex.prompt, 512, ex.messages))
     assert "You answer in one word." in prompt and "And of Egypt?" in prompt and "Cairo" not in prompt
     assert prompt.rstrip().endswith("assistant")  # the generation prompt opens the assistant's turn
+
+
+def test_evaluation_items_without_a_gold_label_are_left_out(tmp_path, spm_file, caplog):
+    """MNLI's test split marks items without a gold label '-': no prompt offers it, so the item is left
+    out of the evaluation (with a warning) before max_eval_samples counts; in training records the
+    same is an error."""
+    from ds_cl.training.config import load_config
+
+    d = tmp_path / "NLI" / "toy-nli"
+    d.mkdir(parents=True)
+    labels = ["entailment", "neutral", "contradiction"]
+    rows = [{"sentence": f"premise {i} hypothesis", "label": labels[i % 3]} for i in range(12)]
+    (d / "train.json").write_text(json.dumps(rows))
+    test = [dict(r, label="-") if i in (1, 3) else r for i, r in enumerate(rows[:8])]
+    (d / "test.json").write_text(json.dumps(test))
+    (d / "labels.json").write_text(json.dumps(labels))
+    base = {"output_dir": str(tmp_path / "out"), "model": {"config": {"model_type": "llama"}, "tokenizer": str(spm_file)},
+            "tasks": [{"name": "nli", "train": str(d), "max_eval_samples": 5}]}
+    task = load_config(None, data=base).tasks[0]
+    tok = load_tokenizer(str(spm_file))
+    with caplog.at_level(logging.WARNING, logger="ds_cl.training.data"):
+        data = load_task(task, 0, tok, 96, seed=0)
+    assert data.eval_answers == [test[i]["label"] for i in (0, 2, 4, 5, 6)]
+    assert "2 of 8 records have an answer outside the task's labels ('-')" in caplog.text
+    (d / "train.json").write_text(json.dumps(test))
+    with pytest.raises(ValueError, match=r"record 1: answer '-' is not one of the task's labels"):
+        load_task(task, 0, tok, 96, seed=0)

@@ -412,6 +412,21 @@ def resolve_metric(spec: str) -> Callable[[str, str], float]:
     return getattr(importlib.import_module(mod), fn)
 
 
+def scorable(task: TaskConfig, rows: list[dict], labels: list[str] | None, key: str) -> list[dict]:
+    """The evaluation records whose answer is one of the task's labels. Benchmarks mark items without a
+    gold answer with a label of their own (MNLI's test split: '-'); no prompt offers it, so such an item
+    cannot be scored and is left out, with a warning. (In training records the same is an error.)"""
+    if task.labels is None or task.messages_field:
+        return rows
+    allowed = set(labels)
+    keep = [r for r in rows if str(r.get(task.output_field, "")).strip() in allowed]
+    if len(keep) < len(rows):
+        odd = sorted({str(r.get(task.output_field, "")).strip() for r in rows} - allowed)
+        log.warning("%s: %d of %d records have an answer outside the task's labels (%s) and are left out of "
+                    "the evaluation", key, len(rows) - len(keep), len(rows), ", ".join(map(repr, odd[:5])))
+    return keep
+
+
 def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int) -> TaskData:
     key = f"tasks.{index} ({task.name})"
     rows = read_records(task.train, task.train_split, f"{key}.train")
@@ -426,16 +441,17 @@ def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int) -> Tas
         rows = [rows[i] for i in order[n:]]
     if task.max_train_samples is not None:
         rows = rows[: task.max_train_samples]
-    if task.max_eval_samples is not None:
-        eval_rows = eval_rows[: task.max_eval_samples]
     if not rows:
         raise ValueError(f"{key}.train: no training records in {task.train}")
-    if not eval_rows:
-        raise ValueError(f"{key}.eval: no evaluation records")
     fmt = detect_format(task, rows)  # the training records decide; the evaluation records follow
     _, eval_rows = normalize_records(task, eval_rows, f"{key}.eval", fmt)
     task, rows = normalize_records(task, rows, f"{key}.train", fmt)
     labels = task_labels(task, rows)
+    eval_rows = scorable(task, eval_rows, labels, f"{key}.eval")
+    if task.max_eval_samples is not None:
+        eval_rows = eval_rows[: task.max_eval_samples]
+    if not eval_rows:
+        raise ValueError(f"{key}.eval: no evaluation records")
     train = encode_all(tok, to_examples(task, rows, labels, f"{key}.train"), max_len, f"{key} train")
     evals = to_examples(task, eval_rows, labels, f"{key}.eval")
     prompts = [encode_prompt_for_generation(tok, e.prompt, max_len, e.messages) for e in evals]
