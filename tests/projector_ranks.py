@@ -43,6 +43,8 @@ CASES = {
     # Small buckets: many exchanges in flight at once, ranks that own nothing in a bucket.
     "z3_noupdate": ({"zero_optimization": BASE_ZERO3}, {"project_update": False, "bucket_numel_per_rank": 1000}),
     "z3_buckets": ({"zero_optimization": BASE_ZERO3}, {"bucket_numel_per_rank": 700}),
+    # The pre-step copy in separate host buffers reused across steps (the default on an accelerator).
+    "z3_host": ({"zero_optimization": BASE_ZERO3}, {"pre_step_copy": "host", "bucket_numel_per_rank": 700}),
     "z3_audit2": ({"zero_optimization": BASE_ZERO3}, {"audit_every": 2}),
     "z3_bf16": ({"zero_optimization": BASE_ZERO3, "bf16": {"enabled": True},
                  "data_types": {"grad_accum_dtype": "fp32"}}, {}),
@@ -209,6 +211,7 @@ def run_errors(out_dir: Path, rank: int, world: int) -> None:
     record("not_2d", lambda: SubspaceProjector(engine, targets=[r"input_layernorm\.weight$"]))
     record("bad_projection", lambda: SubspaceProjector(engine, projection="sideways"))
     record("bad_bucket", lambda: SubspaceProjector(engine, bucket_numel_per_rank=0))
+    record("bad_pre_step_copy", lambda: SubspaceProjector(engine, pre_step_copy="gpu"))
     record("bad_audit_every", lambda: SubspaceProjector(engine, audit_every=0))
     proj = SubspaceProjector(engine)
     q = "model.layers.0.self_attn.q_proj.weight"

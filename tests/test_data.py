@@ -240,6 +240,7 @@ def test_evaluation_items_without_a_gold_label_are_left_out(tmp_path, spm_file, 
     out of the evaluation (with a warning) before max_eval_samples counts; in training records the
     same is an error."""
     from ds_cl.training.config import load_config
+    from ds_cl.training.preflight import check_data
 
     d = tmp_path / "NLI" / "toy-nli"
     d.mkdir(parents=True)
@@ -251,7 +252,9 @@ def test_evaluation_items_without_a_gold_label_are_left_out(tmp_path, spm_file, 
     (d / "labels.json").write_text(json.dumps(labels))
     base = {"output_dir": str(tmp_path / "out"), "model": {"config": {"model_type": "llama"}, "tokenizer": str(spm_file)},
             "tasks": [{"name": "nli", "train": str(d), "max_eval_samples": 5}]}
-    task = load_config(None, data=base).tasks[0]
+    cfg = load_config(None, data=base)
+    task = cfg.tasks[0]
+    check_data(cfg)  # the pre-launch check agrees
     tok = load_tokenizer(str(spm_file))
     with caplog.at_level(logging.WARNING, logger="ds_cl.training.data"):
         data = load_task(task, 0, tok, 96, seed=0)

@@ -23,7 +23,7 @@ def runs(tmp_path_factory):
     torch.save(fixed_bases(tiny_llama()), out / "bases.pt")
     launch(SCRIPT, 2, out, "z3", "z3_offload", "z3_cpuadam", "z3_paper", "z3_noupdate", "z3_bf16", "z2", "z3_audit2", "fit",
            "accumulate", "errors")
-    launch(SCRIPT, 3, out, "z3_nooverlap", "z3_buckets")
+    launch(SCRIPT, 3, out, "z3_nooverlap", "z3_buckets", "z3_host")
     launch(SCRIPT, 1, out, "z0")
     return out
 
@@ -44,6 +44,7 @@ EXACT = {
     "z2": (2, {}),                 # ZeRO-2: fragments of flattened groups
     "z3_nooverlap": (3, {}),       # 3 ranks, overlap/contiguous off, default persistence (small params stay gathered)
     "z3_buckets": (3, {}),         # 3 ranks, buckets of 1 or 2 matrices: exchanges pipelined across 12 buckets
+    "z3_host": (3, {}),            # 3 ranks, pre_step_copy="host": the copy in reused host buffers
     "z3_audit2": (2, {}),          # audit_every=2: the leak is measured on steps 1, 3, 5 only
     "z0": (1, {}),                 # no ZeRO, one process
 }
@@ -196,6 +197,7 @@ def test_fit_matches_one_process_svd_and_importance(runs):
     ("not_2d", ["input_layernorm.weight", "2-D"]),
     ("bad_projection", ["sideways"]),
     ("bad_bucket", ["bucket_numel_per_rank must be positive, got 0"]),
+    ("bad_pre_step_copy", ["pre_step_copy must be 'auto', 'device' or 'host', got 'gpu'"]),
     ("bad_audit_every", ["audit_every must be >= 1, got 0"]),
     ("wrong_shape", ["q_proj.weight", "42 x 51"]),
     ("not_orthonormal", ["q_proj.weight", "orthonormal"]),

@@ -31,8 +31,9 @@ bytes sent per rank per step); docs/benchmarks.md records the numbers.
 
 Exactness under AdamW needs the update projected too (Adam's 1/sqrt(v) scaling and decoupled weight
 decay act after any gradient hook): before `engine.step()` we keep this rank's fp32 master partition
-of each target (extra memory: one fp32 copy of the local target partitions), and after it we set
-W = W_old + P(W_new - W_old). The low-precision working copy is refreshed from the corrected master.
+of each target (one fp32 copy of the local target partitions: in host memory on an accelerator, see
+`pre_step_copy`), and after it we set W = W_old + P(W_new - W_old). The low-precision working copy is
+refreshed from the corrected master. What all this costs in memory per rank: ds_cl.core.projector_memory.
 """
 
 from __future__ import annotations
@@ -134,11 +135,16 @@ class SubspaceProjector:
             matrices per bucket, and at most three buckets at once (one arriving, one being projected,
             one travelling back). Buckets grow with the world so that each has work for every rank:
             see `plan_buckets`.
+        pre_step_copy: where the update projection keeps this rank's fp32 master partitions of the
+            targets during `engine.step()` (N / world elements): "device", "host" (pinned on CUDA: two
+            transfers of that size per step instead of the device memory), or "auto" (default): host on
+            an accelerator, device on CPU.
     """
 
     def __init__(self, engine, targets: Sequence[str] | None = None, projection: str = "two_sided",
                  project_update: bool = True, *, audit: bool = True, audit_every: int = 1,
-                 svd_dtype: torch.dtype = torch.float32, bucket_numel_per_rank: int = DEFAULT_BUCKET_NUMEL_PER_RANK):
+                 svd_dtype: torch.dtype = torch.float32, bucket_numel_per_rank: int = DEFAULT_BUCKET_NUMEL_PER_RANK,
+                 pre_step_copy: str = "auto"):
         if projection not in S.PROJECTIONS:
             raise ValueError(f"projection must be one of {S.PROJECTIONS}, got {projection!r}")
         if svd_dtype not in (torch.float32, torch.float64):
@@ -147,6 +153,8 @@ class SubspaceProjector:
             raise ValueError(f"bucket_numel_per_rank must be positive, got {bucket_numel_per_rank}")
         if audit_every < 1:
             raise ValueError(f"audit_every must be >= 1, got {audit_every}")
+        if pre_step_copy not in ("auto", "device", "host"):
+            raise ValueError(f"pre_step_copy must be 'auto', 'device' or 'host', got {pre_step_copy!r}")
         if isinstance(targets, str):
             targets = [targets]
         self.engine = engine
@@ -155,6 +163,11 @@ class SubspaceProjector:
         self.audit_enabled = audit
         self.audit_every = audit_every
         self.svd_dtype = svd_dtype
+        # "auto": host memory on an accelerator, where the copy would otherwise be the largest part of
+        # the projector's device memory (ds_cl.core.projector_memory); on CPU both are the same memory.
+        self.pre_step_copy_on_host = pre_step_copy == "host" or (pre_step_copy == "auto"
+                                                                 and engine.device.type != "cpu")
+        self._host_copy: dict[str, torch.Tensor] = {}
 
         all_params = dict(engine.module.named_parameters())
         self.names: list[str] = S.select_targets(all_params.keys(), targets)
@@ -204,9 +217,17 @@ class SubspaceProjector:
         if self.world == 1:
             local = {n: read(n) for n in mine}
             return _InFlight(None, lambda: local)
-        per_dest = [[read(n) for n in names if self.owner[n] == d] for d in range(self.world)]
-        in_split = [sum(t.numel() for t in ts) for ts in per_dest]
-        send = torch.cat([t for ts in per_dest for t in ts]) if sum(in_split) else torch.empty(0, device=self.device)
+        # Filled piece by piece: at most one piece read into a temporary at a time (the memory model in
+        # ds_cl.core.projector_memory counts on it).
+        size = {n: self.shards.ranges[n][self.rank][1] for n in names}
+        order = [n for d in range(self.world) for n in names if self.owner[n] == d]
+        in_split = [sum(size[n] for n in names if self.owner[n] == d) for d in range(self.world)]
+        send = torch.empty(sum(in_split), dtype=torch.float32, device=self.device)
+        offset = 0
+        for n in order:
+            if size[n]:
+                send[offset:offset + size[n]].copy_(read(n))
+                offset += size[n]
         out_split = [sum(self.shards.ranges[n][s][1] for n in mine) for s in range(self.world)]
         recv = send.new_empty(sum(out_split))
         work = collectives.all_to_all_single(recv, send, out_split, in_split, self.group, async_op=True)
@@ -280,7 +301,9 @@ class SubspaceProjector:
             if outbound is not None:
                 for n, t in outbound.wait().items():
                     write(n, t)
+                outbound = None  # its receive buffer goes before the next one is allocated
             outbound = self._send_from_owners(names, full)
+            del full  # sent (copied): free it before the next bucket is unpacked
         if outbound is not None:
             for n, t in outbound.wait().items():
                 write(n, t)
@@ -328,7 +351,10 @@ class SubspaceProjector:
                 for i, n in enumerate(names):
                     full[n].copy_(g[i].reshape(-1))
             if leaks is not None:
-                leaks.update(zip(names, S.leaks(g, u, v)))
+                # One matrix at a time: the audit works in float64, whose temporaries would otherwise
+                # be twice the whole group's size.
+                for i, n in enumerate(names):
+                    leaks[n] = S.leaks(g[i:i + 1], u[i:i + 1], v[i:i + 1])[0]
 
     @property
     def active(self) -> bool:
@@ -349,20 +375,37 @@ class SubspaceProjector:
         audit_now = self.audit_enabled and self._steps_since_bases % self.audit_every == 0
         self._steps_since_bases += 1
         need_update = self.project_update or audit_now
-        old = {n: self.shards.get_master(n).detach().clone() for n in constrained} if need_update else {}
+        old = self._pre_step_copy(constrained) if need_update else {}
         engine.step()
         self.stats["optimizer_steps"] += 1
         if not need_update:
             return
         leaks: dict[str, torch.Tensor] = {}
-        write = (lambda n, d: self.shards.set_master(n, old[n] + d)) if self.project_update else None
-        self._pipeline(buckets, lambda n: self.shards.get_master(n).float() - old[n], write,
-                       leaks if audit_now else None)
+        dev = self.device
+        write = (lambda n, d: self.shards.set_master(n, old[n].to(dev, non_blocking=True) + d)) \
+            if self.project_update else None
+        self._pipeline(buckets, lambda n: self.shards.get_master(n).float() - old[n].to(dev, non_blocking=True),
+                       write, leaks if audit_now else None)
         if self.project_update:
             self.shards.finish_master_updates(constrained, self.engine.optimizer)
         if audit_now:
             self._leaks = self._share_leaks(leaks, constrained)
             self.stats["audited_at"] = self.stats["optimizer_steps"]
+
+    def _pre_step_copy(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """This rank's fp32 master partitions of `names` before the optimizer step, on the device or in
+        host buffers reused across steps (pinned on CUDA: the copies run asynchronously in stream order,
+        before the optimizer's kernels overwrite the master and before the update pass reads them back)."""
+        if not self.pre_step_copy_on_host:
+            return {n: self.shards.get_master(n).detach().clone() for n in names}
+        out = {}
+        for n in names:
+            t = self.shards.get_master(n)
+            buf = self._host_copy.get(n)
+            if buf is None or buf.shape != t.shape:
+                buf = self._host_copy[n] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+            out[n] = buf.copy_(t, non_blocking=True)
+        return out
 
     def _share_leaks(self, leaks: Mapping[str, torch.Tensor], names: list[str]) -> dict[str, float]:
         vec = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
@@ -601,5 +644,7 @@ class _InFlight:
     def wait(self) -> dict[str, torch.Tensor]:
         if self._work is not None:
             self._work.wait()
-        self._send = None
-        return self._unpack()
+        self._work = self._send = None
+        # Dropping the closure frees the receive buffer once it is unpacked (unless unpack returned views).
+        unpack, self._unpack = self._unpack, None
+        return unpack()

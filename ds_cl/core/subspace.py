@@ -342,7 +342,8 @@ def complement(q: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis (k x (k - r), or batched) of the complement of the orthonormal columns q (k x r):
     the trailing columns of q's complete QR (Householder: orthogonal to q to working precision)."""
     full, _ = torch.linalg.qr(q, mode="complete")
-    return full[..., q.shape[-1]:]
+    # A copy: a view would keep all k x k of Q alive where k x (k - r) is needed.
+    return full[..., q.shape[-1]:].contiguous()
 
 
 @_in_full_fp32

@@ -185,7 +185,8 @@ def check_tokenizer(cfg: RunConfig):
 
 
 def check_data(cfg: RunConfig) -> None:
-    from ds_cl.training.data import detect_format, normalize_records, read_records, task_labels, to_examples
+    from ds_cl.training.data import (detect_format, normalize_records, read_records, scorable, task_labels,
+                                     to_examples)
 
     for i, task in enumerate(cfg.tasks):
         key = f"tasks.{i} ({task.name})"
@@ -203,7 +204,10 @@ def check_data(cfg: RunConfig) -> None:
                 if not ev:
                     raise ValueError(f"{key}.eval: {task.eval} holds no records")
                 where = f"{key}.eval ({task.eval})"
-                to_examples(plain, normalize_records(task, ev, where, fmt)[1], labels, where)
+                ev = scorable(plain, normalize_records(task, ev, where, fmt)[1], labels, where)
+                if not ev:
+                    raise ValueError(f"{key}.eval: no record of {task.eval} has an answer among the task's labels")
+                to_examples(plain, ev, labels, where)
             elif len(rows) < 2:
                 raise ValueError(f"{key}.train: {task.train} has {len(rows)} record; holding out evaluation "
                                  "samples needs at least 2 (or set tasks.*.eval)")
