@@ -1,18 +1,16 @@
 """Estimated GPU memory per rank for LLaMA-2-7B with the shipped ds_configs (prints a markdown table).
 
-    DS_ACCELERATOR=cpu python ds_configs/estimate_memory.py [--seq 1024] [--micro 1] [--ratio 0.8]
+    DS_ACCELERATOR=cpu python ds_configs/estimate_memory.py [--seq 1024] [--micro 1] [--ratio R]
 
 Model states come from DeepSpeed's own estimators (`estimate_zero3_model_states_mem_needs_all_cold`,
 `estimate_zero2_model_states_mem_needs_all_cold`), which assume 2-byte gradients; we add the fp32
-gradient accumulation the osft method needs (+2 bytes/param/world), the osft state of the projector
-(bases U_h, V_h in fp32 held by one owner rank per matrix, ~total/world; the fp32 copy of this rank's
-target partitions kept for the update projection), and activations for one micro-batch with
-gradient checkpointing (one bf16 hidden state per layer + one layer's working set + fp32 logits).
-Not included: CUDA context and allocator fragmentation (add ~2-4 GB), DeepSpeed's communication
-buckets, and the projector's exchange buffers during a step: up to three buckets in flight, each
-with ~`bucket_numel_per_rank` (default 2^26) fp32 elements of owned full matrices, their received
-pieces and this rank's sent pieces (~0.75 GB per bucket, ~2 GB at most; a smaller
-bucket_numel_per_rank trades rank balance for memory, see `ds-cl bench --plan`).
+gradient accumulation the osft method needs (+2 bytes/param/world), the osft projector's step peak
+as ds_cl.core.projector_memory computes it (the bases this rank owns, the exchange buffers of the
+buckets in flight, the projection and audit temporaries; the pre-step copy in host memory, the
+projector's default on GPUs), and activations for one micro-batch with gradient checkpointing (one
+bf16 hidden state per layer + one layer's working set + fp32 logits). The projector's ranks are
+adaptive (mrr 0.1, trr 0.8, layer importances spread evenly), or fixed at --ratio. Not included:
+CUDA context and allocator fragmentation (add ~2-4 GB) and DeepSpeed's communication buckets.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ GiB = 2 ** 30
 H, I, L, V, HEADS = 4096, 11008, 32, 32000, 32
 PARAMS = 6_738_415_616
 LARGEST = V * H  # embed_tokens / lm_head (untied)
-TARGETS = [(H, H)] * 4 + [(I, H), (I, H), (H, I)]  # q k v o, gate up, down (per layer)
 
 
 def ds_estimate(stage: int, world: int, offload_optimizer: bool, offload_param: bool) -> float:
@@ -58,11 +55,15 @@ def ds_estimate(stage: int, world: int, offload_optimizer: bool, offload_param: 
     raise RuntimeError(f"no estimator line for stage {stage}\n{buf.getvalue()}")
 
 
-def osft_bytes(world: int, ratio: float) -> tuple[float, float]:
-    """(bases per rank, fp32 copy of local target partitions per rank)."""
-    bases = sum((m + n) * int(ratio * min(m, n)) * 4 for m, n in TARGETS) * L
-    targets = sum(m * n for m, n in TARGETS) * L
-    return bases / world, 4 * targets / world
+def osft_memory(world: int, ratio: float | None) -> dict:
+    """The projector's memory per rank (ds_cl.core.projector_memory) for LLaMA-2-7B's targets."""
+    from ds_cl.core.projector_memory import projector_memory, ranks_for
+    from ds_cl.core.subspace import AdaptiveRank, FixedRank
+    from ds_cl.tools.bench import target_shapes
+
+    shapes = target_shapes("llama2-7b-shapes")
+    ranks = ranks_for(shapes, AdaptiveRank() if ratio is None else FixedRank(ratio))
+    return projector_memory(shapes, world, ranks, pre_step_copy="host")
 
 
 def activations(seq: int, micro: int) -> float:
@@ -84,22 +85,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--micro", type=int, default=1)
-    p.add_argument("--ratio", type=float, default=0.8, help="retained rank fraction (adaptive worst case: trr)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="fixed protected-rank fraction (default: adaptive ranks, trr 0.8)")
     args = p.parse_args()
     act = activations(args.seq, args.micro)
-    print(f"LLaMA-2-7B, micro batch {args.micro} x {args.seq} tokens, gradient checkpointing, osft rank ratio "
-          f"{args.ratio}; GiB per GPU\n")
-    print("| config | GPUs | model states (DeepSpeed est.) | + fp32 grad accum | + osft bases + update copy "
-          "| + activations | total (osft) | total (seqft) | for |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    ranks = "adaptive osft ranks (trr 0.8)" if args.ratio is None else f"osft rank ratio {args.ratio}"
+    print(f"LLaMA-2-7B, micro batch {args.micro} x {args.seq} tokens, gradient checkpointing, {ranks}; "
+          f"GiB per GPU\n")
+    print("| config | GPUs | model states (DeepSpeed est.) | + fp32 grad accum | + osft projector (step peak) "
+          "| + activations | total (osft) | total (seqft) | osft refit peak | osft host memory | for |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, stage, off_opt, off_par, for_ in CONFIGS:
-        for world in (8, 16):
+        for world in (8, 16, 64):
             states = ds_estimate(stage, world, off_opt, off_par)
             grad32 = 0 if off_opt else 2 * PARAMS / world  # offloaded: the fp32 grads live on the CPU
-            bases, copy = osft_bytes(world, args.ratio)
-            total = states + grad32 + bases + copy + act
-            print(f"| {name} | {world} | {states / GiB:.1f} | {grad32 / GiB:.1f} | {(bases + copy) / GiB:.1f} "
-                  f"| {act / GiB:.1f} | **{total / GiB:.1f}** | {(states + grad32 + act) / GiB:.1f} | {for_} |")
+            mem = osft_memory(world, args.ratio)
+            step = mem["projector_extra_bytes_per_rank"]
+            total = states + grad32 + step + act
+            print(f"| {name} | {world} | {states / GiB:.1f} | {grad32 / GiB:.1f} | {step / GiB:.1f} "
+                  f"| {act / GiB:.1f} | **{total / GiB:.1f}** | {(states + grad32 + act) / GiB:.1f} "
+                  f"| {mem['projector_refit_bytes_per_rank'] / GiB:.1f} | {mem['projector_host_bytes_per_rank'] / GiB:.1f} "
+                  f"| {for_} |")
 
 
 if __name__ == "__main__":

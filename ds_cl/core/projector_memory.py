@@ -70,18 +70,20 @@ def audit_temp_numel(k: int, shape: Sequence[int], r: int) -> int:
 
 
 def svd_temp_numel(shape: Sequence[int]) -> int:
-    """A fit's SVD of one m x n matrix (`torch.linalg.svd(full_matrices=False)`, LAPACK gesdd): the
-    column-major copy of the input, U (m x s), Vh (s x n), and gesdd's minimal workspace,
-    3 s^2 + max(l, 4 s^2 + 4 s) values plus 8 s integers."""
+    """A fit's SVD of one m x n matrix (`torch.linalg.svd(full_matrices=False)`, LAPACK gesdd with
+    jobz="S"): the column-major copy of the input, U (m x s), Vh (s x n), and gesdd's workspace: 3 s^2
+    for the bidiagonal SVD, plus s^2 for the triangular factor when l >= 11 s / 6 (gesdd's QR-first path)."""
     m, n = shape
     s, l = min(m, n), max(m, n)
-    return m * n + m * s + s * n + 3 * s * s + max(l, 4 * s * s + 4 * s) + 8 * s
+    work = (4 if 6 * l >= 11 * s else 3) * s * s + 8 * s
+    return m * n + m * s + s * n + work
 
 
 def complement_temp_numel(k: int, shape: Sequence[int], r: int) -> int:
-    """`subspace.complement` of a group's short-side basis: the complete Q (k x s x s), R, and the copy kept."""
+    """`subspace.complement` of a group's short-side basis beyond the complement kept: the complete Q
+    (k x s x s) and R (k x s x r)."""
     s = min(shape)
-    return k * s * s + k * s * r + k * s * (s - r)
+    return k * s * s + k * s * r
 
 
 def _group_temps(bucket: Sequence[str], owner, shapes, ranks, rank: int, projection: str, *, project: bool,
@@ -182,8 +184,16 @@ def projector_memory(shapes: Mapping[str, Sequence[int]], world: int, ranks: Map
         step = bases + max(grad_pass, old_device + update_pass)
 
         # Task boundary, fit: the old bases are freed first; each owned matrix's SVD runs beside the
-        # gathered buckets; then the bases are stacked per group and the complements computed.
-        svd = [max([svd_temp_numel(shapes[n]) for n in b if owner[n] == rank] + [0]) for b in buckets]
+        # gathered buckets and the new bases made so far; then the bases are stacked per group and the
+        # complements computed.
+        svd, made = [], 0
+        for b in buckets:
+            t = 0
+            for n in b:
+                if owner[n] == rank:
+                    t = max(t, made + svd_temp_numel(shapes[n]))
+                    made += (shapes[n][0] + shapes[n][1]) * ranks[n]
+            svd.append(t)
         gather = _pipeline_peak(buckets, owner, shapes, world, rank, svd, write=False, read_temp=0)
         groups: dict[tuple, int] = {}
         for n in owned:
@@ -193,7 +203,7 @@ def projector_memory(shapes: Mapping[str, Sequence[int]], world: int, ranks: Map
         install = max([k * (shape[0] + shape[1]) * r for (_, shape, r), k in groups.items()] + [0])
         comp = max([complement_temp_numel(k, shape, r) for (_, shape, r), k in groups.items()
                     if projection == "two_sided" and S.complement_side(shape, r)] + [0])
-        refit = bases + max(gather, install, comp)
+        refit = max(gather, bases + install, bases + comp)
         if accumulate:
             # extend: the old bases stay until the extended ones are installed; per matrix, dW (the anchor
             # brought to the device, the difference, its projection) and then dW's SVD.

@@ -1,13 +1,19 @@
 """`ds-cl bench`: plain ZeRO-3 steps against projected steps, SVD phase time, bases memory, traffic.
 
     ds-cl bench [--world N] [--model tiny|small|llama2-7b-shapes|HF_FOLDER] [--layers K] [--json]
-    ds-cl bench --plan [--model llama2-7b-shapes] [--json]    # bucket schedule by world, no run
+    ds-cl bench --plan [--model llama2-7b-shapes] [--json]    # buckets and memory model by world, no run
+    ds-cl bench --memory [--model small|medium] [--world N]    # memory model against measured peaks
 
 The command launches `deepspeed --num_gpus W` runs of this module's worker (CPU ranks over gloo
 where there is no GPU): one run at world N that alternates, step by step on the same engine and
 data, plain `engine.step()`, `proj.step()` with gradient projection only, and with gradient +
 update projection (and the same with audit() on); and one SVD-phase run per world 1..N. It prints
 a table and, with --json, one JSON object as the last stdout line.
+
+--memory runs worlds 1..N on CPU and compares the projector's memory as ds_cl.core.projector_memory
+computes it with what each rank measures: the resident-set peak of a projected step over that of a
+plain one (SGD, so the optimizer adds nothing of its own), plus the bases' resident size, and the
+peak of a refit.
 """
 
 from __future__ import annotations
@@ -67,9 +73,17 @@ def parse_args(argv):
     p.add_argument("--plan", action="store_true",
                    help="launch nothing: print, from the model's shapes, the projector's buckets and their "
                         "schedule efficiency at worlds 1..64, for the default and a fixed 2^27-element bucket")
+    p.add_argument("--rank-policy", choices=["adaptive", "fixed"], default="adaptive",
+                   help="--plan: the ranks of the memory model: adaptive (mrr 0.1, trr 0.8, layer importances "
+                        "spread evenly) or fixed at --ratio (default adaptive)")
+    p.add_argument("--pre-step-copy", choices=["host", "device"], default="host",
+                   help="--plan: where the update projection keeps W_old (default host, SubspaceProjector's "
+                        "default on an accelerator)")
+    p.add_argument("--memory", action="store_true",
+                   help="measure the projector's memory on CPU ranks at worlds 1..--world against the model")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
-    p.add_argument("--worker", choices=["steps", "svd"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["steps", "svd", "memory"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args([a for a in argv if not a.startswith("--local_rank")])
     if args.model not in MODELS:
@@ -106,15 +120,25 @@ def target_shapes(model: str, layers: int | None = None) -> dict[str, tuple[int,
 
 
 def plan(args) -> dict:
-    """Schedule efficiency of the projector's buckets (ds_cl.core.projector.plan_buckets), computed from shapes."""
+    """Schedule efficiency of the projector's buckets (ds_cl.core.projector.plan_buckets) and its memory per
+    rank (ds_cl.core.projector_memory), computed from shapes."""
     from ds_cl.core.projector import DEFAULT_BUCKET_NUMEL_PER_RANK, plan_buckets, schedule_efficiency
+    from ds_cl.core.projector_memory import projector_memory, ranks_for
+    from ds_cl.core.subspace import AdaptiveRank, FixedRank
 
     shapes = target_shapes(args.model, args.layers)
     names = list(shapes)
     per_rank = args.bucket_numel_per_rank or DEFAULT_BUCKET_NUMEL_PER_RANK
+    policy = AdaptiveRank() if args.rank_policy == "adaptive" else FixedRank(args.ratio)
+    ranks = ranks_for(shapes, policy)
     rows = []
     for world in (1, 2, 4, 8, 16, 32, 64):
-        row = {"world": world}
+        mem = projector_memory(shapes, world, ranks, bucket_numel_per_rank=per_rank,
+                               pre_step_copy=args.pre_step_copy)
+        row = {"world": world, **{k: mem[k] for k in ("projector_extra_bytes_per_rank",
+                                                       "projector_refit_bytes_per_rank",
+                                                       "projector_host_bytes_per_rank")},
+               "memory_parts_of_busiest_rank": mem["busiest_rank"]}
         for label, numel in (("per_rank", per_rank), ("fixed_buckets", (1 << 27) // world)):
             buckets, owner = plan_buckets(shapes, names, world, max(1, numel))
             held = max(sum(math.prod(shapes[n]) for n in b if owner[n] == r) for b in buckets for r in range(world))
@@ -122,7 +146,9 @@ def plan(args) -> dict:
                           "max_owned_numel_per_bucket": held}
         rows.append(row)
     return {"model": args.model, "layers": args.layers or dims(args.model)[2], "bucket_numel_per_rank": per_rank,
-            "target_params": sum(math.prod(s) for s in shapes.values()), "plan": rows}
+            "target_params": sum(math.prod(s) for s in shapes.values()), "rank_policy": repr(policy),
+            "protected_share": sum(ranks.values()) / sum(min(s) for s in shapes.values()),
+            "pre_step_copy": args.pre_step_copy, "plan": rows}
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -134,7 +160,7 @@ def _peak_mem_bytes(device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
-def _build(args):
+def _build(args, optimizer: str = "adamw"):
     import deepspeed
     import torch
     from transformers import LlamaConfig
@@ -155,13 +181,16 @@ def _build(args):
         "bf16": {"enabled": on_gpu},
         "steps_per_print": 10**9,
         "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": optimizer != "adamw",
     })
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=max(args.seq, 64))
     model, keepalive = build_causal_lm(cfg, ds_config)
     if on_gpu:
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    # SGD (no momentum) for --memory: its step allocates nothing, so a step's peak is the projector's own.
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01) if optimizer == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=1e-5))
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
     return engine, cfg
 
@@ -180,6 +209,108 @@ def _barrier_time(fn):
         torch.cuda.synchronize()
     barrier()
     return time.perf_counter() - t, out
+
+
+def _rss_kib() -> dict[str, int]:
+    with open("/proc/self/status") as f:
+        return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+
+
+def _measure_peak(fn) -> int:
+    """Bytes of this process's resident-set peak during fn() above its size at the start (Linux: writing 5
+    to clear_refs resets the peak)."""
+    from ds_cl.core.collectives import barrier
+
+    barrier()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = _rss_kib()["VmRSS"]
+    fn()
+    peak = _rss_kib()["VmHWM"]
+    barrier()
+    return (peak - start) * 1024
+
+
+def memory_worker(args) -> None:
+    """Per rank: measured and modelled projector memory (CPU ranks; see the module docstring)."""
+    import torch
+    import torch.distributed as dist
+
+    from ds_cl import SubspaceProjector
+    from ds_cl.core import collectives
+    from ds_cl.core.projector import DEFAULT_BUCKET_NUMEL_PER_RANK
+    from ds_cl.core.projector_memory import projector_memory
+    from ds_cl.core.subspace import FixedRank
+    from ds_cl.training.environment import init_distributed
+
+    init_distributed("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(args.threads_per_rank)
+    engine, cfg = _build(args, optimizer="sgd")
+    kwargs = {"bucket_numel_per_rank": args.bucket_numel_per_rank} if args.bucket_numel_per_rank else {}
+    proj = SubspaceProjector(engine, audit=True, pre_step_copy="device", **kwargs)
+    g = torch.Generator().manual_seed(rank)
+    ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq), generator=g)
+
+    def backward():
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+
+    backward()
+    engine.step()  # DeepSpeed's first step allocates its own buffers
+    # LAPACK's first SVD and QR set up buffers of their own (~4 MiB, whatever the sizes): not the projector's.
+    torch.linalg.svd(torch.randn(8, 8))
+    torch.linalg.qr(torch.randn(8, 4), mode="complete")
+    collectives.barrier()
+    before = _rss_kib()["VmRSS"]
+    proj.fit(FixedRank(args.ratio))
+    bases_rss = (_rss_kib()["VmRSS"] - before) * 1024
+    refit = _measure_peak(lambda: proj.fit(FixedRank(args.ratio)))
+    # The projector's own peaks, measured around its two phases that allocate: the pre-step copy and
+    # the pipelines (the gradient pass, then the update pass with the copy resident).
+    phases = {"copy": [], "pipeline": []}
+
+    def measured(method, key, resident_delta=False):
+        def fn(*a, **k):
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            start = _rss_kib()["VmRSS"]
+            out = method(*a, **k)
+            end = _rss_kib()
+            phases[key].append(((end["VmRSS"] if resident_delta else end["VmHWM"]) - start) * 1024)
+            return out
+        return fn
+
+    backward()
+    proj.step()  # warm-up: the first step after a fit sets up more than the next ones
+    proj._pre_step_copy = measured(proj._pre_step_copy, "copy", resident_delta=True)
+    proj._pipeline = measured(proj._pipeline, "pipeline")
+    plain, projected = [], []
+    for _ in range(args.steps):
+        backward()
+        plain.append(_measure_peak(engine.step))
+        backward()
+        projected.append(_measure_peak(proj.step))
+    grad_pass, update_pass = max(phases["pipeline"][0::2]), max(phases["pipeline"][1::2])
+    model = projector_memory(proj.shapes, world, proj.ranks, names=proj.names,
+                             bucket_numel_per_rank=args.bucket_numel_per_rank or DEFAULT_BUCKET_NUMEL_PER_RANK,
+                             audit=True, pre_step_copy="device", accumulate=False)["per_rank"][rank]
+    copy = max(phases["copy"])
+    mine = {"rank": rank, "bases_bytes": proj.bases_bytes(), "bases_rss_bytes": bases_rss,
+            # the old bases are freed as a refit starts: its peak above the engine alone
+            "refit_measured_bytes": refit + bases_rss,
+            "step_measured_bytes": bases_rss + max(grad_pass, copy + update_pass),
+            "measured_parts": {"bases": bases_rss, "pre_step_copy": copy, "grad_pass": grad_pass,
+                               "update_pass": update_pass},
+            # what a run needs on top of plain ZeRO-3 at its step: less than the projector's own peak
+            # where DeepSpeed's step allocates more than the pipelines (its peak and the copy coincide)
+            "step_over_plain_bytes": bases_rss + max(projected) - max(plain),
+            "step_model_bytes": model["step"], "refit_model_bytes": model["refit"], "model_parts": model}
+    per_rank = collectives.all_gather_object(mine)
+    if rank == 0:
+        Path(args.result).write_text(json.dumps({"world": world, "buckets": len(proj.buckets), "ranks": per_rank}))
+    engine.destroy()
+    collectives.barrier()
+    dist.destroy_process_group()
 
 
 def worker(args) -> None:
@@ -277,6 +408,11 @@ def _launch(args, world: int, mode: str, result: Path) -> dict:
     env = dict(os.environ)
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
+    if mode == "memory":
+        # A fixed mmap threshold: glibc then returns every freed tensor above 64 KiB to the system at once,
+        # so the resident set follows the live tensors (its default threshold adapts upwards and keeps
+        # freed blocks of up to 32 MiB resident).
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"ds-cl bench: the world-{world} {mode} run failed (exit {proc.returncode}):\n"
@@ -284,11 +420,44 @@ def _launch(args, world: int, mode: str, result: Path) -> dict:
     return json.loads(result.read_text())
 
 
+def memory_main(args) -> int:
+    from tqdm import tqdm
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in tqdm(range(1, args.world + 1), desc="ds-cl bench --memory", disable=args.json):
+            rows.append(_launch(args, world, "memory", Path(tmp) / f"m{world}.json"))
+    mib = 1 << 20
+    print(f"model {args.model}, rank ratio {args.ratio}, {args.micro_batch} x {args.seq} tokens per rank: "
+          f"projector memory per rank, model (ds_cl.core.projector_memory) against measured (MiB)")
+    print("  world rank | step peak: model  measured  (bases, pre-step copy) | refit: model  measured | "
+          "projected step over plain")
+    for row in rows:
+        for r in row["ranks"]:
+            p = r["measured_parts"]
+            print(f"  {row['world']:5d} {r['rank']:4d} | {r['step_model_bytes'] / mib:16.1f} "
+                  f"{r['step_measured_bytes'] / mib:9.1f}  ({p['bases'] / mib:.1f}, {p['pre_step_copy'] / mib:.1f}) | "
+                  f"{r['refit_model_bytes'] / mib:12.1f} {r['refit_measured_bytes'] / mib:9.1f} | "
+                  f"{r['step_over_plain_bytes'] / mib:.1f}")
+    out = {"model": args.model, "rank_ratio": args.ratio, "micro_batch": args.micro_batch, "seq": args.seq,
+           "worlds": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1))
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.worker == "memory":
+        memory_worker(args)
+        return 0
     if args.worker:
         worker(args)
         return 0
+    if args.memory:
+        return memory_main(args)
     if args.plan:
         out = plan(args)
         print(f"model {out['model']} ({out['layers']} layers, {out['target_params'] / 1e9:.2f}B target params): "
@@ -298,6 +467,15 @@ def main(argv=None) -> int:
             a, b = row["per_rank"], row["fixed_buckets"]
             print(f"  {row['world']:5d} | {a['buckets']:4d} buckets, {a['schedule_efficiency']:.2f}"
                   f" | {b['buckets']:4d} buckets, {b['schedule_efficiency']:.2f}")
+        gib = 1 << 30
+        print(f"projector memory per rank (GiB; {out['rank_policy']}, protected share {out['protected_share']:.2f}, "
+              f"pre-step copy on the {out['pre_step_copy']}; ds_cl.core.projector_memory)")
+        print("  world | step peak: bases + pre-step copy + exchange/temporaries | refit peak | host")
+        for row in out["plan"]:
+            p = row["memory_parts_of_busiest_rank"]
+            print(f"  {row['world']:5d} | {row['projector_extra_bytes_per_rank'] / gib:6.2f}: {p['bases'] / gib:.2f} + "
+                  f"{p['pre_step_copy'] / gib:.2f} + {(p['step'] - p['bases'] - p['pre_step_copy']) / gib:.2f}"
+                  f" | {row['projector_refit_bytes_per_rank'] / gib:6.2f} | {row['projector_host_bytes_per_rank'] / gib:6.2f}")
         if args.json:
             print(json.dumps(out))
         return 0
