@@ -25,7 +25,7 @@ def test_metrics_truncation_on_resume_survives_a_torn_line_and_is_atomic(tmp_pat
 
     from ds_cl.training.outputs import MetricsLog
 
-    log = MetricsLog(tmp_path, rank=0, tensorboard=False)
+    log = MetricsLog(tmp_path, rank=0)
     for step in (1, 2, 3):
         log.write({"step": step, "loss": 1.0 / step})
     with open(log.path, "a") as f:

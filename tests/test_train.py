@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.dist_utils import TRAIN, launch
+from tests.dist_utils import TRAIN, cpu_env, launch
 from tests.fixtures import tiny_run_config, train_sentencepiece, write_run_config
 
 pytestmark = pytest.mark.distributed
@@ -15,12 +15,12 @@ pytestmark = pytest.mark.distributed
 METHOD = "osft"
 
 
-def run_config(tmp, out, method=METHOD):
-    return write_run_config(tiny_run_config(tmp, out, {"method": {"name": method}}))
+def run_config(tmp, out, method=METHOD, **extra):
+    return write_run_config(tiny_run_config(tmp, out, {"method": {"name": method}, **extra}))
 
 
-def train(config, *args):
-    return launch(TRAIN, 2, str(config), *args, timeout=600)
+def train(config, *args, env=None):
+    return launch(TRAIN, 2, str(config), *args, timeout=600, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,10 @@ def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     train_sentencepiece(tmp / "tok.model")
     out = tmp / "full"
-    proc = train(run_config(tmp, out))
+    # Both trackers, W&B offline (no network), as a user turns them on.
+    env = dict(cpu_env(), WANDB_MODE="offline", WANDB_SILENT="true")
+    proc = train(run_config(tmp, out, output={"export_dtype": "float32", "report_to": ["tensorboard", "wandb"]}),
+                 env=env)
     return tmp, out, proc
 
 
@@ -55,6 +58,24 @@ def test_two_task_run_writes_every_output(full_run):
         h, w = imread(out / png).shape[:2]
         assert 200 <= h <= 2000 and 300 <= w <= 2500, (png, h, w)
     assert "AA=" in proc.stdout and "outputs in" in proc.stdout
+
+
+def test_report_to_tensorboard_and_wandb(full_run):
+    """output.report_to: the loss of every metrics.jsonl record, and the accuracy matrix row after each task,
+    reach TensorBoard's event files and the offline W&B run."""
+    from tests.test_tracking import tensorboard_scalars, wandb_history
+
+    _, out, _ = full_run
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summ = json.loads((out / "summary.json").read_text())
+    tb = tensorboard_scalars(out / "tensorboard")
+    assert tb["loss"] == [(r["step"], pytest.approx(r["loss"])) for r in recs]
+    assert tb["acc/a"] == [(4, pytest.approx(summ["matrix"][0][0])), (8, pytest.approx(summ["matrix"][1][0]))]
+    assert tb["cl/AA"][-1] == (8, pytest.approx(summ["AA"]))
+    history = wandb_history(out / "wandb")
+    assert [(h["_step"], h["loss"]) for h in history if "loss" in h] == [(r["step"], pytest.approx(r["loss"]))
+                                                                         for r in recs]
+    assert [h["acc/b"] for h in history if "acc/b" in h] == [pytest.approx(summ["matrix"][1][1])]
 
 
 def test_exported_model_loads_and_generates(full_run):

@@ -12,6 +12,7 @@ Errors are `ConfigError` with one line naming the file and the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import os
 import types
@@ -175,7 +176,9 @@ class OutputConfig:
     export_each_task: bool = True  # task_<i>_<name>/ as an HF model
     export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     plots: bool = True  # accuracy heatmap and loss curve PNGs
-    tensorboard: bool = False
+    # Experiment trackers (HF's report_to): tensorboard (<output_dir>/tensorboard/), wandb (<output_dir>/wandb/,
+    # project $WANDB_PROJECT or ds-cl). Both need `pip install 'ds-cl[track]'`.
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -426,12 +429,15 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     need(lo.lr is None or lo.lr > 0, "method.lora.lr", f"must be > 0 (or null: train.lr), got {lo.lr}")
     r = cfg.method.replay.fraction
     need(0 <= r <= 10, "method.replay.fraction", f"must be in [0, 10], got {r}")
-    if cfg.output.tensorboard:
+    trackers = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+    for name in cfg.output.report_to:
+        need(name in trackers, "output.report_to", f"{name!r} is not a tracker ds-cl reports to "
+                                                   f"({', '.join(trackers)})")
         try:
-            import torch.utils.tensorboard  # noqa: F401
+            importlib.import_module(trackers[name])
         except Exception:
-            raise ConfigError(f"{src}: output.tensorboard: needs the tensorboard package "
-                              "(pip install tensorboard)") from None
+            raise ConfigError(f"{src}: output.report_to: {name} needs its package: pip install 'ds-cl[track]' "
+                              f"(or pip install {name})") from None
 
     need(len(cfg.tasks) >= 1, "tasks", "needs at least one task")
     seen = set()

@@ -1,4 +1,4 @@
-"""What a run writes besides checkpoints: metrics.jsonl (+ TensorBoard), the accuracy matrix and its
+"""What a run writes besides checkpoints: metrics.jsonl (+ TensorBoard / W&B), the accuracy matrix and its
 summary (cl_matrix.json, summary.json), the two figures, and the text tables printed at the end."""
 
 from __future__ import annotations
@@ -9,26 +9,58 @@ from pathlib import Path
 
 
 class MetricsLog:
-    """metrics.jsonl (+ TensorBoard) on rank 0."""
+    """metrics.jsonl on rank 0, and the same scalars to the trackers of `output.report_to` (HF style):
+    TensorBoard event files in `<output_dir>/tensorboard/`, a Weights & Biases run in `<output_dir>/wandb/`
+    (project $WANDB_PROJECT or ds-cl; WANDB_MODE=offline works without a network). The trackers also get
+    the accuracy matrix, a row per finished task (`acc/<task>`, `cl/AA`, `cl/BWT`)."""
 
-    def __init__(self, out: Path, rank: int, tensorboard: bool):
+    def __init__(self, out: Path, rank: int, report_to: list[str] = (), config: dict | None = None):
         self.rank = rank
         self.path = out / "metrics.jsonl"
-        self.tb = None
-        if rank == 0 and tensorboard:
+        self.tb = self.wandb = None
+        if rank != 0:
+            return
+        if "tensorboard" in report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(out / "tensorboard"))
+        if "wandb" in report_to:
+            import secrets
+
+            import wandb
+
+            # One W&B run per output folder: a --resume continues it instead of starting another.
+            id_file = out / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            id_file.write_text(run_id + "\n")
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "ds-cl"), name=out.name, id=run_id,
+                                    dir=str(out), resume="allow", config=config or {})
+
+    def _scalars(self, values: dict, step: int) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
 
     def write(self, rec: dict) -> None:
         if self.rank != 0:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k not in ("step", "task"):
-                    self.tb.add_scalar(k, v, rec.get("step", 0))
+        self._scalars({k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and k not in ("step", "task")}, rec.get("step", 0))
+
+    def write_matrix_row(self, names: list[str], matrix: list, step: int) -> None:
+        """The trackers' view of the accuracy matrix after a task: its last row, and AA/BWT so far."""
+        if self.rank != 0 or (self.tb is None and self.wandb is None):
+            return
+        from ds_cl.evaluation.cl_metrics import summarize
+
+        values = {f"acc/{name}": v for name, v in zip(names, matrix[-1]) if v is not None}
+        summ = summarize(matrix, names[: len(matrix)])
+        values.update({f"cl/{k}": summ[k] for k in ("AA", "BWT") if summ.get(k) is not None})
+        self._scalars(values, step)
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (a resume redoes them)."""
@@ -50,6 +82,10 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def write_results(out: Path, method: str, task_names: list[str], matrix: list, baseline, losses: list,

@@ -112,6 +112,7 @@ class Trainer:
         from ds_cl.training.data import load_task, load_tokenizer
         from ds_cl.training.ds_config import build_ds_config
         from ds_cl.training.modeling import build_model
+        from ds_cl.training.config import to_dict
         from ds_cl.training.outputs import MetricsLog
 
         t = cfg.train
@@ -130,7 +131,7 @@ class Trainer:
         self.method.bind(self.engine)
         self.checkpoints = CheckpointManager(self.out / "checkpoints", dist_info.rank, dist_info.world,
                                              cfg.checkpoint.keep)
-        self.metrics = MetricsLog(self.out, dist_info.rank, cfg.output.tensorboard)
+        self.metrics = MetricsLog(self.out, dist_info.rank, cfg.output.report_to, config=to_dict(cfg))
         self.state = RunState()
         self.steps_this_process = 0
         self.preempted = False
@@ -240,6 +241,7 @@ class Trainer:
         scores = self.evaluate(ph.eval_upto, f"task_{phase}")
         self.method.record(st.matrix, scores)
         st.boundaries.append(st.global_step)
+        self.metrics.write_matrix_row([t.name for t in self.tasks], st.matrix, st.global_step)
         from ds_cl.training.outputs import fmt_row
 
         self.log(f"after task {phase} ({ph.name}): {fmt_row(scores)}")
