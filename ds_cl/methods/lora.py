@@ -263,32 +263,26 @@ def write_peft_adapter(tensors: dict, modules: list[str], tasks: int, lcfg, fold
     rank (t + 1) r, B = [B_0 ... B_t], A = [A_0; ...; A_t], with lora_alpha (t + 1) alpha so that PEFT's
     scale lora_alpha / r stays alpha / r."""
     import json
-    import shutil
-    from pathlib import Path
 
     from safetensors.torch import save_file
 
-    from ds_cl.training.export import readable_like_other_outputs
+    from ds_cl.training.export import readable_like_other_outputs, replaced_folder
 
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
     peft = {}
     for name in modules:
         a = torch.cat([tensors[f"{name}.lora_A_{t}"] for t in range(tasks)], dim=0)
         b = torch.cat([tensors[f"{name}.lora_B_{t}"] for t in range(tasks)], dim=1)
         peft[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
         peft[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
-    save_file(peft, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    readable_like_other_outputs(tmp / "adapter_model.safetensors")
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
               "r": lcfg.rank * tasks, "lora_alpha": lcfg.alpha * tasks, "lora_dropout": lcfg.dropout, "bias": "none",
               "target_modules": sorted({n.rsplit(".", 1)[-1] for n in modules}), "fan_in_fan_out": False,
               "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
               "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
-    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with replaced_folder(folder) as tmp:
+        save_file(peft, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        readable_like_other_outputs(tmp / "adapter_model.safetensors")
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _gathered_all(params):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,14 +53,14 @@ def materialise(name: str = "smollm2", out: Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
+    from ds_cl.training.export import replaced_folder
+
     out = Path(out) if out is not None else model_dir(name)
     if (out / MARKER).is_file():
         return out
     if importlib.util.find_spec("gguf") is None:
         raise FileNotFoundError("reading GGUF needs the gguf package: pip install gguf (or `make model`)")
     gguf = _gguf_file(name)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -74,12 +73,10 @@ def materialise(name: str = "smollm2", out: Path | None = None) -> Path:
         raise RuntimeError(f"{gguf}: weights do not match the architecture (missing {missing}, unexpected "
                            f"{unexpected})")
     model.tie_weights()
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / MARKER).write_text(f"from {gguf.name}\n")
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    with replaced_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / MARKER).write_text(f"from {gguf.name}\n")
     print(f"ds-cl model: {name} saved to {out} in {time.time() - t0:.0f}s", file=sys.stderr)
     return out
 

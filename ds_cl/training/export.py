@@ -13,10 +13,12 @@ Everything is written to `<out>.tmp` and renamed to `<out>` at the end, so a cra
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -81,6 +83,23 @@ def write_safetensors(state_dict: dict[str, torch.Tensor], folder: Path, shard_b
     return files
 
 
+@contextlib.contextmanager
+def replaced_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Write a folder whole or not at all: yields an empty `<out>.tmp` beside it, which replaces `out` when
+    the block ends without an error and is removed when it raises. A reader never sees half a model."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
 def export_hf(model, out_dir: str | os.PathLike, tokenizer=None, dtype: str = "bfloat16",
               shard_bytes: int = 4 << 30, tensors=None) -> Path | None:
     """Write `model` (the engine's module) to out_dir. Collective; returns the folder on rank 0.
@@ -88,10 +107,6 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None, dtype: str = "b
     (ds_cl.methods.lora: base weights with the adapters merged). `shard_bytes`: the most bytes per weights file."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
     to = DTYPES[dtype]
     state: dict[str, torch.Tensor] = {}
     n_params = 0
@@ -106,18 +121,17 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None, dtype: str = "b
             mod = model.get_submodule(mod_name) if mod_name else model
             if bname not in getattr(mod, "_non_persistent_buffers_set", set()):
                 state[name] = b.detach().to("cpu").clone()
-        write_safetensors(state, tmp, shard_bytes, total_parameters=n_params)
-        cfg = model.config
-        cfg.dtype = dtype  # the dtype the weights were written in (`torch_dtype` in transformers 4.x)
-        cfg.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            try:
-                model.generation_config.save_pretrained(tmp)
-            except Exception:  # a generation config that fails its own validation is not worth a crash
-                pass
-        if tokenizer is not None:
-            tokenizer.save(str(tmp))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        with replaced_folder(out) as tmp:
+            write_safetensors(state, tmp, shard_bytes, total_parameters=n_params)
+            cfg = model.config
+            cfg.dtype = dtype  # the dtype the weights were written in (`torch_dtype` in transformers 4.x)
+            cfg.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                try:
+                    model.generation_config.save_pretrained(tmp)
+                except Exception:  # a generation config that fails its own validation is not worth a crash
+                    pass
+            if tokenizer is not None:
+                tokenizer.save(str(tmp))
     collectives.barrier()
     return out if rank == 0 else None
