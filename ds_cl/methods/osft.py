@@ -60,7 +60,8 @@ class OSFT(Method):
         super().bind(engine)
         o = self.opts
         self.projector = SubspaceProjector(engine, targets=o.targets, projection=o.projection,
-                                          project_update=o.project_update, audit_every=o.audit_every)
+                                          project_update=o.project_update, audit_every=o.audit_every,
+                                          pre_step_copy=o.pre_step_copy)
 
     def constrained(self, phase: int) -> bool:
         return phase > 0 or self.opts.fit_before_first_task

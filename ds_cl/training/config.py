@@ -73,6 +73,10 @@ class OSFTConfig:
     projection: Literal["two_sided", "paper"] = "two_sided"
     # Project the optimizer's update too (Adam's scaling breaks a projected gradient; ds_cl/core/projector.py).
     project_update: bool = True
+    # Where the update projection keeps this rank's fp32 target partitions across the optimizer step:
+    # auto (host memory on GPUs, where the copy would be the largest part of the projector's GPU memory:
+    # ds_configs/README.md), device (faster when memory allows: no host transfers), host.
+    pre_step_copy: Literal["auto", "device", "host"] = "auto"
     # Measure the leak (metrics.jsonl `leak`) on the first step after each fit and every audit_every-th
     # step after it: a float64 check that costs about half the projection (docs/benchmarks.md).
     audit_every: int = 10
