@@ -311,23 +311,30 @@ class SubspaceProjector:
     def _install(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: dict[str, int]) -> None:
         """Keep the owned bases packed per (bucket, shape, rank) group, so a step projects each group with
         one batched product and no per-step copy of the bases; `self.bases[n]` are views into the packs."""
-        # Peak memory: the old packs go first, and each group's per-matrix bases are dropped from `bases`
-        # (the caller's dict) as soon as they are stacked, so at most one group exists twice.
+        # Peak memory: the old packs go first (see _pack_bucket).
         self._packs: dict[tuple, tuple] = {}
         self.bases = {}
-        for b, bucket in enumerate(self.buckets):
-            groups: dict[tuple, list[str]] = defaultdict(list)
-            for n in bucket:
-                if n in bases and ranks[n] > 0:
-                    groups[(self.shapes[n], ranks[n])].append(n)
-            for (shape, r), names in groups.items():
-                u = torch.stack([bases[n][0] for n in names])
-                v = torch.stack([bases.pop(n)[1] for n in names])
-                # Past ~0.41 min(m, n) protected directions, projecting through the short side's
-                # complement costs fewer flops (S.complement_side): computed here, once per fit.
-                side = S.complement_side(shape, r) if self.projection == "two_sided" else None
-                c = S.complement(v if side == "right" else u) if side else None
-                self._packs[(b, shape, r)] = (names, u, v, c, side)
+        for b in range(len(self.buckets)):
+            self._pack_bucket(b, bases, ranks)
+        self._installed(ranks)
+
+    def _pack_bucket(self, b: int, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: Mapping[str, int]) -> None:
+        """Pack bucket b's owned bases, dropping each group's per-matrix bases from `bases` (the caller's
+        dict) as soon as they are stacked, so at most one group exists twice."""
+        groups: dict[tuple, list[str]] = defaultdict(list)
+        for n in self.buckets[b]:
+            if n in bases and ranks[n] > 0:
+                groups[(self.shapes[n], ranks[n])].append(n)
+        for (shape, r), names in groups.items():
+            u = torch.stack([bases[n][0] for n in names])
+            v = torch.stack([bases.pop(n)[1] for n in names])
+            # Past ~0.41 min(m, n) protected directions, projecting through the short side's
+            # complement costs fewer flops (S.complement_side): computed here, once per fit.
+            side = S.complement_side(shape, r) if self.projection == "two_sided" else None
+            c = S.complement(v if side == "right" else u) if side else None
+            self._packs[(b, shape, r)] = (names, u, v, c, side)
+
+    def _installed(self, ranks: Mapping[str, int]) -> None:
         self.bases = {n: (u[i], v[i]) for names, u, v, _, _ in self._packs.values() for i, n in enumerate(names)}
         self.ranks, self._leaks = dict(ranks), {}
         self._steps_since_bases = 0
@@ -493,7 +500,7 @@ class SubspaceProjector:
             raise RuntimeError("extend() needs mark() at the start of the task (the weights to diff against)")
         added = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
         bases, anchor = {}, {}
-        for full in self._gathered(self.buckets, lambda n: self.shards.get_master(n).float()):
+        for b, full in enumerate(self._gathered(self.buckets, lambda n: self.shards.get_master(n).float())):
             for n, w in full.items():
                 m, k = self.shapes[n]
                 u, v = self.bases.get(n, (w.new_zeros(m, 0), w.new_zeros(k, 0)))
@@ -507,11 +514,18 @@ class SubspaceProjector:
                 bases[n] = S.extend_bases(u, v, u_d.to(u.device), v_d.to(v.device))
                 added[self.index[n]] = u_d.shape[1]
                 anchor[n] = w.to("cpu", copy=True)
+            # This bucket's extended bases replace its old ones now: old and new coexist for one bucket,
+            # not for all of them (ds_cl.core.projector_memory).
+            u = v = dw = None  # the old bases' last views go with them
+            for key in [k for k in self._packs if k[0] == b]:
+                del self._packs[key]
+            for n in full:
+                self.bases.pop(n, None)
+            self._pack_bucket(b, bases, {n: int(bases[n][0].shape[1]) for n in full})
         if self.world > 1:
             collectives.all_reduce_(added, group=self.group)
         counts = added.tolist()
-        ranks = {n: self.ranks[n] + int(counts[self.index[n]]) for n in self.names}
-        self._install(bases, ranks)
+        self._installed({n: self.ranks[n] + int(counts[self.index[n]]) for n in self.names})
         self.anchor = anchor
         return {n: int(counts[self.index[n]]) for n in self.names}
 

@@ -205,13 +205,22 @@ def projector_memory(shapes: Mapping[str, Sequence[int]], world: int, ranks: Map
                     if projection == "two_sided" and S.complement_side(shape, r)] + [0])
         refit = max(gather, bases + install, bases + comp)
         if accumulate:
-            # extend: the old bases stay until the extended ones are installed; per matrix, dW (the anchor
-            # brought to the device, the difference, its projection) and then dW's SVD.
-            per_matrix = [max([max(math.prod(shapes[n]) + projection_temp_numel(1, shapes[n], ranks[n]),
-                                   math.prod(shapes[n]) + svd_temp_numel(shapes[n]))
-                               for n in b if owner[n] == rank] + [0]) for b in buckets]
-            extend = 2 * bases + _pipeline_peak(buckets, owner, shapes, world, rank, per_matrix,
-                                                write=False, read_temp=0)
+            # extend: a bucket's old bases stay until its extended ones are packed, bucket by bucket; per
+            # matrix, dW (the anchor brought to the device, the difference, its projection) and then
+            # dW's SVD, beside the bucket's extended bases made so far.
+            work = []
+            for b in buckets:
+                made, t = 0, 0
+                for n in b:
+                    if owner[n] == rank:
+                        mn = math.prod(shapes[n])
+                        t = max(t, made + max(mn + projection_temp_numel(1, shapes[n], ranks[n]),
+                                              mn + svd_temp_numel(shapes[n])))
+                        made += (shapes[n][0] + shapes[n][1]) * ranks[n]
+                comp_b = max([complement_temp_numel(1, shapes[n], ranks[n]) for n in b if owner[n] == rank
+                              and projection == "two_sided" and S.complement_side(shapes[n], ranks[n])] + [0])
+                work.append(max(t, made + comp_b))
+            extend = bases + _pipeline_peak(buckets, owner, shapes, world, rank, work, write=False, read_temp=0)
             refit = max(refit, extend)
         host = (sum(math.prod(shapes[n]) for n in owned) if accumulate else 0) + \
             (old if need_update and pre_step_copy == "host" else 0)
