@@ -109,3 +109,20 @@ def test_unknown_tracker_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"output.report_to: 'tensorbord' is not a tracker ds-cl reports to "
                                           r"\(tensorboard, wandb\)"):
         load_config(None, data=cfg)
+
+
+def test_wandb_online_without_a_login_is_a_config_error(tmp_path, monkeypatch):
+    """Checked before the model loads: online W&B without a key would fail (or prompt) in wandb.init."""
+    from ds_cl.training.config import ConfigError, load_config
+    from tests.fixtures import tiny_run_config
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    (tmp_path / "tok.model").write_bytes(b"x")
+    cfg = tiny_run_config(tmp_path, tmp_path / "out", {"output": {"report_to": ["wandb"]}})
+    with pytest.raises(ConfigError, match=r"output.report_to: wandb needs a login .* WANDB_MODE=offline"):
+        load_config(None, data=cfg)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    load_config(None, data=cfg)

@@ -442,6 +442,10 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
         except Exception:
             raise ConfigError(f"{src}: output.report_to: {name} needs its package: pip install 'ds-cl[track]' "
                               f"(or pip install {name})") from None
+    if "wandb" in cfg.output.report_to:
+        need(_wandb_can_log(), "output.report_to",
+             "wandb needs a login (`wandb login`, or WANDB_API_KEY) unless it runs offline: WANDB_MODE=offline "
+             "keeps the run in <output_dir>/wandb/ for a later `wandb sync`")
 
     need(len(cfg.tasks) >= 1, "tasks", "needs at least one task")
     seen = set()
@@ -571,6 +575,20 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), data:
     base = Path(path).resolve().parent if path is not None else Path.cwd()
     _validate(cfg, src, base)
     return cfg
+
+
+def _wandb_can_log() -> bool:
+    """W&B would start: offline/disabled, or a key in the environment or ~/.netrc (where `wandb login` puts
+    it). Checked before the model loads: online without a key, wandb.init fails, or waits for a prompt."""
+    import netrc
+
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def to_dict(cfg: RunConfig) -> dict:
