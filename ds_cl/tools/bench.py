@@ -216,14 +216,18 @@ def _rss_kib() -> dict[str, int]:
         return {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
 
 
+def _reset_peak() -> None:
+    """Linux: writing 5 to clear_refs resets the resident-set peak (VmHWM) to the current size."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _measure_peak(fn) -> int:
-    """Bytes of this process's resident-set peak during fn() above its size at the start (Linux: writing 5
-    to clear_refs resets the peak)."""
+    """Bytes of this process's resident-set peak during fn() above its size at the start."""
     from ds_cl.core.collectives import barrier
 
     barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    _reset_peak()
     start = _rss_kib()["VmRSS"]
     fn()
     peak = _rss_kib()["VmHWM"]
@@ -271,8 +275,7 @@ def memory_worker(args) -> None:
 
     def measured(method, key, resident_delta=False):
         def fn(*a, **k):
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+            _reset_peak()
             start = _rss_kib()["VmRSS"]
             out = method(*a, **k)
             end = _rss_kib()
