@@ -104,7 +104,8 @@ class Trainer:
     metrics: "MetricsLog"
     state: RunState
     steps_this_process: int  # for checkpoint.stop_after_steps
-    preempted: bool  # SIGTERM received (set by the handler, agreed on by all ranks after each step)
+    signalled: bool  # this rank received SIGTERM/SIGINT (set by its handler, at any moment)
+    preempted: bool  # some rank was signalled, as all ranks agreed at the last step's all-reduce
 
     def __init__(self, cfg: RunConfig, dist_info):
         from ds_cl.methods import build_method
@@ -134,6 +135,8 @@ class Trainer:
         self.metrics = MetricsLog(self.out, dist_info.rank, cfg.output.report_to, config=to_dict(cfg))
         self.state = RunState()
         self.steps_this_process = 0
+        # Two flags: a rank acting on its own would leave the loop while the others start the next step.
+        self.signalled = False
         self.preempted = False
         self.stop_signal: str | None = None  # the signal this rank received: SIGTERM or SIGINT
 
@@ -184,7 +187,7 @@ class Trainer:
             loss_sum += float(task_loss.detach())
             tokens += int(batch["attention_mask"].sum())
         # [2]: ranks that received SIGTERM (they agree on the step after which to checkpoint and stop).
-        stats = collectives.all_reduce_values([loss_sum / len(micro), tokens, self.preempted])
+        stats = collectives.all_reduce_values([loss_sum / len(micro), tokens, self.signalled])
         self.preempted = stats[2] > 0
         gn = self.engine.get_global_grad_norm()
         rec = {"step": self.state.global_step + 1, "task": ph.name, "phase": phase, "task_step": step + 1,
@@ -337,13 +340,13 @@ class Trainer:
 
         def on_signal(signum, frame):
             name = signal.Signals(signum).name
-            if self.preempted:
+            if self.signalled:
                 if signum == signal.SIGINT:
                     print(f"\n{log_prefix} rank {self.dist.rank}: second SIGINT: exiting now, without a checkpoint "
                           f"(the last one is {self.checkpoints.latest() or 'none'})", file=sys.stderr, flush=True)
                     _exit_now(130)
                 return
-            self.preempted, self.stop_signal = True, name
+            self.signalled, self.stop_signal = True, name
             print(f"\n{log_prefix} rank {self.dist.rank}: {name}: checkpointing after the current step, then "
                   f"exiting{' (Ctrl-C again to exit now)' if signum == signal.SIGINT else ''}", flush=True)
 
@@ -356,7 +359,7 @@ class Trainer:
     def agree_preempted(self) -> bool:
         from ds_cl.core import collectives
 
-        self.preempted = collectives.any_rank(self.preempted)
+        self.preempted = collectives.any_rank(self.signalled)
         return self.preempted
 
     def should_stop(self) -> bool:
