@@ -41,10 +41,10 @@ def test_plan_reports_the_memory_model_by_world():
     assert "projector memory per rank" in out
 
 
-# medium with one of its two decoder layers: the same shapes, half the time. small within 25%: its refit
-# measures 1-2 MiB above the model at worlds 2-3 (17% of ~10 MiB once, in CI), a residue the model does not
-# account for yet and that medium's 70-110 MiB refits do not show (within 4%).
-@pytest.mark.parametrize("model,layers,bucket,tolerance", [("small", 4, 1 << 18, 0.25), ("medium", 1, 1 << 20, 0.15)])
+# medium with one of its two decoder layers: the same shapes, half the time. small within 20%: at its 6-8 MiB
+# refits the model's buffers in flight (counted whole from the moment they are posted) run up to 16% above
+# what is resident (measured), while medium's 60-70 MiB refits are within 7%.
+@pytest.mark.parametrize("model,layers,bucket,tolerance", [("small", 4, 1 << 18, 0.20), ("medium", 1, 1 << 20, 0.15)])
 def test_model_matches_measured_peaks(model, layers, bucket, tolerance):
     """`ds-cl bench --memory`: CPU ranks at worlds 1-3 measure their resident-set peaks (bases, pre-step copy,
     the gradient and update passes with several buckets in flight, a refit); the model computed from shapes
@@ -62,6 +62,9 @@ def test_model_matches_measured_peaks(model, layers, bucket, tolerance):
         for r in w["ranks"]:
             where = f"{model}, world {w['world']}, rank {r['rank']}"
             assert r["model_parts"]["bases"] == r["bases_bytes"], where  # the model counts what the projector holds
+            # and what the bases hold resident (what freeing them gives back) is their size
+            assert abs(r["bases_rss_bytes"] - r["bases_bytes"]) <= 0.15 * r["bases_bytes"], \
+                f"{where}: bases {r['bases_bytes'] / 2**20:.1f} MiB, resident {r['bases_rss_bytes'] / 2**20:.1f} MiB"
             for key in ("step", "refit"):
                 predicted, measured = r[f"{key}_model_bytes"], r[f"{key}_measured_bytes"]
                 assert abs(predicted - measured) <= tolerance * measured, \

@@ -2,7 +2,8 @@
 
 `ds-cl bench --plan` prints it for a model, world size, rank policy and bucket size; `ds-cl bench
 --memory` measures it on CPU ranks and tests/test_projector_memory.py holds the two together (medium
-within 15%; small within 25%: its refit shows a 1-2 MiB residue the model does not yet account for).
+within 15%; small within 20%: at its 6-8 MiB refits the buffers in flight, counted whole from the moment
+they are posted, are not all resident at once, and the model runs up to 16% above the measured peak).
 
 The model follows the projector's code path by path: each function below names the tensors alive at
 the moments where a phase peaks, in float32 elements (fp32 elements are what the projector allocates;
