@@ -155,6 +155,10 @@ def test_benchmark_task_folder_layout(tmp_path):
     assert ex[0].answer == "Good"
     ex = to_examples(c, read_records(c.train, "train"), c.labels, "c")
     assert ex[1].prompt == "Option: B, A\ntoy-copa text 1\nAnswer:" and ex[1].answer == "B"
+    # eval: holdout (tuning): the test split is left alone, records of train.json are held out instead
+    base["tasks"][0]["eval"] = "holdout"
+    s = load_config(None, data=base).tasks[0]
+    assert (s.train, s.eval) == (str(root / "SC" / "toy-sent" / "train.json"), None)
 
 
 def test_formats_users_bring_are_read_unchanged(tmp_path):

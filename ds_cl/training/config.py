@@ -190,7 +190,9 @@ class TaskConfig:
     name: str = ""
     # A .json/.jsonl/.csv/.parquet file, a saved `datasets` folder, or a `datasets` name.
     train: str = ""
-    eval: Optional[str] = None  # null: hold out `eval_size` samples of `train`
+    # null: hold out `eval_size` samples of `train`, or a benchmark folder's test.json; "holdout": hold out
+    # even there (tuning a learning rate without looking at the test split).
+    eval: Optional[str] = None
     train_split: str = "train"
     eval_split: str = "test"
     eval_size: int = 100
@@ -457,6 +459,9 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
              f"use letters, digits, - _ . only (it names a folder), got {task.name!r}")
         seen.add(task.name)
         need(bool(task.train), f"{key}.train", "is required (a data file, a saved dataset or a dataset name)")
+        holdout = task.eval == HOLDOUT
+        if holdout:
+            task.eval = None
         for k in ("train", "eval"):
             v = getattr(task, k)
             if v and (_is_local_path(v) or os.path.isdir(_resolve(v, base))):
@@ -464,7 +469,7 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
                 setattr(task, k, v)
                 need(os.path.exists(v), f"{key}.{k}", f"no such file: {v}")
         if is_benchmark_task_folder(task.train):
-            use_benchmark_layout(task, f"{src}: {key}.train")
+            use_benchmark_layout(task, f"{src}: {key}.train", holdout=holdout)
         if task.template is not None:
             import string
 
@@ -491,19 +496,23 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
 #   <root>/instruction_config.json                {group: [{"instruction": ...}, ...]}
 
 
+HOLDOUT = "holdout"  # tasks.*.eval: evaluate on records held out of the training data
+
+
 def is_benchmark_task_folder(path: str) -> bool:
     p = Path(path)
     return p.is_dir() and (p / "train.json").is_file() and (p / "labels.json").is_file()
 
 
-def use_benchmark_layout(task: TaskConfig, where: str) -> None:
+def use_benchmark_layout(task: TaskConfig, where: str, holdout: bool = False) -> None:
     """Fill a task whose `train` is a benchmark task folder: its train/test files, fields, labels and the
-    group's instruction. Values the user set explicitly (not the defaults) are kept."""
+    group's instruction. Values the user set explicitly (not the defaults) are kept; holdout: evaluate on
+    records held out of train.json, not on test.json."""
     import json
 
     folder = Path(task.train)
     task.train = str(folder / "train.json")
-    if task.eval is None and (folder / "test.json").is_file():
+    if task.eval is None and not holdout and (folder / "test.json").is_file():
         task.eval = str(folder / "test.json")
     if (task.input_field, task.output_field) == ("input", "output"):
         task.input_field, task.output_field = "sentence", "label"
