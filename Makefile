@@ -32,7 +32,7 @@ demo: model
 
 # The suite needs the real model too (the demo's and the real-model tests).
 test: model
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q --durations=15 tests
 
 # The long measurements left out of `make test` (tests marked slow: the demo's contrast over 3 seeds).
 test-slow: model
