@@ -37,12 +37,17 @@ def rank_rss_mb(launcher_pid: int) -> float:
 def folder_mb(path: Path) -> float:
     """The run folder's size, without a checkpoint being written at that moment (`.tmp-*`)."""
     total = 0
-    for p in path.rglob("*"):
-        try:
-            if p.is_file() and ".tmp-" not in str(p.relative_to(path)):
-                total += p.stat().st_size
-        except OSError:  # renamed or removed while we walked
+    # os.walk skips a folder removed while it walks (the checkpoint rotation); rglob raised on it.
+    for root, _, files in os.walk(path):
+        if ".tmp-" in os.path.relpath(root, path):
             continue
+        for name in files:
+            if ".tmp-" in name:
+                continue
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:  # renamed or removed while we walked
+                continue
     return total / 2**20
 
 
