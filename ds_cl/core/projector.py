@@ -311,9 +311,7 @@ class SubspaceProjector:
     def _install(self, bases: dict[str, tuple[torch.Tensor, torch.Tensor]], ranks: dict[str, int]) -> None:
         """Keep the owned bases packed per (bucket, shape, rank) group, so a step projects each group with
         one batched product and no per-step copy of the bases; `self.bases[n]` are views into the packs."""
-        # Peak memory: the old packs go first (see _pack_bucket).
-        self._packs: dict[tuple, tuple] = {}
-        self.bases = {}
+        self.clear_bases()  # peak memory: the old packs go first (see _pack_bucket)
         for b in range(len(self.buckets)):
             self._pack_bucket(b, bases, ranks)
         self._installed(ranks)
@@ -333,6 +331,11 @@ class SubspaceProjector:
             side = S.complement_side(shape, r) if self.projection == "two_sided" else None
             c = S.complement(v if side == "right" else u) if side else None
             self._packs[(b, shape, r)] = (names, u, v, c, side)
+
+    def clear_bases(self) -> None:
+        """Drop the owned bases (the packs and the views into them), freeing their memory."""
+        self._packs: dict[tuple, tuple] = {}
+        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _installed(self, ranks: Mapping[str, int]) -> None:
         self.bases = {n: (u[i], v[i]) for names, u, v, _, _ in self._packs.values() for i, n in enumerate(names)}
@@ -464,8 +467,7 @@ class SubspaceProjector:
             ranks[n] = policy.rank(self.shapes[n], layer_imp)
         self.importance = importance
 
-        # A refit does not read the old bases: free them before the new ones are built.
-        self._packs, self.bases = {}, {}
+        self.clear_bases()  # a refit does not read the old bases: free them before the new ones are built
         bases = {}
         # The next bucket's weights travel to their owners while this bucket's SVDs run.
         for full in self._gathered(self.buckets, lambda n: self.shards.get_master(n).float()):

@@ -271,7 +271,7 @@ def memory_worker(args) -> None:
     # The median of three refits: a one-off spike (measured once in CI, +2 MiB) is not the projector's.
     refit = sorted(_measure_peak(lambda: proj.fit(FixedRank(args.ratio))) for _ in range(3))[1]
     before = _rss_kib()["VmRSS"]
-    proj._packs, proj.bases = {}, {}  # what fit() itself does first
+    proj.clear_bases()  # what fit() itself does first
     bases_rss = (before - _rss_kib()["VmRSS"]) * 1024
     proj.fit(FixedRank(args.ratio))
     # The projector's own peaks, measured around its two phases that allocate: the pre-step copy and

@@ -39,7 +39,7 @@ def run_config(method: str, out: Path, model: Path, seed: int = 0, quick: bool =
         "model": {"name_or_path": str(model), "dtype": "float32"},
         "method": {"name": method},  # osft with the shipped defaults
         "train": {"lr": 1e-4, "micro_batch_size": 4, "global_batch_size": 8, "max_seq_len": 64,
-                  "epochs": EPOCHS, **({"max_steps_per_task": 2} if quick else {})},
+                  "epochs": EPOCHS, **({"max_steps_per_task": 1} if quick else {})},
         "eval": {"batch_size": 20},
         "checkpoint": {"keep": 1},
         "output": {"export_each_task": False},
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nprocs", type=int, default=2, help="ZeRO-3 ranks (default 2)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default seqft,osft)")
     p.add_argument("--seed", type=int, default=0, help="data order and initialisation seed (default 0)")
-    p.add_argument("--quick", action="store_true", help="2 steps per task, to check the wiring")
+    p.add_argument("--quick", action="store_true", help="1 step per task, to check the wiring")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     from ds_cl.methods import REGISTRY

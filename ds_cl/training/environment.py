@@ -26,6 +26,7 @@ import os
 import re
 import socket
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -174,6 +175,10 @@ def build_distributed() -> DistInfo:
     clear_stale_locks(log=say)  # a killed first run's build lock would hang every later one
     if acc.device_name() == "cpu" and os.environ.get("RANK", "0") == "0":
         announce_first_build(log=say)
+    # DeepSpeed 0.19.8 calls these two collectives by the names torch 2.13 deprecates: one warning per rank
+    # and call site in every run's log, about code that is not ours and that we cannot change.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
+                            "deprecated", FutureWarning)
     init_distributed(backend)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() != "cpu":
