@@ -189,7 +189,8 @@ class SubspaceProjector:
 
         self.ranks: dict[str, int] = {n: 0 for n in self.names}
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # owned targets only (views into packs)
-        self._packs: dict = {}
+        # (bucket, shape, rank) -> (names, U, V, complement, side): see _install
+        self._packs: dict[tuple, tuple] = {}
         self.importance: dict[str, float] | None = None
         # Owned targets' fp32 weights at the start of the task (host memory), for `extend`; None until `mark`.
         self.anchor: dict[str, torch.Tensor] | None = None
@@ -334,8 +335,7 @@ class SubspaceProjector:
 
     def clear_bases(self) -> None:
         """Drop the owned bases (the packs and the views into them), freeing their memory."""
-        self._packs: dict[tuple, tuple] = {}
-        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._packs, self.bases = {}, {}
 
     def _installed(self, ranks: Mapping[str, int]) -> None:
         self.bases = {n: (u[i], v[i]) for names, u, v, _, _ in self._packs.values() for i, n in enumerate(names)}
