@@ -101,8 +101,32 @@ def test_benchmark_end_to_end_two_methods(tmp_path):
     assert bad.returncode == 2 and "unknown method 'lora'" in bad.stderr and "osft-acc" in bad.stderr
     assert not (tmp_path / "o2").exists()
     # Overrides may follow the options, and reach every run config (here one that refuses them all).
-    late = subprocess.run(cmd + ["train.lr=-1"], cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=60)
+    late = subprocess.run(cmd[:-1] + [str(tmp_path / "o3"), "train.lr=-1"], cwd=REPO, env=cpu_env(),
+                          capture_output=True, text=True, timeout=60)
     assert late.returncode == 2 and "train.lr" in late.stderr, late.stderr[-2000:]
+    assert not (tmp_path / "o3").exists()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "benchmark").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_benchmark_configs_validate_for_every_method_and_variant(path, tmp_path):
+    """configs/benchmark/*.yaml, as `ds-cl benchmark` checks them before the first run, over a benchmark root in
+    the benchmark's layout (tiny folders written here), for the five methods and each named variant."""
+    from ds_cl.training.config import load_config, read_yaml
+
+    base = read_yaml(path)
+    variants = base.pop("variants", None) or {}
+    for task in base["tasks"]:
+        d = tmp_path / "bench" / task["train"]
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "train.json").write_text(json.dumps([{"sentence": f"s{i}", "label": "x" if i % 2 else "y"}
+                                                  for i in range(8)]))
+        (d / "test.json").write_text(json.dumps([{"sentence": "t", "label": "x"}]))
+        (d / "labels.json").write_text(json.dumps(["x", "y"]))
+    methods = ["seqft", "replay", "olora", "multitask", "osft", *variants]
+    runs = run_configs(base, tmp_path / "bench", methods, [0], tmp_path / "out", variants)
+    for (method, _), cfg in runs.items():
+        loaded = load_config(None, data=cfg)
+        assert loaded.method.name == (variants[method]["method"]["name"] if method in variants else method)
 
 
 def test_compare_pools_seeds_of_finished_runs_and_refuses_what_does_not_fit(tmp_path, capsys):

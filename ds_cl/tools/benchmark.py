@@ -157,9 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     from ds_cl.training.config import ConfigError, apply_override, load_config
 
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     runs = run_configs(base, args.data.resolve(), methods, seeds, out, variants)
-    try:  # every run config checked before the first run starts
+    try:  # every run config checked before the first run starts or anything is written
         for item in args.overrides:
             for cfg in runs.values():
                 apply_override(cfg, item)
@@ -168,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"ds-cl benchmark: {e}", file=sys.stderr)
         return 2
+    out.mkdir(parents=True, exist_ok=True)
     summaries = {}
     for (method, seed), cfg in runs.items():
         run_dir = Path(cfg["output_dir"])
