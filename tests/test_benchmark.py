@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ds_cl.tools.benchmark import compare, markdown, run_configs
+from ds_cl.tools.benchmark import checked_run_configs, compare, markdown, run_configs
 from tests.dist_utils import REPO, cpu_env
 from tests.fixtures import TINY_LLAMA, train_sentencepiece
+
+
+def write_task(d: Path, records: list[dict], n_test: int = 1) -> None:
+    """A task folder in the benchmark's layout: the last n_test records are the test split."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "train.json").write_text(json.dumps(records[:-n_test]))
+    (d / "test.json").write_text(json.dumps(records[-n_test:]))
+    (d / "labels.json").write_text(json.dumps(sorted({r["label"] for r in records})))
 
 
 def summary(matrix):
@@ -59,13 +67,9 @@ def test_benchmark_end_to_end_two_methods(tmp_path):
     root = tmp_path / "bench"
     rows = [json.loads(line) for line in open(REPO / "tests" / "fixtures" / "task_a.jsonl")]
     for group, task, words in (("SC", "toy-a", None), ("TC", "toy-b", ("alpha", "beta"))):
-        d = root / group / task
-        d.mkdir(parents=True)
         recs = [{"sentence": r["input"], "label": r["output"] if words is None else words[i % 2]}
                 for i, r in enumerate(rows)]
-        (d / "train.json").write_text(json.dumps(recs[:36]))
-        (d / "test.json").write_text(json.dumps(recs[36:42]))
-        (d / "labels.json").write_text(json.dumps(sorted({r["label"] for r in recs})))
+        write_task(root / group / task, recs[:42], n_test=6)
     train_sentencepiece(tmp_path / "tok.model")
     base = {"deepspeed": {"zero_optimization": {"stage": 3}},
             "model": {"config": dict(TINY_LLAMA), "tokenizer": str(tmp_path / "tok.model"), "dtype": "float32"},
@@ -109,24 +113,19 @@ def test_benchmark_end_to_end_two_methods(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "benchmark").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_benchmark_configs_validate_for_every_method_and_variant(path, tmp_path):
-    """configs/benchmark/*.yaml, as `ds-cl benchmark` checks them before the first run, over a benchmark root in
-    the benchmark's layout (tiny folders written here), for the five methods and each named variant."""
-    from ds_cl.training.config import load_config, read_yaml
+    """configs/benchmark/*.yaml, checked as `ds-cl benchmark` checks them before the first run, over a benchmark
+    root in the benchmark's layout (tiny folders written here), for every method and each named variant."""
+    from ds_cl.methods import REGISTRY
+    from ds_cl.training.config import read_yaml
 
     base = read_yaml(path)
-    variants = base.pop("variants", None) or {}
     for task in base["tasks"]:
-        d = tmp_path / "bench" / task["train"]
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "train.json").write_text(json.dumps([{"sentence": f"s{i}", "label": "x" if i % 2 else "y"}
-                                                  for i in range(8)]))
-        (d / "test.json").write_text(json.dumps([{"sentence": "t", "label": "x"}]))
-        (d / "labels.json").write_text(json.dumps(["x", "y"]))
-    methods = ["seqft", "replay", "olora", "multitask", "osft", *variants]
-    runs = run_configs(base, tmp_path / "bench", methods, [0], tmp_path / "out", variants)
-    for (method, _), cfg in runs.items():
-        loaded = load_config(None, data=cfg)
-        assert loaded.method.name == (variants[method]["method"]["name"] if method in variants else method)
+        write_task(tmp_path / "bench" / task["train"], [{"sentence": f"s{i}", "label": "xy"[i % 2]} for i in range(9)])
+    variants = base.get("variants") or {}
+    runs = checked_run_configs(base, tmp_path / "bench", [*REGISTRY, *variants], [0], tmp_path / "out",
+                               source=str(path))
+    for (label, _), cfg in runs.items():
+        assert cfg["method"]["name"] == (variants[label]["method"]["name"] if label in variants else label)
 
 
 def test_compare_pools_seeds_of_finished_runs_and_refuses_what_does_not_fit(tmp_path, capsys):

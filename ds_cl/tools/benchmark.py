@@ -57,6 +57,32 @@ def run_configs(base: dict, data: Path, methods: list[str], seeds: list[int], ou
     return runs
 
 
+def checked_run_configs(base: dict, data: Path, methods: list[str], seeds: list[int], out: Path,
+                        overrides: list[str] = (), source: str = "CONFIG") -> dict:
+    """run_configs for the labels in `methods` (method names, or variants in base's `variants:` section) with
+    `overrides` applied, each validated as `ds-cl train` validates its config; raises ConfigError naming the
+    first problem. Writes nothing, so a benchmark fails on bad input before its first run or output."""
+    from ds_cl.methods import REGISTRY
+    from ds_cl.training.config import ConfigError, apply_override, load_config
+
+    base = dict(base)
+    variants = base.pop("variants", None) or {}
+    bad = [m for m in methods if m not in REGISTRY and m not in variants]
+    if bad:
+        raise ConfigError(f"unknown method {bad[0]!r} (methods: {', '.join(REGISTRY)}; variants in {source}: "
+                          f"{', '.join(variants) or 'none'})")
+    odd = [k for k, v in variants.items() if not isinstance(v, dict) or "name" not in (v.get("method") or {})]
+    if odd:
+        raise ConfigError(f"variant {odd[0]!r} in {source} must be a config fragment that sets method.name")
+    runs = run_configs(base, data, methods, seeds, out, variants)
+    for item in overrides:
+        for cfg in runs.values():
+            apply_override(cfg, item)
+    for cfg in runs.values():
+        load_config(None, data=cfg)
+    return runs
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
@@ -121,8 +147,6 @@ def figure(table: dict, tasks: list[str], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ds_cl.methods import REGISTRY
-
     p = argparse.ArgumentParser(prog="ds-cl benchmark", description=__doc__.splitlines()[0])
     p.add_argument("config", type=Path, help="base run config (tasks relative to --data)")
     p.add_argument("--data", type=Path, required=True, help="root of the benchmark (<group>/<task>/ folders)")
@@ -135,35 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key.sub=value applied to every run config")
     args = p.parse_intermixed_args(argv)  # overrides may follow the options
     methods = [m for m in args.methods.split(",") if m]
+    from ds_cl.training.config import ConfigError, read_yaml
+
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s]
-        from ds_cl.training.config import read_yaml
-
         base = read_yaml(args.config)  # duplicate keys refused, as for a run config
     except (ValueError, OSError, yaml.YAMLError) as e:  # ConfigError is a ValueError
         print(f"ds-cl benchmark: {e}", file=sys.stderr)
         return 2
-    variants = base.pop("variants", None) or {}
-    bad = [m for m in methods if m not in REGISTRY and m not in variants]
-    if bad:
-        print(f"ds-cl benchmark: unknown method {bad[0]!r} (methods: {', '.join(REGISTRY)}; variants in "
-              f"{args.config}: {', '.join(variants) or 'none'})", file=sys.stderr)
-        return 2
-    odd = [k for k, v in variants.items() if not isinstance(v, dict) or "name" not in (v.get("method") or {})]
-    if odd:
-        print(f"ds-cl benchmark: variant {odd[0]!r} in {args.config} must be a config fragment that sets "
-              f"method.name", file=sys.stderr)
-        return 2
-    from ds_cl.training.config import ConfigError, apply_override, load_config
-
     out = args.out.resolve()
-    runs = run_configs(base, args.data.resolve(), methods, seeds, out, variants)
     try:  # every run config checked before the first run starts or anything is written
-        for item in args.overrides:
-            for cfg in runs.values():
-                apply_override(cfg, item)
-        for cfg in runs.values():
-            load_config(None, data=cfg)
+        runs = checked_run_configs(base, args.data.resolve(), methods, seeds, out, args.overrides, str(args.config))
     except ConfigError as e:
         print(f"ds-cl benchmark: {e}", file=sys.stderr)
         return 2
