@@ -41,14 +41,12 @@ def test_plan_reports_the_memory_model_by_world():
     assert "projector memory per rank" in out
 
 
-# medium with one of its two decoder layers: the same shapes, half the time. small within 20%: at its 6-8 MiB
-# refits the model's buffers in flight (counted whole from the moment they are posted) run up to 16% above
-# what is resident (measured), while medium's 60-70 MiB refits are within 7%.
-@pytest.mark.parametrize("model,layers,bucket,tolerance", [("small", 4, 1 << 18, 0.20), ("medium", 1, 1 << 20, 0.15)])
-def test_model_matches_measured_peaks(model, layers, bucket, tolerance):
+# medium with one of its two decoder layers: the same shapes, half the time.
+@pytest.mark.parametrize("model,layers,bucket", [("small", 4, 1 << 18), ("medium", 1, 1 << 20)])
+def test_model_matches_measured_peaks(model, layers, bucket):
     """`ds-cl bench --memory`: CPU ranks at worlds 1-3 measure their resident-set peaks (bases, pre-step copy,
     the gradient and update passes with several buckets in flight, a refit); the model computed from shapes
-    is within `tolerance` of each, on every rank."""
+    is within 15% of each, on every rank."""
     env = dict(os.environ, DS_ACCELERATOR="cpu")
     proc = subprocess.run([sys.executable, "-m", "ds_cl.tools.bench", "--memory", "--model", model, "--world", "3",
                            "--layers", str(layers), "--steps", "1", "--micro-batch", "1", "--seq", "16",
@@ -67,5 +65,5 @@ def test_model_matches_measured_peaks(model, layers, bucket, tolerance):
                 f"{where}: bases {r['bases_bytes'] / 2**20:.1f} MiB, resident {r['bases_rss_bytes'] / 2**20:.1f} MiB"
             for key in ("step", "refit"):
                 predicted, measured = r[f"{key}_model_bytes"], r[f"{key}_measured_bytes"]
-                assert abs(predicted - measured) <= tolerance * measured, \
+                assert abs(predicted - measured) <= 0.15 * measured, \
                     f"{where}: {key} model {predicted / 2**20:.1f} MiB, measured {measured / 2**20:.1f} MiB"

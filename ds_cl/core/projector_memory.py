@@ -1,9 +1,8 @@
 """The memory SubspaceProjector adds per rank, computed from the target shapes alone.
 
 `ds-cl bench --plan` prints it for a model, world size, rank policy and bucket size; `ds-cl bench
---memory` measures it on CPU ranks and tests/test_projector_memory.py holds the two together (medium
-within 15%; small within 20%: at its 6-8 MiB refits the buffers in flight, counted whole from the moment
-they are posted, are not all resident at once, and the model runs up to 16% above the measured peak).
+--memory` measures it on CPU ranks and tests/test_projector_memory.py holds the two within 15% (the small
+and medium bench models at worlds 1-3; measured within 8%).
 
 The model follows the projector's code path by path: each function below names the tensors alive at
 the moments where a phase peaks, in float32 elements (fp32 elements are what the projector allocates;

@@ -19,6 +19,7 @@ peak of a refit.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -217,7 +218,15 @@ def _rss_kib() -> dict[str, int]:
 
 
 def _reset_peak() -> None:
-    """Linux: writing 5 to clear_refs resets the resident-set peak (VmHWM) to the current size."""
+    """Linux: writing 5 to clear_refs resets the resident-set peak (VmHWM) to the current size.
+
+    glibc's malloc_trim(0) first hands the free pages inside the heap back to the system: left resident,
+    a phase would reuse them without its peak showing it (small's refits measured up to 19% under
+    what they allocate; with the trim, within 5%)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak may then read low
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
