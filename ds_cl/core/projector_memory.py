@@ -2,7 +2,7 @@
 
 `ds-cl bench --plan` prints it for a model, world size, rank policy and bucket size; `ds-cl bench
 --memory` measures it on CPU ranks and tests/test_projector_memory.py holds the two within 15% (the small
-and medium bench models at worlds 1-3; measured within 8%).
+and medium bench models at worlds 1-3; measured within 9%).
 
 The model follows the projector's code path by path: each function below names the tensors alive at
 the moments where a phase peaks, in float32 elements (fp32 elements are what the projector allocates;

@@ -222,7 +222,7 @@ def _reset_peak() -> None:
 
     glibc's malloc_trim(0) first hands the free pages inside the heap back to the system: left resident,
     a phase would reuse them without its peak showing it (small's refits measured up to 19% under
-    what they allocate; with the trim, within 8%)."""
+    what they allocate; with the trim, within 9%)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: the peak may then read low
