@@ -84,7 +84,14 @@ class MetricsLog:
             self.tb.close()
             self.tb = None
         if self.wandb is not None:
+            import wandb
+
             self.wandb.finish()
+            # finish() can return before W&B's service process has written the run's .wandb file out (a
+            # read right after it missed a resumed session's row: once in 135 repeats, once in CI);
+            # teardown waits for the service to exit, so the files are complete when close() returns, not
+            # only at interpreter exit (whose atexit hook is the only other flush, and is skipped on a kill).
+            wandb.teardown()
             self.wandb = None
 
 
