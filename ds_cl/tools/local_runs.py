@@ -17,6 +17,11 @@ def launch_train(config: Path, nprocs: int, log: Path, echo: bool = True, resume
     env.setdefault("DS_ACCELERATOR", "cpu")
     env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank on a small CPU: no oversubscription
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # glibc serves every allocation over 32 MiB (ZeRO-3's gathered and flat buffers: 100-510 MiB each for
+    # SmolLM2) from a fresh mapping and unmaps it when freed, so each step faults gigabytes in page by page
+    # (~40% of the ranks' CPU time was the kernel's). Huge pages fault 512 times fewer: faster steps on CPU
+    # ranks (docs/benchmarks.md). Without THP, or with glibc < 2.35, the setting is ignored.
+    env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port",
            str(free_port()), "--module", "ds_cl.cli", "train", str(config), *(["--resume"] if resume else [])]
     with open(log, "w") as f:
