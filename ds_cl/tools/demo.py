@@ -28,7 +28,7 @@ TASKS = [
 ]
 METHODS = ("seqft", "osft")
 # 80 records per task: 40 held out for evaluation, 40 trained on for 3 epochs (15 optimizer steps of 8). 4
-# epochs learnt the later tasks fully under osft too but took ~21 min with both methods; docs/demo.md.
+# epochs learnt the later tasks fully under osft too but took 16-25 min with both methods; docs/demo.md.
 EPOCHS, EVAL_ITEMS = 3, 40
 
 
