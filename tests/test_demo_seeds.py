@@ -1,5 +1,5 @@
 """The demo's claim, per seed: on the real model, osft forgets at least 5 points less than seqft (BWT) and its
-average accuracy is no lower. Three full demos (~17 min each on 2 cores), so marked slow and left out of `make
+average accuracy is no lower. Three full demos (17-25 min each on 2 cores), so marked slow and left out of `make
 test`; run it with `make test-slow`. The last measured figures are in docs/demo.md."""
 
 import json
