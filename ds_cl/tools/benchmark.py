@@ -132,7 +132,9 @@ def figure(table: dict, tasks: list[str], path: Path, title: str) -> None:
         left.bar(x, [v for v, _ in table[m]["final"]], w, yerr=[s for _, s in table[m]["final"]], label=m, capsize=2)
         x = np.arange(3) + (k - (len(methods) - 1) / 2) * w
         vals = [table[m][key] for key in ("AA", "BWT", "learnt")]
-        right.bar(x, [v for v, _ in vals], w, yerr=[s for _, s in vals], label=m, capsize=2)
+        n = len(table[m]["seeds"])  # methods may have different seed counts; one seed has no spread
+        right.bar(x, [v for v, _ in vals], w, yerr=[s for _, s in vals], capsize=2,
+                  label=f"{m} ({n} seed{'s' if n != 1 else ''})")
     left.set_xticks(range(len(tasks)), tasks)
     left.set_ylabel("accuracy after the last task (%)")
     left.set_ylim(0, 100)
