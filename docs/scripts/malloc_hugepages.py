@@ -6,7 +6,8 @@ one after the other; run it on an otherwise idle machine. Prints, per run, the m
 (the first two include start-up effects), the ranks' user and system CPU time, the wall time and the
 task's accuracy (the same with both settings: only the memory's backing changes). docs/benchmarks.md.
 
-    make model && DS_ACCELERATOR=cpu .venv/bin/python docs/scripts/malloc_hugepages.py [--out DIR] [--methods seqft,osft]
+    make model
+    DS_ACCELERATOR=cpu .venv/bin/python docs/scripts/malloc_hugepages.py [--out DIR] [--methods seqft,osft]
 """
 import argparse
 import json

@@ -2,10 +2,11 @@
 methods and seeds, one comparison table.
 
 CONFIG is a run config whose relative task paths are relative to `--data`: folders of the continual-learning
-benchmark's layout (e.g. `train: SC/SST-2`) or any task file (e.g. `train: city.jsonl`); each (method, seed) run gets its own output folder under --out, run
-one after another with `ds-cl train` on local ranks. Besides the method names, `--methods` takes the
-labels of variants defined in CONFIG's `variants:` section, each a fragment merged into the run config
-(e.g. `osft-paper: {method: {name: osft, osft: {subspace: refit}}}`): an ablation is one benchmark. A run already complete there is read, not redone, so
+benchmark's layout (e.g. `train: SC/SST-2`) or any task file (e.g. `train: city.jsonl`); each (method, seed)
+run gets its own output folder under --out, run one after another with `ds-cl train` on local ranks. Besides
+the method names, `--methods` takes the labels of variants defined in CONFIG's `variants:` section, each a
+fragment merged into the run config (e.g. `osft-paper: {method: {name: osft, osft: {subspace: refit}}}`):
+an ablation is one benchmark. A run already complete there is read, not redone, so
 an interrupted benchmark continues where it stopped. Then:
 
     DIR/comparison.md     per method: final accuracy per task, AA, BWT, mean of the matrix diagonal
@@ -151,7 +152,8 @@ def figure(table: dict, tasks: list[str], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ds-cl benchmark", description=__doc__.splitlines()[0])
     p.add_argument("config", type=Path, help="base run config (tasks relative to --data)")
-    p.add_argument("--data", type=Path, required=True, help="root of the task paths (the benchmark's <group>/<task>/ folders, or task files)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="root of the task paths (the benchmark's <group>/<task>/ folders, or task files)")
     p.add_argument("--methods", default="seqft,osft", help="comma-separated (default seqft,osft)")
     p.add_argument("--seeds", default="0,1", help="comma-separated (default 0,1)")
     p.add_argument("--out", type=Path, default=Path("ds-cl-benchmark"))
