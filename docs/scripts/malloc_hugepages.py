@@ -36,20 +36,19 @@ model = demo_model()
 rows = []
 for method in args.methods.split(","):
     for label, tunables in SETTINGS.items():
-        out = args.out / f"{method}_{'thp' if tunables else 'default'}"
-        cfg = run_config(method, out, model)
-        cfg["output_dir"] = str(out)
+        root = args.out / ("thp" if tunables else "default")  # the demo's layout: root/<method>{,.yaml,.log}
+        cfg = run_config(method, root, model)
         cfg["tasks"] = cfg["tasks"][:1]
         cfg["train"]["max_steps_per_task"] = args.steps
-        out.parent.mkdir(parents=True, exist_ok=True)
-        path = out.parent / f"{out.name}.yaml"
+        out, path, log = root / method, root / f"{method}.yaml", root / f"{method}.log"
+        root.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         os.environ["GLIBC_TUNABLES"] = tunables  # launch_train keeps a value that is already set
         before, t = resource.getrusage(resource.RUSAGE_CHILDREN), time.time()
-        rc = launch_train(path, 2, out.parent / f"{out.name}.log", echo=False)
+        rc = launch_train(path, 2, log, echo=False)
         wall, after = time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN)
         if rc != 0:
-            raise SystemExit(f"{method} with {label} failed (exit {rc}): {out.parent / (out.name + '.log')}")
+            raise SystemExit(f"{method} with {label} failed (exit {rc}): {log}")
         steps = [json.loads(line) for line in open(out / "metrics.jsonl") if '"tokens_per_s"' in line]
         rows.append((method, label, statistics.fmean(s["tokens_per_s"] for s in steps[2:]),
                      after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime, wall,
