@@ -75,10 +75,24 @@ def test_build_ds_config_fills_batch_precision_optimizer():
     c = run_cfg("seqft", ds={}, global_batch_size=8)
     ds = dsc.build_ds_config(c, world=1, on_cpu=False)
     assert "data_types" not in ds and ds["zero_optimization"] == {"stage": 3} and c.deepspeed == {}
-    assert "torch_adam" not in ds["optimizer"]["params"]
     with pytest.raises(ConfigError, match=r"deepspeed.gradient_clipping=0.5 disagrees with the run config, which gives "
                                           r"1.0 \(train.grad_clip\)"):
         dsc.build_ds_config(run_cfg(ds={"gradient_clipping": 0.5}), world=1, on_cpu=True)
+
+
+def test_optimizer_needs_no_compiler_on_any_accelerator():
+    """torch's AdamW on CPU and GPU alike: DeepSpeed's default there, FusedAdam, is JIT-compiled with nvcc
+    in deepspeed.initialize, which fails on a machine with torch's CUDA wheels and no CUDA toolkit."""
+    for on_cpu in (False, True):
+        params = dsc.build_ds_config(run_cfg("seqft", ds={}), world=1, on_cpu=on_cpu)["optimizer"]["params"]
+        assert params["torch_adam"] is True and params["adam_w_mode"] is True, on_cpu
+    # Optimizer offload on a GPU: DeepSpeed's CPU Adam (host C++ compiler only), as the offload configs say.
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    assert "torch_adam" not in dsc.build_ds_config(run_cfg(ds=offload), world=1, on_cpu=False)["optimizer"]["params"]
+    assert dsc.build_ds_config(run_cfg(ds=offload), world=1, on_cpu=True)["optimizer"]["params"]["torch_adam"]
+    # An optimizer the DeepSpeed config names is its own (FusedAdam on purpose: docs/training.md).
+    named = {"type": "AdamW", "params": {"lr": 1e-5}}
+    assert dsc.build_ds_config(run_cfg(ds={"optimizer": named}), world=1, on_cpu=False)["optimizer"] == named
 
 
 # -- precision and ZeRO stage ----------------------------------------------------------------------------

@@ -230,8 +230,7 @@ def check_zero_stage(ds: dict, world: int, method: str | None, dtype: str | None
     if stage == 0 and dtype is not None and dtype != "float32":
         raise ConfigError(f"{key}: ZeRO stage 0 with method {method!r} needs model.dtype=float32, "
                           f"got {dtype}; use ZeRO 3 or 2 for {dtype}")
-    offload = (ds["zero_optimization"].get("offload_optimizer") or {}) if stage == 2 else {}
-    if offload.get("device", "none") not in ("none", None):
+    if stage == 2 and offloads_optimizer(ds):
         raise ConfigError(f"{src}.zero_optimization.offload_optimizer: ZeRO stage 2 with optimizer offload is not "
                           f"supported by method {method!r}; use ZeRO 3 (offload supported) or stage 2 without it")
     return stage
@@ -281,11 +280,18 @@ def check_ds_config(cfg: RunConfig, world: int) -> tuple[Batch, int]:
     return batch, stage
 
 
+def offloads_optimizer(ds: dict) -> bool:
+    """The optimizer states live on the host (zero_optimization.offload_optimizer to cpu or nvme)."""
+    offload = (ds.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") not in ("none", None)
+
+
 def build_ds_config(cfg: RunConfig, world: int, on_cpu: bool) -> dict:
     """The DeepSpeed config of a run: cfg.deepspeed with batch sizes, clipping and precision from the run
     config (conflicts are ConfigErrors), fp32 gradient accumulation for the projector under bf16
-    (ds_cl.core.projector.prepare_ds_config), AdamW from train.* unless the config has an optimizer, and
-    ZeRO stage 3 unless it has a zero_optimization section."""
+    (ds_cl.core.projector.prepare_ds_config), AdamW from train.* unless the config has an optimizer
+    (torch's, or DeepSpeed's CPU Adam under optimizer offload on a GPU), and ZeRO stage 3 unless it has a
+    zero_optimization section."""
     ds, _ = _resolve(cfg, world)
     if cfg.method.name in PROJECTOR_METHODS:
         # A projected gradient accumulated in bf16 is rounded back off the subspace (leak ~5e-4 vs ~5e-8).
@@ -295,8 +301,13 @@ def build_ds_config(cfg: RunConfig, world: int, on_cpu: bool) -> dict:
     if "optimizer" not in ds:
         t = cfg.train
         params = {"lr": t.lr, "betas": list(t.betas), "eps": 1e-8, "weight_decay": t.weight_decay}
-        if on_cpu:
-            params["torch_adam"] = True  # fused Adam kernels need a GPU
+        if on_cpu or not offloads_optimizer(ds):
+            # torch's AdamW (torch picks its multi-tensor kernels on a GPU). Left to itself DeepSpeed builds
+            # FusedAdam, which it JIT-compiles with nvcc at start-up: with torch's CUDA wheels but no CUDA
+            # toolkit, deepspeed.initialize fails. Under optimizer offload on a GPU DeepSpeed's CPU Adam runs
+            # instead (compiled by the host's C++ compiler, no nvcc; several times faster than torch's on
+            # the CPU). FusedAdam on purpose: docs/training.md, "The optimizer".
+            params.update(torch_adam=True, adam_w_mode=True)
         ds["optimizer"] = {"type": "AdamW", "params": params}
     ds.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
     return ds
