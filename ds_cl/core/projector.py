@@ -253,7 +253,9 @@ class SubspaceProjector:
             return _InFlight(None, lambda: dict(full))
         pieces = [[full[n][slice(*self._span(n, d))] for n in mine] for d in range(self.world)]
         in_split = [sum(t.numel() for t in ts) for ts in pieces]
-        send = torch.cat([t for ts in pieces for t in ts]) if sum(in_split) else torch.empty(0, device=self.device)
+        # An empty send buffer in fp32 too: every rank's buffers of the exchange have one dtype.
+        send = (torch.cat([t for ts in pieces for t in ts]) if sum(in_split)
+                else torch.empty(0, dtype=torch.float32, device=self.device))
         out_split = [sum(self.shards.ranges[n][self.rank][1] for n in names if self.owner[n] == s)
                      for s in range(self.world)]
         recv = send.new_empty(sum(out_split))
@@ -413,7 +415,8 @@ class SubspaceProjector:
             t = self.shards.get_master(n)
             buf = self._host_copy.get(n)
             if buf is None or buf.shape != t.shape:
-                buf = self._host_copy[n] = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+                buf = self._host_copy[n] = torch.empty(t.shape, dtype=t.dtype, device="cpu",
+                                                       pin_memory=t.device.type == "cuda")
             out[n] = buf.copy_(t, non_blocking=True)
         return out
 

@@ -218,6 +218,19 @@ def select_targets(names: Iterable[str], patterns: Sequence[str] | None = None) 
 
 
 # ------------------------------------------------------------------------------------------------- SVD
+def svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`torch.linalg.svd(a, full_matrices=False)`: every SVD of the maths goes through here.
+
+    On CUDA torch's default driver is cuSOLVER's Jacobi gesvdj (gesvd only if it fails), which torch
+    documents as losing precision on ill-conditioned matrices; weights and task updates are that (a long
+    tail of tiny singular values), so ask for the QR-based gesvd, the accurate one. `driver=` is refused
+    for other inputs, hence only on CUDA. Its speed at 7B shapes is not measured yet (docs/benchmarks.md).
+    """
+    if a.is_cuda:
+        return torch.linalg.svd(a, full_matrices=False, driver="gesvd")
+    return torch.linalg.svd(a, full_matrices=False)
+
+
 @_in_full_fp32
 def svd_bases(weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-`rank` left and right singular vectors (U_h: m x r, V_h: n x r) of `weight`, returned in fp32.
@@ -233,12 +246,12 @@ def svd_bases(weight: torch.Tensor, rank: int, dtype: torch.dtype = torch.float3
     if not torch.isfinite(weight).all():
         raise ValueError("weight has non-finite entries; refusing to fit bases from it")
     try:
-        u, _, vh = torch.linalg.svd(weight.to(dtype), full_matrices=False)
+        u, _, vh = svd(weight.to(dtype))
     except RuntimeError as e:
         if dtype == torch.float64:
             raise
         log.warning("SVD of a %s weight failed in %s (%s); retrying in float64", tuple(weight.shape), dtype, e)
-        u, _, vh = torch.linalg.svd(weight.to(torch.float64), full_matrices=False)
+        u, _, vh = svd(weight.to(torch.float64))
     return u[:, :rank].float().contiguous(), vh[:rank].T.float().contiguous()
 
 
@@ -251,13 +264,14 @@ def update_directions(dw: torch.Tensor, energy: float, max_rank: int) -> tuple[t
     if not torch.isfinite(dw).all():
         raise ValueError("update has non-finite entries; refusing to fit bases from it")
     m, n = dw.shape
-    u, s, vh = torch.linalg.svd(dw.double(), full_matrices=False)
+    u, s, vh = svd(dw.double())
     total = float((s * s).sum())
     if total <= 0.0 or energy == 0.0 or max_rank <= 0:
         return dw.new_zeros(m, 0, dtype=torch.float32), dw.new_zeros(n, 0, dtype=torch.float32)
     share = torch.cumsum(s * s, 0) / total
-    # The smallest k whose directions hold `energy` of the update (float tolerance on the last step).
-    k = int(torch.searchsorted(share, torch.tensor(energy - 1e-12, dtype=share.dtype))) + 1
+    # The smallest k whose directions hold `energy` of the update (float tolerance on the last step);
+    # the threshold on share's device, as searchsorted needs.
+    k = int(torch.searchsorted(share, torch.tensor(energy - 1e-12, dtype=share.dtype, device=share.device))) + 1
     k = min(k, max_rank, int((s > s[0] * 1e-6).sum()))
     return u[:, :k].float().contiguous(), vh[:k].T.float().contiguous()
 
@@ -300,7 +314,7 @@ def check_bases(name: str, shape: Sequence[int], u_h: torch.Tensor, v_h: torch.T
         if not b.is_floating_point() or not torch.isfinite(b).all():
             raise ValueError(f"{name}: {label} must be finite floating point")
         if r:
-            err = (b.double().T @ b.double() - torch.eye(r, dtype=torch.float64)).abs().max().item()
+            err = (b.double().T @ b.double() - torch.eye(r, dtype=torch.float64, device=b.device)).abs().max().item()
             if err > tol:
                 raise ValueError(f"{name}: {label} is not orthonormal (max |B^T B - I| = {err:.2e} > {tol:.0e})")
 

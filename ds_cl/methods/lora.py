@@ -110,11 +110,16 @@ class LoRAAdapters:
             for t in range(n_tasks):
                 # PEFT's initialisation: A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform, a=sqrt(5)), B = 0.
                 # A generator per (seed, task, module): every rank makes the same values on its own.
+                # On the host, as the generator, whatever the weight's device (under ZeRO-3 an empty
+                # placeholder on the accelerator): deepspeed.initialize, which comes next, moves and
+                # partitions them with the rest of the model, as it does the host-built weights without ZeRO-3.
                 g = torch.Generator().manual_seed(seed * 1_000_003 + t * 10_007 + idx)
                 bound = 1.0 / math.sqrt(m.in_features)
-                a = (torch.rand(lcfg.rank, m.in_features, generator=g, dtype=torch.float32) * 2 - 1) * bound
+                a = torch.rand(lcfg.rank, m.in_features, generator=g, dtype=torch.float32, device="cpu")
+                a = (a * 2 - 1) * bound
                 m.register_parameter(f"lora_A_{t}", nn.Parameter(a.to(dtype)))
-                m.register_parameter(f"lora_B_{t}", nn.Parameter(torch.zeros(m.out_features, lcfg.rank, dtype=dtype)))
+                m.register_parameter(f"lora_B_{t}", nn.Parameter(torch.zeros(m.out_features, lcfg.rank, dtype=dtype,
+                                                                             device="cpu")))
 
     # -- parameters -----------------------------------------------------------------------------
 
