@@ -22,6 +22,8 @@ def test_a_tensor_elsewhere_is_refused_before_any_communication():
 
 def test_without_a_process_group_they_return_their_input():
     assert collectives.all_reduce_values([1.5, 2]) == [1.5, 2.0]
+    # A one-element tensor joins as it is (a step's loss sum, never read back before the reduction).
+    assert collectives.all_reduce_values([torch.tensor(0.1, dtype=torch.float64) / 3, 7, True]) == [0.1 / 3, 7.0, 1.0]
     assert collectives.any_rank(True) and not collectives.any_rank(False)
     assert collectives.all_gather_object({"a": 1}) == [{"a": 1}]
     assert collectives.gather_object(3) == [3]

@@ -113,3 +113,53 @@ def test_lr_schedule_matches_the_closed_forms():
                         {"constant": t.lr, "linear": t.lr * (1 - frac),
                          "cosine": t.lr * 0.5 * (1 + math.cos(math.pi * frac))}[sched])
                 assert lr(step) == pytest.approx(want, rel=1e-9, abs=1e-15), (sched, total, ratio, step)
+
+
+def test_train_step_reads_no_device_tensor_per_micro_batch(monkeypatch):
+    """A step's micro batches run without a host sync: the loss is summed on the device and read once, by
+    the step's all-reduce; tokens are counted on the host's batch. The device here is `meta`, whose
+    tensors cannot be read at all: `float(loss)` or a token count on the moved batch would raise."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from ds_cl.core import collectives
+    from ds_cl.training import train as T
+
+    meta = torch.device("meta")
+    samples = [Encoded([1, 5, 6, 7][:n], [IGNORE_INDEX, 6, 7, 2][:n]) for n in (2, 3, 4, 4, 3, 2, 4, 3)]
+    calls = []
+
+    class Engine:
+        device, optimizer = meta, NS(param_groups=[{}])
+
+        def __call__(self, input_ids, attention_mask, labels):
+            assert input_ids.device == meta  # the batch did move
+            calls.append(input_ids.shape)
+            return NS(loss=torch.empty((), device=meta))
+
+        def train(self):
+            pass
+
+        def backward(self, loss):
+            pass
+
+        def get_global_grad_norm(self):
+            return None
+
+    method = NS(group_lrs=lambda lr, phase: [lr], loss=lambda loss: (loss, {}), step=lambda: None,
+                step_metrics=lambda: {})
+    trainer = T.Trainer.__new__(T.Trainer)
+    trainer.cfg = cfg(micro_batch_size=2, global_batch_size=8)
+    trainer.dist = NS(rank=0, world=1)
+    trainer.phases = [NS(name="a", train=samples, steps_per_epoch=1)]
+    trainer.grad_accum, trainer.engine, trainer.method = 4, Engine(), method
+    trainer.tokenizer, trainer.state, trainer.signalled = NS(pad_id=0), T.RunState(), False
+    reduced = []
+    monkeypatch.setattr(collectives, "all_reduce_values",
+                        lambda values: reduced.append(values) or [0.0, values[1], 0.0])
+    rec = trainer.train_step(0, 0, 1e-3)
+    assert len(calls) == 4 and len(reduced) == 1  # four micro batches, one reduction for the step
+    loss_mean, tokens, _ = reduced[0]
+    assert torch.is_tensor(loss_mean) and loss_mean.device == meta and loss_mean.dtype == torch.float64
+    assert tokens == sum(len(s.input_ids) for s in samples) and rec["tokens_per_s"] > 0

@@ -50,9 +50,14 @@ def all_reduce_(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tens
     return tensor
 
 
-def all_reduce_values(values: Sequence[float], op: str = "sum", group=None) -> list[float]:
-    """All-reduce a few host numbers (float64 on the device, one host sync to read them back)."""
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device())
+def all_reduce_values(values: Sequence[float | torch.Tensor], op: str = "sum", group=None) -> list[float]:
+    """All-reduce a few numbers (float64 on the device, one host sync to read them back): host numbers,
+    or one-element tensors, which join on the device without being read first (a training step's loss)."""
+    t = torch.tensor([0.0 if torch.is_tensor(v) else float(v) for v in values], dtype=torch.float64,
+                     device=device())
+    for i, v in enumerate(values):
+        if torch.is_tensor(v):
+            t[i] = v.detach().reshape(())
     return all_reduce_(t, op, group).tolist()
 
 

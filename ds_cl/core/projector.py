@@ -136,9 +136,9 @@ class SubspaceProjector:
             one travelling back). Buckets grow with the world so that each has work for every rank:
             see `plan_buckets`.
         pre_step_copy: where the update projection keeps this rank's fp32 master partitions of the
-            targets during `engine.step()` (N / world elements): "device", "host" (pinned on CUDA: two
-            transfers of that size per step instead of the device memory), or "auto" (default): host on
-            an accelerator, device on CPU.
+            targets during `engine.step()` (N / world elements): "device", "host" (pinned on CUDA: three
+            transfers of that size per step instead of the device memory: one out before the step, two
+            back), or "auto" (default): host on an accelerator, device on CPU.
     """
 
     def __init__(self, engine, targets: Sequence[str] | None = None, projection: str = "two_sided",

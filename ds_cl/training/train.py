@@ -162,6 +162,8 @@ class Trainer:
                 g["step"] = 0
 
     def train_step(self, phase: int, step: int, lr: float) -> dict:
+        import torch
+
         from ds_cl.core import collectives
         from ds_cl.tools.faults import poisoned
         from ds_cl.training.data import collate, epoch_order, rank_micro_batches
@@ -173,19 +175,22 @@ class Trainer:
         for g, group_lr in zip(self.engine.optimizer.param_groups, self.method.group_lrs(lr, phase)):
             g["lr"] = group_lr
         t0 = time.time()
-        loss_sum, tokens, logs = 0.0, 0, {}
+        # No host sync per micro batch: the losses are summed on the device (float64, in order: the sum a
+        # Python float would make) and read back once, by the all-reduce below; tokens are counted on the
+        # host's batch before it moves.
+        loss_sum, tokens, logs = torch.zeros((), dtype=torch.float64, device=self.engine.device), 0, {}
         self.engine.train()
         for idx in micro:
-            batch = {k: v.to(self.engine.device)
-                     for k, v in collate([ph.train[i] for i in idx], self.tokenizer.pad_id).items()}
+            host_batch = collate([ph.train[i] for i in idx], self.tokenizer.pad_id)
+            tokens += int(host_batch["attention_mask"].sum())
+            batch = {k: v.to(self.engine.device) for k, v in host_batch.items()}
             task_loss = poisoned(self.engine(**batch).loss, d.rank, self.state.global_step + 1)
             loss, extra = self.method.loss(task_loss)
             for k, v in extra.items():  # e.g. the LoRA regularisers: mean over the micro batches
                 logs[k] = logs.get(k, 0.0) + v / len(micro)
             self.engine.backward(loss)
             self.method.step()
-            loss_sum += float(task_loss.detach())
-            tokens += int(batch["attention_mask"].sum())
+            loss_sum += task_loss.detach().double()
         # [2]: ranks that received SIGTERM (they agree on the step after which to checkpoint and stop).
         stats = collectives.all_reduce_values([loss_sum / len(micro), tokens, self.signalled])
         self.preempted = stats[2] > 0
