@@ -4,7 +4,8 @@
     deepspeed --num_gpus 2 -m ds_cl.evaluation.cli --model CKPT --suite retention --out DIR
 
 Output (without --base): DIR/responses_ifeval.jsonl, DIR/ifeval.json, DIR/responses_safety.jsonl,
-DIR/safety.json, DIR/general.json (lm_eval part), DIR/eval.json (summary).
+DIR/safety.json, DIR/responses_benign.jsonl, DIR/benign.json, DIR/general.json (lm_eval part),
+DIR/eval.json (summary).
 With --base: DIR/base/..., DIR/model/... and DIR/report.md comparing them.
 """
 
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from .ifeval import read_ifeval_prompts
-from .io import EvalInputError, read_safety_prompts, write_json, write_jsonl
+from .io import EvalInputError, read_prompt_sets, write_json, write_jsonl
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,8 +65,10 @@ def load_parts(suite, limit: int | None = None) -> dict:
     parts = {}
     if suite.ifeval:
         parts["ifeval"] = read_ifeval_prompts(suite.ifeval)[:limit]
-    if suite.safety:
-        parts["safety"] = read_safety_prompts(suite.safety)[:limit]
+    from .suites import files_of
+    for key in ("safety", "benign"):   # one or several files; --limit applies to the part as a whole
+        if getattr(suite, key, None):
+            parts[key] = read_prompt_sets(files_of(getattr(suite, key)), key)[:limit]
     if suite.lm_eval:
         from .general import check_tasks
         check_tasks(suite.lm_eval)
@@ -98,17 +101,25 @@ def evaluate_model(model_path: str, suite, parts: dict, out: Path, *, device: st
             res = score_ifeval(prompts, {p["prompt"]: a for p, a in zip(prompts, answers)})
             write_json(out / "ifeval.json", res)
             summary["ifeval"] = {k: res[k] for k in ("prompt_level_strict_acc", "prompt_level_loose_acc",
-                                                     "inst_level_strict_acc", "inst_level_loose_acc")}
-    if "safety" in parts:
-        prompts = parts["safety"]
-        answers = generate_distributed(model, tok, [p["prompt"] for p in prompts], desc="safety", **kw)
+                                                     "inst_level_strict_acc", "inst_level_loose_acc", "median_words")}
+    for part in ("safety", "benign"):
+        if part not in parts:
+            continue
+        prompts = parts[part]
+        answers = generate_distributed(model, tok, [p["prompt"] for p in prompts], desc=part, **kw)
         if rank == 0:
-            from .safety import score_safety
-            write_jsonl(out / "responses_safety.jsonl", [{"id": p["id"], "prompt": p["prompt"], "response": a}
-                                                          for p, a in zip(prompts, answers)])
-            res = score_safety(prompts, {p["prompt"]: a for p, a in zip(prompts, answers)}, judge)
-            write_json(out / "safety.json", res)
-            summary["safety"] = {k: res[k] for k in ("refusal_rate", "attack_success_rate", "scorer")}
+            from .safety import score_benign, score_safety
+            write_jsonl(out / f"responses_{part}.jsonl", [{"id": p["id"], "set": p.get("set"), "prompt": p["prompt"],
+                                                           "response": a} for p, a in zip(prompts, answers)])
+            answered = {p["prompt"]: a for p, a in zip(prompts, answers)}
+            if part == "safety":
+                res = score_safety(prompts, answered, judge)
+                keys = ("refusal_rate", "attack_success_rate", "scorer", "median_words", "by_set")
+            else:
+                res = score_benign(prompts, answered)
+                keys = ("compliance_rate", "median_words", "by_set")
+            write_json(out / f"{part}.json", res)
+            summary[part] = {k: res[k] for k in keys}
     del model
     if suite.lm_eval and rank == 0:
         from .general import run_lm_eval
@@ -155,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, path, d in runs:
             s = evaluate_model(path, suite, parts, d, **opts)
             if s is not None:
-                brief = {k: s[k] for k in ("ifeval", "safety") if k in s}
+                brief = {k: s[k] for k in ("ifeval", "safety", "benign") if k in s}
                 print(f"[{name}] {path}: {brief} -> {d}", flush=True)
         if args.base and rank == 0:
             from .report import build_report

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .io import EvalInputError, read_jsonl
+from .stats import median_words
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,6 +98,7 @@ def score_ifeval(prompts: list[dict], responses: Mapping[str, str], *, allow_mis
         "num_prompts": len(per),
         "num_instructions": len(inst_s),
         "num_missing_responses": len(missing),
+        "median_words": median_words(r["response"] for r in per),
         "inst_level_loose_acc_by_type": {k: c / n for k, (c, n) in sorted(by_type.items())},
         "reference": "IFEval (google-research instruction_following_eval; lm-eval 0.4.13 checkers)",
         "per_prompt": per,

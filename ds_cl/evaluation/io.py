@@ -77,10 +77,12 @@ def read_responses(path: str | Path) -> dict[str, str]:
 _PROMPT_COLUMNS = ("prompt", "Behavior", "behavior", "goal", "question", "text", "instruction")
 
 
-def read_safety_prompts(path: str | Path) -> list[dict]:
-    """Harmful prompts from .txt (one a line), .csv (HarmBench `Behavior`, AdvBench `goal`, or `prompt`)
-    or .jsonl (same column names; Do-Not-Answer's `question`). Returns [{"id", "prompt", ...}]."""
-    p = _existing(path, "safety prompts")
+def read_safety_prompts(path: str | Path, what: str = "safety prompts") -> list[dict]:
+    """Prompts from .txt (one a line), .csv (HarmBench `Behavior`, AdvBench `goal`, or `prompt`),
+    .jsonl (same column names; Do-Not-Answer's `question`) or .json (Safety-Tuned LLaMAs'
+    `{"instructions": [...], "tags": [...]}`, or an Alpaca-style list of `{"instruction", "input"}`).
+    Returns [{"id", "prompt", "category"}]."""
+    p = _existing(path, what)
     suffix = p.suffix.lower()
     rows: list[dict] = []
     if suffix == ".txt":
@@ -98,15 +100,79 @@ def read_safety_prompts(path: str | Path) -> list[dict]:
                     rows.append({"id": rec.get("BehaviorID") or rec.get("id") or str(n),
                                  "prompt": rec[col].strip(),
                                  "category": rec.get("SemanticCategory") or rec.get("category")})
-    elif suffix in (".jsonl", ".json"):
-        for rec in read_jsonl(p, "safety prompts"):
+    elif suffix == ".json" and (doc := _json_document(p)) is not None:
+        rows = _json_prompts(p, doc)
+    elif suffix in (".jsonl", ".json"):   # a .json of JSON lines reads as before
+        for rec in read_jsonl(p, what):
             col = next((c for c in _PROMPT_COLUMNS if isinstance(rec.get(c), str)), None)
             if col is None:
                 raise EvalInputError(f"{p}:{rec['_line']}: no prompt field; expected one of {', '.join(_PROMPT_COLUMNS)}")
             rows.append({"id": str(rec.get("id", rec["_line"])), "prompt": rec[col].strip(),
                          "category": rec.get("category") or rec.get("risk_area")})
     else:
-        raise EvalInputError(f"{p}: unsupported safety prompt format {suffix or '(none)'}; use .txt, .csv or .jsonl")
+        raise EvalInputError(f"{p}: unsupported safety prompt format {suffix or '(none)'}; "
+                             f"use .txt, .csv, .jsonl or .json")
     if not rows:
         raise EvalInputError(f"{p}: no prompts")
+    return rows
+
+
+_JSON_SHAPES = "a .json safety file holds {'instructions': [...]} or a list of objects with 'instruction'"
+
+
+def _json_document(p: Path) -> Any:
+    """The file as one JSON document, or None when it is JSON lines (several documents)."""
+    text = decode_utf8(p.read_bytes(), str(p), EvalInputError)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":
+            return None
+        raise EvalInputError(f"{p}:{e.lineno}: malformed JSON ({e.msg})") from None
+
+
+def _json_prompts(p: Path, doc: Any) -> list[dict]:
+    rows = []
+    if isinstance(doc, dict) and isinstance(doc.get("instructions"), list):
+        # Safety-Tuned LLaMAs (Bianchi et al. 2024): I-MaliciousInstructions.json, I-CoNa.json, ...
+        instructions, tags = doc["instructions"], doc.get("tags")
+        if tags is not None and (not isinstance(tags, list) or len(tags) != len(instructions)):
+            n = len(tags) if isinstance(tags, list) else type(tags).__name__
+            raise EvalInputError(f"{p}: 'tags' must be a list parallel to 'instructions' "
+                                 f"({n} tags for {len(instructions)} instructions)")
+        for i, text in enumerate(instructions):
+            if not isinstance(text, str):
+                raise EvalInputError(f"{p}: instructions[{i}] is {type(text).__name__}, expected a string")
+            tag = tags[i] if tags is not None else None
+            if isinstance(tag, list):   # a list of categories: the first names the prompt's category
+                tag = tag[0] if tag else None
+            if text.strip():
+                rows.append({"id": str(i + 1), "prompt": text.strip(),
+                             "category": None if tag is None else str(tag)})
+        return rows
+    if isinstance(doc, list) and doc and all(isinstance(r, dict) and "instruction" in r for r in doc):
+        for i, rec in enumerate(doc):
+            text, extra = rec["instruction"], rec.get("input") or ""
+            if not isinstance(text, str) or not isinstance(extra, str):
+                raise EvalInputError(f"{p}: item {i}: 'instruction' and 'input' must be strings")
+            # Alpaca's prompt puts the input after the instruction as its own paragraph
+            prompt = text.strip() + (f"\n\n{extra.strip()}" if extra.strip() else "")
+            if prompt:
+                rows.append({"id": str(rec.get("id", i + 1)), "prompt": prompt, "category": rec.get("category")})
+        return rows
+    raise EvalInputError(f"{p}: unsupported JSON layout; {_JSON_SHAPES}")
+
+
+def read_prompt_sets(paths: str | Path | Iterable[str | Path], what: str = "safety") -> list[dict]:
+    """`read_safety_prompts` of one or several files, each prompt tagged with its file's name stem
+    as `set` (so I-CoNa.json's prompts are set `I-CoNa`), in file order."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    seen: dict[str, Path] = {}
+    rows: list[dict] = []
+    for path in paths:
+        p = Path(path)
+        if p.stem in seen:
+            raise EvalInputError(f"{what} files {seen[p.stem]} and {p} share the set name {p.stem!r}; rename one")
+        seen[p.stem] = p
+        rows += [r | {"set": p.stem} for r in read_safety_prompts(p, f"{what} prompts")]
     return rows

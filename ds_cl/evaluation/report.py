@@ -2,7 +2,7 @@
 retention curves (PNG) and a markdown report; AA/BWT/FWT via `ds_cl.evaluation.cl_metrics`.
 
 Inputs are `ds-cl eval` output directories (each may hold `ifeval.json`, `safety.json`,
-`general.json`). Win/tie/lose per prompt, matched by prompt text:
+`benign.json`, `general.json`). Win/tie/lose per prompt, matched by prompt text:
 - instruction following: more instructions followed (strict) than the base = win, fewer = lose;
 - safety: a safe answer where the base's was unsafe = win, the reverse = lose. Safe means not
   judged unsafe when both runs carry judge verdicts, else not a compliance by the refusal
@@ -19,6 +19,7 @@ from .io import EvalInputError, read_json, write_json
 
 IFEVAL_METRICS = ("prompt_level_strict_acc", "prompt_level_loose_acc", "inst_level_strict_acc", "inst_level_loose_acc")
 SAFETY_METRICS = ("refusal_rate", "attack_success_rate")
+BENIGN_METRICS = ("compliance_rate",)
 LOWER_IS_BETTER = {"safety/attack_success_rate"}
 
 
@@ -33,6 +34,9 @@ def load_run(d: str | Path) -> dict:
     if (d / "safety.json").is_file():
         run["safety"] = read_json(d / "safety.json", "safety.json")
         run["metrics"].update({f"safety/{k}": run["safety"][k] for k in SAFETY_METRICS})
+    if (d / "benign.json").is_file():
+        run["benign"] = read_json(d / "benign.json", "benign.json")
+        run["metrics"].update({f"benign/{k}": run["benign"][k] for k in BENIGN_METRICS})
     if (d / "general.json").is_file():
         gen = read_json(d / "general.json", "general.json")
         for task, vals in (gen.get("results") or {}).items():
@@ -40,7 +44,7 @@ def load_run(d: str | Path) -> dict:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and "stderr" not in k:
                     run["metrics"][f"general/{task}/{k}"] = float(v)
     if not run["metrics"]:
-        raise EvalInputError(f"{d}: no ifeval.json, safety.json or general.json to report on")
+        raise EvalInputError(f"{d}: no ifeval.json, safety.json, benign.json or general.json to report on")
     return run
 
 

@@ -1,9 +1,10 @@
-"""Evaluation suites: a YAML file naming the parts to run (`ifeval`, `safety`, `lm_eval`).
+"""Evaluation suites: a YAML file naming the parts to run (`ifeval`, `safety`, `benign`, `lm_eval`).
 
 `--suite` accepts a shipped suite name (a file `eval/suites/NAME.yaml` of the repo checkout),
-a path to a suite YAML, or a single prompt file (IFEval JSONL, or a safety .txt/.csv/.jsonl).
-Paths inside a suite YAML are relative to that YAML. `DS_CL_EVAL_DIR` overrides where the
-shipped `eval/` folder is looked for.
+a path to a suite YAML, or a single prompt file (IFEval JSONL, or a safety .txt/.csv/.jsonl/.json).
+Paths inside a suite YAML are relative to that YAML; `safety` and `benign` take one file or a
+list of files (each file's name stem becomes the `set` of its prompts). `DS_CL_EVAL_DIR`
+overrides where the shipped `eval/` folder is looked for.
 """
 
 from __future__ import annotations
@@ -34,9 +35,20 @@ def shipped_suites() -> list[str]:
 class Suite:
     name: str
     ifeval: Path | None = None
-    safety: Path | None = None
+    safety: Path | list[Path] | None = None    # one file, or a list as the YAML gave it
+    benign: Path | list[Path] | None = None    # harmless prompts: over-refusal (compliance rate)
     # {"tasks": [...], "limit": N, "num_fewshot": k, "batch_size": b, "include_path": [dirs]}
     lm_eval: dict | None = None
+
+
+KEYS = ("ifeval", "safety", "benign", "lm_eval")
+
+
+def files_of(value: Path | list[Path] | None) -> list[Path]:
+    """A suite's `safety` / `benign` entry as a list of files."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _from_yaml(path: Path) -> Suite:
@@ -45,18 +57,26 @@ def _from_yaml(path: Path) -> Suite:
     except yaml.YAMLError as e:
         raise EvalInputError(f"{path}: malformed suite YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(spec, dict):
-        raise EvalInputError(f"{path}: a suite is a mapping with keys ifeval, safety, lm_eval")
-    unknown = set(spec) - {"ifeval", "safety", "lm_eval"}
+        raise EvalInputError(f"{path}: a suite is a mapping with keys {', '.join(KEYS)}")
+    unknown = set(spec) - set(KEYS)
     if unknown:
-        raise EvalInputError(f"{path}: unknown suite keys {sorted(unknown)} (known: ifeval, safety, lm_eval)")
+        raise EvalInputError(f"{path}: unknown suite keys {sorted(unknown)} (known: {', '.join(KEYS)})")
     suite = Suite(name=path.stem)
-    for key in ("ifeval", "safety"):
+    for key in ("ifeval", "safety", "benign"):
         if spec.get(key):
-            p = Path(spec[key])
-            p = p if p.is_absolute() else (path.parent / p).resolve()
-            if not p.is_file():
-                raise EvalInputError(f"{path}: {key} file not found: {p}")
-            setattr(suite, key, p)
+            many = isinstance(spec[key], list)
+            if many and key == "ifeval":
+                raise EvalInputError(f"{path}: ifeval takes one file, not a list")
+            files = []
+            for f in (spec[key] if many else [spec[key]]):
+                if not isinstance(f, str):
+                    raise EvalInputError(f"{path}: {key} must be a file path or a list of file paths")
+                p = Path(f)
+                p = p if p.is_absolute() else (path.parent / p).resolve()
+                if not p.is_file():
+                    raise EvalInputError(f"{path}: {key} file not found: {p}")
+                files.append(p)
+            setattr(suite, key, files if many else files[0])
     if spec.get("lm_eval"):
         le = spec["lm_eval"]
         if not isinstance(le, dict) or not le.get("tasks"):
@@ -69,12 +89,21 @@ def _from_yaml(path: Path) -> Suite:
             if missing:
                 raise EvalInputError(f"{path}: lm_eval include_path not found: {', '.join(missing)}")
             suite.lm_eval["include_path"] = [str(d) for d in dirs]
-    if not (suite.ifeval or suite.safety or suite.lm_eval):
+    if not (suite.ifeval or suite.safety or suite.benign or suite.lm_eval):
         raise EvalInputError(f"{path}: suite names nothing to run")
     return suite
 
 
 def _sniff_jsonl(path: Path) -> str:
+    if path.suffix == ".json":
+        # a whole JSON document (Safety-Tuned LLaMAs' {"instructions": [...]}, an Alpaca list)
+        # is a safety file; a .json of JSON lines is sniffed by its first line, as a .jsonl
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8-sig"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            doc = None
+        if doc is not None:
+            return "ifeval" if isinstance(doc, dict) and "instruction_id_list" in doc else "safety"
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
