@@ -10,11 +10,12 @@ COMMANDS = {
     "train": ("ds_cl.training.train", "run a continual-learning task sequence from a YAML run config"),
     "demo": ("ds_cl.tools.demo", "run the embedded CPU demo (seqft vs osft)"),
     "benchmark": ("ds_cl.tools.benchmark", "run a task sequence for several methods and seeds; one comparison"),
+    "retention": ("ds_cl.tools.retention", "does a method keep instruction following and refusals over a task sequence"),
     "compare": ("ds_cl.tools.compare", "one table and figure comparing finished runs (methods, seeds)"),
     "model": ("ds_cl.tools.models", "materialise a real pretrained model (SmolLM2-135M-Instruct) offline"),
     "bench": ("ds_cl.tools.bench", "benchmark plain ZeRO-3 steps against projected steps"),
     "eval": ("ds_cl.evaluation.cli", "generate responses for a retention suite and score them"),
-    "score": ("ds_cl.evaluation.score_cli", "score existing responses (ifeval, safety)"),
+    "score": ("ds_cl.evaluation.score_cli", "score responses (ifeval|safety|benign), report, split, agreement"),
 }
 
 
