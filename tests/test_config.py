@@ -98,6 +98,12 @@ def test_range_checks(tmp_path):
     assert "method.osft.mrr" in err(tmp_path, base(tmp_path), ["method.osft.mrr=0.9", "method.osft.trr=0.5"])
     assert "train.epochs: must be >= 1" in err(tmp_path, base(tmp_path), ["train.epochs=0"])
     assert "output_dir: is required" in err(tmp_path, base(tmp_path), ["output_dir="])
+    for bad in ("0", "-5", ".nan", ".inf"):
+        assert "train.dist_timeout_minutes: must be > 0 and at most 1000000 (minutes)" in err(
+            tmp_path, base(tmp_path), [f"train.dist_timeout_minutes={bad}"])
+    assert "train.dist_timeout_minutes: expected a number" in err(tmp_path, base(tmp_path),
+                                                                  ["train.dist_timeout_minutes=soon"])
+    assert load_config(write(tmp_path, base(tmp_path)), ["train.dist_timeout_minutes=0.5"]).train.dist_timeout_minutes == 0.5
 
 
 def test_gradient_checkpointing_key_reaches_the_model(tmp_path):
@@ -135,8 +141,9 @@ def test_resume_accepts_and_lists_only_changes_that_keep_the_runs_meaning(tmp_pa
     (tmp_path / "out").mkdir()
     save_config(load_config(path), tmp_path / "out" / "config.yaml")
     assert check_saved_config(load_config(path), resume=True, config_path=path) == []
-    safe = load_config(path, ["eval.batch_size=64", "checkpoint.keep=5"])
-    assert check_saved_config(safe, resume=True) == ["checkpoint.keep 2 -> 5", "eval.batch_size 8 -> 64"]
+    safe = load_config(path, ["eval.batch_size=64", "checkpoint.keep=5", "train.dist_timeout_minutes=120"])
+    assert check_saved_config(safe, resume=True) == ["checkpoint.keep 2 -> 5", "eval.batch_size 8 -> 64",
+                                                     "train.dist_timeout_minutes 60.0 -> 120.0"]
     for override, key in (("seed=1", "seed"), ("train.global_batch_size=16", "train.global_batch_size"),
                           ("method.name=seqft", "method.name"), ("train.lr=1e-3", "train.lr")):
         with pytest.raises(ConfigError, match=f"differs from the run's .*{key} "):

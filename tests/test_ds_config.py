@@ -227,3 +227,48 @@ def test_world_size_rules(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE='two' is not a positive integer"):
         env.world_size()
+
+
+# -- process group ------------------------------------------------------------------------------------------
+
+
+def test_train_gives_the_process_group_the_run_configs_timeout(tmp_path, monkeypatch):
+    """train.dist_timeout_minutes (default 60: rank 0 exports, evaluates and deletes old checkpoints while
+    the others wait in a collective) reaches the process group's start-up."""
+    from ds_cl.training import train
+    from tests.fixtures import tiny_run_config, train_sentencepiece, write_run_config
+
+    class Started(Exception):
+        pass
+
+    seen = []
+
+    def build_distributed(**kwargs):
+        seen.append(kwargs)
+        raise Started
+
+    monkeypatch.setattr(env, "build_distributed", build_distributed)
+    train_sentencepiece(tmp_path / "tok.model")
+    for extra, minutes in (({}, 60.0), ({"train": {"dist_timeout_minutes": 90}}, 90.0)):
+        with pytest.raises(Started):
+            train.main([str(write_run_config(tiny_run_config(tmp_path, tmp_path / "out", extra)))])
+        assert seen.pop()["timeout_minutes"] == minutes
+
+
+def test_the_process_group_gets_the_timeout():
+    """One process, its own process group: the timeout torch's group holds is the one asked for."""
+    import subprocess
+    import sys
+
+    from tests.dist_utils import REPO, cpu_env
+
+    code = ("import torch, torch.distributed as dist\n"
+            "from ds_cl.training.environment import build_distributed\n"
+            "build_distributed(timeout_minutes=7.5)\n"
+            "pg = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))\n"
+            "print('timeout', pg.options._timeout.total_seconds())\n"
+            "dist.destroy_process_group()\n")
+    e = {k: v for k, v in cpu_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID")}
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "timeout 450.0" in p.stdout.splitlines(), p.stdout

@@ -30,6 +30,7 @@ from ds_cl.training.errors import ConfigError  # its home is errors.py; everythi
 # Local data formats we read ourselves; anything else is a `datasets` name or a saved dataset folder.
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 METHODS = tuple(REGISTRY)  # ds_cl/methods/__init__.py
+MAX_TIMEOUT_MINUTES = 10 ** 6  # train.dist_timeout_minutes: about two years; far larger overflows a timedelta
 
 # The prompt style of the O-LoRA benchmark (Wang et al. 2023) for classification tasks.
 DEFAULT_INSTRUCTION = "What is the topic of the following paragraph? Choose one from the option."
@@ -150,6 +151,10 @@ class TrainConfig:
     # A non-finite loss or gradient norm: "stop" the run (exit 3, naming step and task; the step's update
     # is not applied) or "skip" the step (DeepSpeed drops its update) and go on. docs/reliability.md.
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # How long a collective may wait before the job fails (the process group's timeout). The other ranks
+    # wait in one while rank 0 alone exports the model, runs the retention suite or deletes an old
+    # checkpoint: minutes at 7B, past DeepSpeed's default of 10 (docs/launching.md).
+    dist_timeout_minutes: float = 60.0
 
 
 @dataclass
@@ -402,6 +407,8 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
          f"must be >= 0 (0: no clipping), got {t.grad_clip}")
     need(all(0 <= b < 1 for b in t.betas), "train.betas", f"Adam's betas must be in [0, 1), got {t.betas}")
     need(t.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
+    need(0 < t.dist_timeout_minutes <= MAX_TIMEOUT_MINUTES, "train.dist_timeout_minutes",
+         f"must be > 0 and at most {MAX_TIMEOUT_MINUTES} (minutes), got {t.dist_timeout_minutes}")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     need(cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens",
          f"must be >= 1 (or null: from the longest answer), got {cfg.eval.max_new_tokens}")

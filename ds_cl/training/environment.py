@@ -148,9 +148,9 @@ def env_from_slurm() -> None:
     env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
 
 
-def build_distributed() -> DistInfo:
+def build_distributed(timeout_minutes: float | None = None) -> DistInfo:
     """Set the torch env variables by rules 1-3, start the process group (gloo on CPU, the accelerator's
-    backend otherwise) and pick this rank's device."""
+    backend otherwise; timeout: `init_distributed`) and pick this rank's device."""
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
@@ -179,7 +179,7 @@ def build_distributed() -> DistInfo:
     # and call site in every run's log, about code that is not ours and that we cannot change.
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
                             "deprecated", FutureWarning)
-    init_distributed(backend)
+    init_distributed(backend, timeout_minutes)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if acc.device_name() != "cpu":
         acc.set_device(local)
@@ -197,11 +197,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str | None = None) -> None:
-    """`deepspeed.init_distributed`, then release DeepSpeed's CPU shared-memory segment name."""
+def init_distributed(backend: str | None = None, timeout_minutes: float | None = None) -> None:
+    """`deepspeed.init_distributed`, then release DeepSpeed's CPU shared-memory segment name.
+
+    timeout_minutes: how long any collective of the process group may wait before it fails (`ds-cl
+    train`: train.dist_timeout_minutes); None keeps DeepSpeed's default ($DEEPSPEED_TIMEOUT, else 10)."""
+    import datetime
+
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend)
+    kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+    deepspeed.init_distributed(dist_backend=backend, **kwargs)
     release_cpu_shm()
 
 
