@@ -103,7 +103,8 @@ def test_range_checks(tmp_path):
             tmp_path, base(tmp_path), [f"train.dist_timeout_minutes={bad}"])
     assert "train.dist_timeout_minutes: expected a number" in err(tmp_path, base(tmp_path),
                                                                   ["train.dist_timeout_minutes=soon"])
-    assert load_config(write(tmp_path, base(tmp_path)), ["train.dist_timeout_minutes=0.5"]).train.dist_timeout_minutes == 0.5
+    cfg = load_config(write(tmp_path, base(tmp_path)), ["train.dist_timeout_minutes=0.5"])
+    assert cfg.train.dist_timeout_minutes == 0.5
 
 
 def test_gradient_checkpointing_key_reaches_the_model(tmp_path):

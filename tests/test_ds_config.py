@@ -234,7 +234,7 @@ def test_world_size_rules(monkeypatch):
 
 def test_train_gives_the_process_group_the_run_configs_timeout(tmp_path, monkeypatch):
     """train.dist_timeout_minutes (default 60: rank 0 exports, evaluates and deletes old checkpoints while
-    the others wait in a collective) reaches the process group's start-up."""
+    the others wait in a collective) and train.deterministic reach the process's start-up."""
     from ds_cl.training import train
     from tests.fixtures import tiny_run_config, train_sentencepiece, write_run_config
 
@@ -249,26 +249,38 @@ def test_train_gives_the_process_group_the_run_configs_timeout(tmp_path, monkeyp
 
     monkeypatch.setattr(env, "build_distributed", build_distributed)
     train_sentencepiece(tmp_path / "tok.model")
-    for extra, minutes in (({}, 60.0), ({"train": {"dist_timeout_minutes": 90}}, 90.0)):
+    for extra, expect in (({}, {"timeout_minutes": 60.0, "deterministic": False}),
+                          ({"train": {"dist_timeout_minutes": 90, "deterministic": True}},
+                           {"timeout_minutes": 90.0, "deterministic": True})):
         with pytest.raises(Started):
             train.main([str(write_run_config(tiny_run_config(tmp_path, tmp_path / "out", extra)))])
-        assert seen.pop()["timeout_minutes"] == minutes
+        assert seen.pop() == expect
 
 
-def test_the_process_group_gets_the_timeout():
-    """One process, its own process group: the timeout torch's group holds is the one asked for."""
+def test_the_process_group_gets_the_timeout_and_determinism():
+    """One process, its own process group: the timeout torch's group holds is the one asked for, and
+    deterministic=True leaves torch's deterministic mode and cuBLAS's workspace setting on, set before the
+    device (train.deterministic: GPU runs that resume bit-identically)."""
     import subprocess
     import sys
 
     from tests.dist_utils import REPO, cpu_env
 
-    code = ("import torch, torch.distributed as dist\n"
+    code = ("import os, sys, torch, torch.distributed as dist\n"
             "from ds_cl.training.environment import build_distributed\n"
-            "build_distributed(timeout_minutes=7.5)\n"
+            "print('before', torch.are_deterministic_algorithms_enabled())\n"
+            "build_distributed(timeout_minutes=7.5, deterministic=sys.argv[1] == 'on')\n"
             "pg = dist.distributed_c10d._get_default_group()._get_backend(torch.device('cpu'))\n"
             "print('timeout', pg.options._timeout.total_seconds())\n"
+            "print('deterministic', torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,"
+            " torch.backends.cudnn.benchmark, os.environ.get('CUBLAS_WORKSPACE_CONFIG'))\n"
             "dist.destroy_process_group()\n")
-    e = {k: v for k, v in cpu_env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID")}
-    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=e, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "timeout 450.0" in p.stdout.splitlines(), p.stdout
+    e = {k: v for k, v in cpu_env().items()
+         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "CUBLAS_WORKSPACE_CONFIG")}
+    for mode, want in (("on", "deterministic True True False :4096:8"),
+                       ("off", "deterministic False False False None")):
+        p = subprocess.run([sys.executable, "-c", code, mode], cwd=REPO, env=e, capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        ours = [line for line in p.stdout.splitlines() if line.split(" ")[0] in ("before", "timeout", "deterministic")]
+        assert ours == ["before False", "timeout 450.0", want], p.stdout

@@ -155,6 +155,9 @@ class TrainConfig:
     # wait in one while rank 0 alone exports the model, runs the retention suite or deletes an old
     # checkpoint: minutes at 7B, past DeepSpeed's default of 10 (docs/launching.md).
     dist_timeout_minutes: float = 60.0
+    # Deterministic kernels (torch, cuBLAS, cuDNN), so that a GPU run and its --resume give bit-identical
+    # results, for some speed (docs/training.md). CPU runs resume bit-identically without it.
+    deterministic: bool = False
 
 
 @dataclass

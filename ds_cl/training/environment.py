@@ -148,9 +148,12 @@ def env_from_slurm() -> None:
     env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
 
 
-def build_distributed(timeout_minutes: float | None = None) -> DistInfo:
+def build_distributed(timeout_minutes: float | None = None, deterministic: bool = False) -> DistInfo:
     """Set the torch env variables by rules 1-3, start the process group (gloo on CPU, the accelerator's
-    backend otherwise; timeout: `init_distributed`) and pick this rank's device."""
+    backend otherwise; timeout: `init_distributed`) and pick this rank's device; deterministic: first
+    `use_deterministic_algorithms`."""
+    if deterministic:
+        use_deterministic_algorithms()  # before this rank's device is set up
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
@@ -184,6 +187,21 @@ def build_distributed(timeout_minutes: float | None = None) -> DistInfo:
     if acc.device_name() != "cpu":
         acc.set_device(local)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, acc.device_name())
+
+
+def use_deterministic_algorithms() -> None:
+    """train.deterministic: the same kernels and reduction orders in every run, so that a GPU run and its
+    --resume give bit-identical results (torch's "Reproducibility" notes). Call it before any CUDA work:
+    cuBLAS reads its workspace setting when it creates its first handle."""
+    import torch
+
+    # One of the two workspace settings under which cuBLAS is deterministic; a user's other one is kept.
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") not in (":4096:8", ":16:8"):
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    # An op with no deterministic kernel then raises, naming itself, rather than differing silently.
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False  # autotuning may pick another convolution kernel per run
 
 
 # ---------------------------------------------------------------------------------------------

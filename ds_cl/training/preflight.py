@@ -37,8 +37,8 @@ def check_output_dir(cfg: RunConfig, resume: bool) -> None:
 # lives. Anything else (seed, data, batch arithmetic, method, model, optimizer, DeepSpeed) changes what the
 # run trains, and a resumed run would mix two experiments under one name.
 RESUME_SAFE = ("output_dir", "eval.batch_size", "eval.retention_suite", "eval.retention_after", "checkpoint.",
-               "output.plots", "output.report_to", "method.osft.pre_step_copy", "model.gradient_checkpointing", "train.on_nonfinite", "train.dist_timeout_minutes",
-               "deepspeed.steps_per_print",
+               "output.plots", "output.report_to", "method.osft.pre_step_copy", "model.gradient_checkpointing",
+               "train.on_nonfinite", "train.dist_timeout_minutes", "train.deterministic", "deepspeed.steps_per_print",
                "deepspeed.wall_clock_breakdown")
 
 

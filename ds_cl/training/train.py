@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ds_cl.training.environment import build_distributed
 
-    info = build_distributed(timeout_minutes=cfg.train.dist_timeout_minutes)
+    info = build_distributed(timeout_minutes=cfg.train.dist_timeout_minutes, deterministic=cfg.train.deterministic)
     import torch.distributed as dist
 
     if info.rank != 0:  # one copy of each warning (truncation counts are the same on every rank)
