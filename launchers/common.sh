@@ -38,6 +38,23 @@ set_run_args() {
     done
 }
 
+# The GPUs CUDA_VISIBLE_DEVICES gives the job (ds_cl.tools.launch_checks gpu_include); given --num_gpus
+# instead, DeepSpeed's runner drops the variable and takes GPUs 0..N-1, another job's on a shared node.
+# With the variable set: GPUS (their number), RESOURCES=(--include HOST:IDS[@HOST:IDS...]) and, without a
+# hostfile (one node), UNSET_VISIBLE (see single_node.sh). Without it: RESOURCES=() and GPUS unchanged.
+# $1: the count the user asked for (may be empty; must agree); $2, $3: hostfile and nodes.
+set_gpus() {
+    local found args=()
+    [[ -z ${1:-} ]] || args+=(--gpus "$1")
+    [[ -z ${2:-} ]] || args+=(--hostfile "$2" --nodes "$3")
+    found=$("$PYTHON" -m ds_cl.tools.launch_checks gpus "${args[@]}") || exit 2
+    RESOURCES=() UNSET_VISIBLE=()
+    [[ -n $found ]] || return 0
+    GPUS=${found%% *}
+    RESOURCES=(--include "${found#* }")
+    [[ -n ${2:-} ]] || UNSET_VISIBLE=(env -u CUDA_VISIBLE_DEVICES)
+}
+
 # Print a command as one shell-quoted line.
 show() { local q; printf -v q '%q ' "$@"; echo "${q% }"; }
 

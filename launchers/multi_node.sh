@@ -9,6 +9,10 @@
 # Options: --master-addr A (default: first host of the hostfile), --master-port P (default 29500),
 # --launcher pdsh|openmpi|mvapich|impi (ssh mode), --entry SCRIPT, --dry-run.
 # --dry-run prints the command of every node (in --no-ssh mode without --node-rank: all of them).
+# With CUDA_VISIBLE_DEVICES set (nodes shared with other jobs) the ranks run on those GPU indices, given to
+# deepspeed as --include HOST:IDS@...: in --no-ssh mode each node's own variable; in ssh mode the first
+# node's, on every node (the hostfile says how many GPUs a node has, not which). --gpus-per-node, if
+# given, must be their number, and slots= each node's GPU count.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 USAGE="multi_node.sh --hostfile H [--no-ssh --node-rank I] [--nodes N] [--gpus-per-node G] [--master-addr A] [--master-port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume]"
@@ -42,7 +46,9 @@ set_program "$ENTRY"
 mapfile -t HOSTS < <(grep -v '^\s*\(#\|$\)' "$HOSTFILE" | awk '{print $1}')
 mapfile -t SLOTS < <(grep -v '^\s*\(#\|$\)' "$HOSTFILE" | awk '{sub("slots=", "", $2); print $2}')
 [[ -n $NODES ]] || NODES=${#HOSTS[@]}
+set_gpus "$GPUS" "$HOSTFILE" "$NODES"
 [[ -n $GPUS ]] || GPUS=${SLOTS[0]}
+[[ ${#RESOURCES[@]} -gt 0 ]] || RESOURCES=(--num_nodes "$NODES" --num_gpus "$GPUS")
 [[ -n $ADDR ]] || ADDR=${HOSTS[0]}
 if [[ -n $NODE_RANK ]]; then
     (( NO_SSH )) || die "--node-rank is for --no-ssh mode"
@@ -53,7 +59,7 @@ fi
 "$PYTHON" -m ds_cl.tools.launch_checks preflight --config "$CONFIG" --nodes "$NODES" --gpus-per-node "$GPUS" \
     --hostfile "$HOSTFILE" -- "${OVERRIDES[@]}"
 
-BASE=("$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --num_nodes "$NODES" --num_gpus "$GPUS"
+BASE=("$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" "${RESOURCES[@]}"
       --master_addr "$ADDR" --master_port "$PORT")
 if (( NO_SSH )); then
     if (( DRY_RUN )); then

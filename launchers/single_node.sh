@@ -3,6 +3,8 @@
 #   launchers/single_node.sh [--gpus N] [--port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume]
 # runs `deepspeed --num_gpus N --module ds_cl.cli train CONFIG ...` after the preflight checks
 # (ds_cl.tools.launch_checks). --dry-run prints the command instead of running it.
+# With CUDA_VISIBLE_DEVICES set (a node shared with other jobs) the ranks run on those GPUs:
+# `deepspeed --include localhost:IDS`, N = their number (--gpus, if given, must agree).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 USAGE="single_node.sh [--gpus N] [--port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume]"
@@ -21,13 +23,18 @@ while [[ $# -gt 0 ]]; do
         *) break ;;
     esac
 done
-[[ -n $GPUS ]] || GPUS=$(gpu_count)
 set_run_args "$@"
 set_program "$ENTRY"
+set_gpus "$GPUS"
+[[ -n $GPUS ]] || GPUS=$(gpu_count)
+[[ ${#RESOURCES[@]} -gt 0 ]] || RESOURCES=(--num_gpus "$GPUS")
 
 "$PYTHON" -m ds_cl.tools.launch_checks preflight --config "$CONFIG" --nodes 1 --gpus-per-node "$GPUS" -- "${OVERRIDES[@]}"
 
-CMD=("$PYTHON" -m deepspeed.launcher.runner --num_gpus "$GPUS" --master_port "$PORT" "${PROGRAM[@]}" "${PASS[@]}")
+# Under --include the runner must not see CUDA_VISIBLE_DEVICES: it would count only the visible GPUs and
+# refuse the indices past that count (its launcher gives each rank CUDA_VISIBLE_DEVICES=IDS itself).
+CMD=("${UNSET_VISIBLE[@]}" "$PYTHON" -m deepspeed.launcher.runner "${RESOURCES[@]}" --master_port "$PORT"
+     "${PROGRAM[@]}" "${PASS[@]}")
 if (( DRY_RUN )); then
     echo "[localhost] $(show "${CMD[@]}")"
     exit 0

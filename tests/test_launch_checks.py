@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -29,8 +30,8 @@ def run_cfg(tmp_path_factory) -> Path:
 
 
 def sh(*cmd: str, **env: str) -> subprocess.CompletedProcess:
-    e = dict(os.environ, PYTHON=sys.executable, **env)
-    e.pop("NUM_GPUS", None)
+    e = {k: v for k, v in os.environ.items() if k not in ("NUM_GPUS", "CUDA_VISIBLE_DEVICES")}
+    e.update(PYTHON=sys.executable, **env)
     return subprocess.run(["bash", *map(str, cmd)], cwd=REPO, env=e, capture_output=True, text=True, timeout=120)
 
 
@@ -159,6 +160,45 @@ def test_multi_node_dry_run_prints_every_node(run_cfg, tmp_path):
     assert [line.split()[0] for line in lines] == ["[gpu-a]", "[gpu-b]"]
     assert "--master_addr gpu-a" in lines[1] and "--no_ssh --node_rank 1" in lines[1]
     assert "train_batch_size 8 = micro 2 x grad_accum 1 x world 4" in p.stderr  # 2 nodes x 2 slots
+
+
+def test_single_node_runs_on_the_gpus_cuda_visible_devices_gives(run_cfg):
+    """A shared node: the job's GPUs are CUDA_VISIBLE_DEVICES's. deepspeed gets --include localhost:IDS (given
+    --num_gpus its runner drops the variable and takes GPUs 0..N-1, another job's), and the runner does not
+    see the variable (it would count only the visible GPUs and refuse index 3)."""
+    gpu = {"CUDA_VISIBLE_DEVICES": "2,3", "DS_ACCELERATOR": "cuda"}
+    for count in ([], ["--gpus", "2"]):
+        p = sh(LAUNCHERS / "single_node.sh", "--dry-run", *count, run_cfg, **gpu)
+        assert p.returncode == 0, p.stderr
+        assert shlex.split(p.stdout) == ["[localhost]", "env", "-u", "CUDA_VISIBLE_DEVICES", sys.executable, "-m",
+                                         "deepspeed.launcher.runner", "--include", "localhost:2,3", "--master_port",
+                                         "29500", "--no_local_rank", "--module", "ds_cl.cli", "train", str(run_cfg)]
+        assert "world 2 = 1 node(s) x 2" in p.stderr
+    line = one_error_line(sh(LAUNCHERS / "single_node.sh", "--gpus", "4", run_cfg, **gpu))
+    assert line.endswith("4 GPUs per node requested but CUDA_VISIBLE_DEVICES=2,3 gives 2: request 2 (or leave the "
+                         "count out), or change CUDA_VISIBLE_DEVICES")
+    line = one_error_line(sh(LAUNCHERS / "single_node.sh", run_cfg, **{**gpu, "CUDA_VISIBLE_DEVICES": "GPU-8f2c1e4a"}))
+    assert "CUDA_VISIBLE_DEVICES=GPU-8f2c1e4a is not a list of GPU indices" in line
+    # CPU ranks (DS_ACCELERATOR=cpu): the variable selects nothing.
+    p = sh(LAUNCHERS / "single_node.sh", "--dry-run", "--gpus", "2", run_cfg, DS_ACCELERATOR="cpu",
+           CUDA_VISIBLE_DEVICES="2,3")
+    assert p.returncode == 0 and " --num_gpus 2 " in p.stdout and "--include" not in p.stdout, p.stderr
+
+
+def test_multi_node_includes_the_visible_gpus_on_every_node(run_cfg, tmp_path):
+    hf = tmp_path / "hostfile"
+    hf.write_text("gpu-a slots=4\ngpu-b slots=4\n")
+    gpu = {"CUDA_VISIBLE_DEVICES": "2,3", "DS_ACCELERATOR": "cuda"}
+    p = sh(LAUNCHERS / "multi_node.sh", "--no-ssh", "--dry-run", "--hostfile", hf, run_cfg, "train.global_batch_size=8",
+           **gpu)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == 2 and all(f"--hostfile {hf} --include gpu-a:2,3@gpu-b:2,3 --master_addr gpu-a"
+                                   in " ".join(shlex.split(line)) and "--num_gpus" not in line for line in lines), lines
+    assert "world 4 = 2 node(s) x 2" in p.stderr
+    hf.write_text("gpu-a slots=2\ngpu-b slots=2\n")
+    line = one_error_line(sh(LAUNCHERS / "multi_node.sh", "--hostfile", hf, run_cfg, **gpu))
+    assert f"hostfile {hf}: gpu-a has slots=2 but CUDA_VISIBLE_DEVICES=2,3 names GPU 3" in line
 
 
 @pytest.mark.parametrize("case,expect", [

@@ -10,6 +10,7 @@ ds_cl/training/ds_config.py's, SLURM node-list expansion is ds_cl/training/envir
     python -m ds_cl.tools.launch_checks hostfile --out FILE --slots G [--nodes N]   # from the SLURM allocation
     python -m ds_cl.tools.launch_checks port [--job-id ID]                          # master port from the job id
     python -m ds_cl.tools.launch_checks master [--hostfile H]                       # first host of a hostfile
+    python -m ds_cl.tools.launch_checks gpus [--gpus G] [--hostfile H --nodes N]    # CUDA_VISIBLE_DEVICES's GPUs
 
 Each failure is one line on stderr, `ds-cl launch: error: ...`, and exit status 2.
 """
@@ -20,6 +21,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Mapping
 
 PORT_BASE, PORT_SPAN = 20000, 10000  # below Linux's ephemeral range (32768+)
 
@@ -111,6 +113,56 @@ def port_from_job_id(job_id: str | int | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# The GPUs of a shared node: CUDA_VISIBLE_DEVICES
+#
+# DeepSpeed's runner drops CUDA_VISIBLE_DEVICES whenever --num_gpus is given and starts the ranks on
+# GPUs 0..N-1: on a node shared with other jobs, someone else's. With --include HOST:IDS instead it starts
+# them on those indices (each rank gets CUDA_VISIBLE_DEVICES=IDS from its per-node launcher).
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None) -> list[int] | None:
+    """The GPU indices CUDA_VISIBLE_DEVICES gives this job, or None when it gives none: unset, empty,
+    or the ranks run on CPU (DS_ACCELERATOR=cpu), where it selects nothing."""
+    env = os.environ if environ is None else environ
+    raw = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not raw or env.get("DS_ACCELERATOR") == "cpu":
+        return None
+    ids = [x.strip() for x in raw.split(",")]
+    if not all(x.isdigit() for x in ids):
+        raise LaunchError(f"CUDA_VISIBLE_DEVICES={raw} is not a list of GPU indices (UUIDs and MIG names are not "
+                          "supported: DeepSpeed's launcher selects GPUs by index; `nvidia-smi -L` lists them)")
+    if len(set(map(int, ids))) != len(ids):
+        raise LaunchError(f"CUDA_VISIBLE_DEVICES={raw} names a GPU twice")
+    return [int(x) for x in ids]
+
+
+def gpu_include(gpus: int | None = None, hostfile: str | Path | None = None, nodes: int | None = None,
+                environ: Mapping[str, str] | None = None) -> tuple[int, str] | None:
+    """With CUDA_VISIBLE_DEVICES set (`visible_gpus`): (processes per node, the value of DeepSpeed's
+    `--include`), those indices on this machine, or with a hostfile on each of its first `nodes` hosts.
+    None without it (the launchers then pass --num_gpus). LaunchError when `gpus` (the launcher's
+    --gpus / --gpus-per-node) is not their number, or a host's slots do not reach the largest index
+    (with --include, DeepSpeed reads slots=S as GPUs 0..S-1 of that host)."""
+    ids = visible_gpus(environ)
+    if ids is None:
+        return None
+    raw = ",".join(map(str, ids))
+    if gpus is not None and gpus != len(ids):
+        raise LaunchError(f"{gpus} GPUs per node requested but CUDA_VISIBLE_DEVICES={raw} gives {len(ids)}: "
+                          f"request {len(ids)} (or leave the count out), or change CUDA_VISIBLE_DEVICES")
+    if hostfile is None:
+        return len(ids), f"localhost:{raw}"
+    hosts = parse_hostfile(hostfile)
+    nodes = len(hosts) if nodes is None else nodes
+    check_nodes(nodes, [h for h, _ in hosts], where=f"hostfile {hostfile}")
+    for host, slots in hosts[:nodes]:
+        if max(ids) >= slots:
+            raise LaunchError(f"hostfile {hostfile}: {host} has slots={slots} but CUDA_VISIBLE_DEVICES={raw} "
+                              f"names GPU {max(ids)}: with CUDA_VISIBLE_DEVICES set, slots= is the node's GPU count")
+    return len(ids), "@".join(f"{host}:{raw}" for host, _ in hosts[:nodes])
+
+
+# ------------------------------------------------------------------------------------------------
 # Run config (what `ds-cl train CONFIG overrides` will read) and its DeepSpeed config
 
 
@@ -184,6 +236,11 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--job-id")
     ms = sub.add_parser("master", help="first host of a hostfile")
     ms.add_argument("--hostfile", required=True)
+    gp = sub.add_parser("gpus", help="the GPUs CUDA_VISIBLE_DEVICES gives: prints 'COUNT INCLUDE' for "
+                                     "deepspeed's --include, nothing when it is unset")
+    gp.add_argument("--gpus", type=int, help="the count the launcher was given, which must agree")
+    gp.add_argument("--hostfile")
+    gp.add_argument("--nodes", type=int)
     return p
 
 
@@ -206,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
             print(port_from_job_id(args.job_id))
         elif args.cmd == "master":
             print(parse_hostfile(args.hostfile)[0][0])
+        elif args.cmd == "gpus":
+            found = gpu_include(args.gpus, args.hostfile, args.nodes)
+            if found is not None:
+                print(*found)
     except LaunchError as e:
         print(f"ds-cl launch: error: {e}", file=sys.stderr)
         return 2
