@@ -305,8 +305,8 @@ def build_ds_config(cfg: RunConfig, world: int, on_cpu: bool) -> dict:
             # torch's AdamW (torch picks its multi-tensor kernels on a GPU). Left to itself DeepSpeed builds
             # FusedAdam, which it JIT-compiles with nvcc at start-up: with torch's CUDA wheels but no CUDA
             # toolkit, deepspeed.initialize fails. Under optimizer offload on a GPU DeepSpeed's CPU Adam runs
-            # instead (compiled by the host's C++ compiler, no nvcc; several times faster than torch's on
-            # the CPU). FusedAdam on purpose: docs/training.md, "The optimizer".
+            # instead (compiled by the host's C++ compiler, no nvcc; by DeepSpeed's measure several times
+            # faster than torch's on the CPU). FusedAdam on purpose: docs/training.md, "The optimizer".
             params.update(torch_adam=True, adam_w_mode=True)
         ds["optimizer"] = {"type": "AdamW", "params": params}
     ds.setdefault("steps_per_print", 10 ** 9)  # we log ourselves
