@@ -24,9 +24,11 @@ def launch_cmd(config: Path, *args: str, nprocs: int = 2) -> list[str]:
             str(free_port()), *TRAIN, str(config), *map(str, args)]
 
 
-def run(config: Path, *args: str, fault: str | None = None, timeout: int = 300, **popen) -> subprocess.CompletedProcess:
-    """Run `ds-cl train` on 2 CPU ranks; no check of the exit status (the caller asserts it)."""
-    env = cpu_env(**({"DS_CL_FAULT": fault} if fault else {}))
+def run(config: Path, *args: str, fault: str | None = None, timeout: int = 300, env: dict | None = None,
+        **popen) -> subprocess.CompletedProcess:
+    """Run `ds-cl train` on 2 CPU ranks; no check of the exit status (the caller asserts it). `env`: more
+    environment variables."""
+    env = cpu_env(**({"DS_CL_FAULT": fault} if fault else {}), **(env or {}))
     return subprocess.run(launch_cmd(config, *args), cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, **popen)
 

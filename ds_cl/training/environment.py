@@ -171,10 +171,9 @@ def build_distributed(timeout_minutes: float | None = None, deterministic: bool 
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     acc = get_accelerator()
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
-    from ds_cl.tools.ops import announce_first_build, clear_stale_locks, use_interpreter_ninja
+    from ds_cl.tools.ops import announce_first_build, clear_stale_locks
 
     say = lambda msg: print(f"[ds-cl] rank {os.environ.get('RANK', '0')}: {msg}", flush=True)  # noqa: E731
-    use_interpreter_ninja()  # the same ninja as `make setup`'s build: another one would rebuild the ops
     clear_stale_locks(log=say)  # a killed first run's build lock would hang every later one
     if acc.device_name() == "cpu" and os.environ.get("RANK", "0") == "0":
         announce_first_build(log=say)
@@ -224,6 +223,13 @@ def init_distributed(backend: str | None = None, timeout_minutes: float | None =
 
     import deepspeed
 
+    from ds_cl.tools.ops import use_interpreter_ninja
+
+    # Every process that starts DeepSpeed's CPU comm (train, eval, bench, the tests' ranks) must build its
+    # op with `make setup`'s ninja: ninja 1.11 (Debian's, first on PATH) and 1.13 (pip's) hash a build
+    # command differently, so each reads the other's build log as a changed command and recompiles the op
+    # (~1.5 min on 2 cores); a recompile inside a process with a file-size limit failed (docs/reliability.md).
+    use_interpreter_ninja()
     kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
     deepspeed.init_distributed(dist_backend=backend, **kwargs)
     release_cpu_shm()
