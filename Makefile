@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ds-cl-installed
 SMOKE  := tests/test_model_build.py tests/test_demo.py
 
-.PHONY: setup demo test test-slow model lock test-latest clean
+.PHONY: setup demo test test-slow model lock test-latest gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,20 @@ test-latest:
 	.venv-latest/bin/pip freeze | grep -iE '^(torch|transformers|deepspeed|accelerate|datasets)=='
 	DS_ACCELERATOR=cpu .venv-latest/bin/python -m pytest -q $(SMOKE)
 	rm -rf .venv-latest
+
+# The wheels a lent GPU machine needs beside its own packages (docs/benchmarks.md, "GPU smoke"): its image
+# (Python 3.12, no network) has torch and transformers but not deepspeed. deepspeed is built here as a
+# pure-Python wheel (its ops compile just in time there); those of its requirements the image lacks come as
+# cp312 manylinux wheels, at requirements.lock's versions. Into .whl/ (git-ignored): name it in `carry`.
+GPU_WHEELS := hjson pydantic pydantic-core annotated-types typing-inspection typing-extensions
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64,--platform $(p))
+gpu-wheels: setup
+	mkdir -p .whl
+	rm -f .whl/*.whl  # one version of each: two stop the install there
+	$(PIP) wheel -q --no-deps --no-build-isolation -c $(LOCK) -w .whl '$(DEEPSPEED)'
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $(GPU_PLATFORMS) \
+	  -c $(LOCK) -d .whl $(GPU_WHEELS)
+	@ls -s --block-size=K .whl; du -sh .whl
 
 clean:
 	rm -rf $(VENV) .venv-lock .venv-latest build *.egg-info

@@ -1,6 +1,6 @@
 """`ds-cl bench`: plain ZeRO-3 steps against projected steps, SVD phase time, bases memory, traffic.
 
-    ds-cl bench [--world N] [--model tiny|small|llama2-7b-shapes|HF_FOLDER] [--layers K] [--json]
+    ds-cl bench [--world N] [--model tiny|small|llama2-7b-shapes|HF_FOLDER] [--layers K] [--extend] [--json]
     ds-cl bench --plan [--model llama2-7b-shapes] [--json]    # buckets and memory model by world, no run
     ds-cl bench --memory [--model small|medium] [--world N]    # memory model against measured peaks
 
@@ -8,7 +8,9 @@ The command launches `deepspeed --num_gpus W` runs of this module's worker (CPU 
 where there is no GPU): one run at world N that alternates, step by step on the same engine and
 data, plain `engine.step()`, `proj.step()` with gradient projection only, and with gradient +
 update projection (and the same with audit() on); and one SVD-phase run per world 1..N. It prints
-a table and, with --json, one JSON object as the last stdout line.
+a table and, with --json, one JSON object as the last stdout line. --extend also times the task
+boundary of osft's default subspace (accumulate): `mark()` before the measured steps and `extend()`
+of their update after them.
 
 --memory runs worlds 1..N on CPU and compares the projector's memory as ds_cl.core.projector_memory
 computes it with what each rank measures: the resident-set peak of a projected step over that of a
@@ -82,8 +84,14 @@ def parse_args(argv):
                         "default on an accelerator)")
     p.add_argument("--memory", action="store_true",
                    help="measure the projector's memory on CPU ranks at worlds 1..--world against the model")
+    p.add_argument("--extend", action="store_true",
+                   help="also time mark() before the measured steps and extend(0.99, 0.9) of their update after "
+                        "them (the accumulate subspace's task boundary; mark holds an fp32 host copy of the targets)")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
     p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.add_argument("--log", default=None,
+                   help="append the worker runs' output to this file as they go (default: kept in memory and "
+                        "shown on failure); their progress lines show how far a run that was cut short got")
     p.add_argument("--worker", choices=["steps", "svd", "memory"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args([a for a in argv if not a.startswith("--local_rank")])
@@ -351,8 +359,12 @@ def worker(args) -> None:
     engine, cfg = _build(args)
     kwargs = {"bucket_numel_per_rank": args.bucket_numel_per_rank} if args.bucket_numel_per_rank else {}
     proj = SubspaceProjector(engine, audit=False, **kwargs)
+    say = (lambda msg: print(f"[ds-cl bench] world {world}: {msg}", flush=True)) if rank == 0 else (lambda msg: None)
+    t = time.perf_counter()
     proj.fit(FixedRank(args.ratio))  # warm-up: the first LAPACK call pays one-time set-up
+    say(f"warm-up fit {time.perf_counter() - t:.2f}s")
     svd_s, _ = _barrier_time(lambda: proj.fit(FixedRank(args.ratio)))
+    say(f"fit {svd_s:.2f}s")
     # Share of the SVD work (m n min(m, n) per matrix) each rank owns: what the design divides,
     # whether or not the hardware runs the ranks in parallel.
     cost = {n: matrix_cost(proj.shapes[n]) for n in proj.names}
@@ -361,6 +373,9 @@ def worker(args) -> None:
     result["bases_bytes_by_rank"] = collectives.all_gather_object(proj.bases_bytes())
 
     if args.worker == "steps":
+        if args.extend:
+            result["mark_seconds"], _ = _barrier_time(proj.mark)
+            say(f"mark {result['mark_seconds']:.2f}s")
         g = torch.Generator().manual_seed(rank)
         ids = torch.randint(0, cfg.vocab_size, (args.micro_batch, args.seq), generator=g).to(engine.device)
         times = {m: [] for m in MODES}
@@ -385,6 +400,11 @@ def worker(args) -> None:
                     times[mode].append(dt)
                     if mode == "grad_update":
                         comm.append(proj.stats["sent_bytes"] - before)
+        say(f"{args.warmup + args.steps} steps of each mode, plain median {statistics.median(times['plain']):.3f}s")
+        if args.extend:
+            result["extend_seconds"], added = _barrier_time(lambda: proj.extend(0.99, 0.9))
+            result["extend_added_directions"] = sum(added.values())
+            say(f"extend {result['extend_seconds']:.2f}s (+{result['extend_added_directions']} directions)")
         ratios = {}
         for mode in MODES[1:]:
             r = [t / p for t, p in zip(times[mode], times["plain"])]
@@ -424,6 +444,8 @@ def _launch(args, world: int, mode: str, result: Path) -> dict:
            "--ratio", str(args.ratio), "--threads-per-rank", str(args.threads_per_rank)]
     if args.layers:
         cmd += ["--layers", str(args.layers)]
+    if args.extend:
+        cmd += ["--extend"]
     if args.bucket_numel_per_rank:
         cmd += ["--bucket-numel-per-rank", str(args.bucket_numel_per_rank)]
     env = dict(os.environ)
@@ -434,6 +456,15 @@ def _launch(args, world: int, mode: str, result: Path) -> dict:
         # so the resident set follows the live tensors (its default threshold adapts upwards and keeps
         # freed blocks of up to 32 MiB resident).
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    if args.log:
+        with open(args.log, "a") as f:
+            f.write(f"$ {' '.join(cmd)}\n")
+            f.flush()
+            proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"ds-cl bench: the world-{world} {mode} run failed (exit {proc.returncode}):\n"
+                             f"{Path(args.log).read_text()[-6000:]}")
+        return json.loads(result.read_text())
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"ds-cl bench: the world-{world} {mode} run failed (exit {proc.returncode}):\n"
@@ -531,6 +562,8 @@ def main(argv=None) -> int:
         "buckets": steps["buckets"],
         "steps_measured": args.steps,
     }
+    if args.extend:
+        out.update({k: steps[k] for k in ("mark_seconds", "extend_seconds", "extend_added_directions")})
     mib = 1 << 20
     print(f"model {args.model} ({out['layers']} layers, {out['target_params'] / 1e6:.1f}M target params), "
           f"world {args.world}, {out['tokens_per_step']} tokens/step, device {out['device']}")
@@ -542,6 +575,9 @@ def main(argv=None) -> int:
     print(f"  bases {out['bases_bytes_total'] / mib:.1f} MiB total, {out['bases_bytes_per_rank'] / mib:.1f} MiB max "
           f"per rank | sent {out['comm_bytes_per_rank_per_step'] / mib:.2f} MiB/rank/step | "
           f"peak mem {out['peak_mem_bytes_per_rank'] / mib:.0f} MiB/rank")
+    if args.extend:
+        print(f"  task boundary (world {args.world}): mark {out['mark_seconds']:.2f}s, "
+              f"extend {out['extend_seconds']:.2f}s (+{out['extend_added_directions']} directions)")
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
     if args.json:
