@@ -65,10 +65,6 @@ def test_a_cut_run_still_reports(tmp_path):
     assert "stopped after" in (tmp_path / "out" / "smoke_train.log").read_text()
 
 
-@pytest.mark.xfail(strict=True, reason="ds_cl.core.subspace.full_fp32 sets only the per-backend fp32_precision: "
-                   "with the host's legacy TF32 on, torch's cuBLAS check (Context::allowTF32CuBLAS, called by every "
-                   "fp32 GEMM on a GPU) raises inside it ('mix of the legacy and new APIs'); it must set the legacy "
-                   "float32_matmul_precision too. Remove this mark with that fix.")
 def test_full_fp32_keeps_cublas_tf32_check_consistent_under_host_tf32():
     # In a fresh process: the TF32 switches are process-global.
     code = ("import json; from ds_cl.tools.gpu_smoke import enable_tf32, tf32_guard; enable_tf32(); "

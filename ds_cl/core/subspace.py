@@ -65,11 +65,20 @@ def full_fp32():
                 if b is not None and hasattr(b, "fp32_precision")]
     if backends:
         saved = [b.fp32_precision for b in backends]
+        # The legacy global too: cuBLAS's TF32 check (every fp32 GEMM on a GPU) reads both, and raises
+        # ("mix of the legacy and new APIs") when a host's allow_tf32 / "high" meets a per-backend "ieee".
         try:
+            legacy = torch.get_float32_matmul_precision()
+        except RuntimeError:  # already mixed by the host: nothing readable to restore
+            legacy = None
+        try:
+            torch.set_float32_matmul_precision("highest")
             for b in backends:
                 b.fp32_precision = "ieee"
             yield
         finally:
+            if legacy is not None:
+                torch.set_float32_matmul_precision(legacy)
             for b, value in zip(backends, saved):
                 b.fp32_precision = value
         return
