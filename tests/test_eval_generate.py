@@ -57,6 +57,48 @@ def test_generate_batched_equals_one_by_one(tiny):
     assert all(isinstance(a, str) and a for a in one)
 
 
+def test_evaluate_model_frees_the_model(tiny, tmp_path, monkeypatch):
+    """Inside `ds-cl train` the evaluated model is a second full copy beside the ZeRO-3 state: once
+    evaluate_model returns, nothing may keep it alive (the answers, the summary, generation caches)."""
+    import weakref
+
+    from ds_cl.evaluation import cli, generate
+
+    loaded, freed = [], []
+    real_load, real_free = generate.load_model, generate.free_memory
+
+    def load(*a, **k):
+        model, tok = real_load(*a, **k)
+        loaded.append(weakref.ref(model))
+        return model, tok
+
+    def free(device):
+        freed.append(device)
+        real_free(device)
+
+    monkeypatch.setattr(generate, "load_model", load)
+    monkeypatch.setattr(generate, "free_memory", free)
+    suite = resolve_suite("retention")
+    parts = {k: v[:2] for k, v in cli.load_parts(suite).items()}
+    summary = cli.evaluate_model(str(tiny), suite, parts, tmp_path, max_new_tokens=4, batch_size=2)
+    assert summary["safety"]["refusal_rate"] is not None
+    assert len(loaded) == 1 and freed == ["cpu"]
+    assert loaded[0]() is None, "evaluate_model returned with its model still referenced"
+
+
+def test_free_memory_empties_the_cuda_cache_only_on_cuda(monkeypatch):
+    import torch
+
+    from ds_cl.evaluation.generate import free_memory
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    free_memory("cpu")
+    assert calls == []
+    free_memory("cuda:3")
+    assert calls == [1]
+
+
 def test_eval_errors_before_model_load(tiny, tmp_path, capsys):
     from ds_cl.evaluation.cli import main
     assert main(["--model", str(tiny), "--suite", "no-such-suite", "--out", str(tmp_path)]) == 2

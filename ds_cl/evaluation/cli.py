@@ -83,7 +83,7 @@ def evaluate_model(model_path: str, suite, parts: dict, out: Path, *, device: st
     `ds-cl train` can call this after each task with the exported checkpoint."""
     from ds_cl.core import collectives
 
-    from .generate import dist_info, generate_distributed, load_model
+    from .generate import dist_info, free_memory, generate_distributed, load_model
     rank, world = dist_info()
     t0 = time.time()
     model, tok = load_model(model_path, device, dtype)
@@ -120,10 +120,15 @@ def evaluate_model(model_path: str, suite, parts: dict, out: Path, *, device: st
                 keys = ("compliance_rate", "median_words", "by_set")
             write_json(out / f"{part}.json", res)
             summary[part] = {k: res[k] for k in keys}
+    # The last reference to the model (nothing above keeps one: the answers are strings, the generation
+    # caches die with each generate() call): free it before lm-eval loads its own copy, and before a run
+    # that called this goes back to training.
     del model
+    free_memory(device)
     if suite.lm_eval and rank == 0:
         from .general import run_lm_eval
         gen = run_lm_eval(str(model_path), suite.lm_eval, device=device, dtype=dtype)
+        free_memory(device)  # lm-eval's own copy of the model, out of scope once simple_evaluate returns
         write_json(out / "general.json", gen)
         summary["general"] = gen["results"]
     collectives.barrier()

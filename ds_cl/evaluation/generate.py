@@ -31,6 +31,21 @@ def load_model(path: str, device: str, dtype: str = "auto"):
     return model, tok
 
 
+def free_memory(device: str) -> None:
+    """After the caller dropped its last reference to a model from `load_model`: collect it now and, on
+    CUDA, hand the allocator's cached blocks back. Inside `ds-cl train` the evaluated model is a second
+    full copy beside the ZeRO-3 state on every GPU (ds_configs/README.md); without this its memory and
+    the generation's KV cache would stay reserved by this process for the rest of the run, out of reach
+    of allocations outside torch's caching allocator (NCCL's buffers) and of other processes."""
+    import gc
+
+    # Today's transformers models hold no reference cycle (the `del` freed it); one would keep the
+    # weights until some later collection.
+    gc.collect()
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def format_prompt(tok, prompt: str, chat_template: bool = True) -> str:
     if chat_template and getattr(tok, "chat_template", None):
         return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
