@@ -64,6 +64,8 @@ def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
         return "train", [str(tmp / "nope.yaml")]
     if cid == "config-yaml":
         cfg.write_text("train: [1, 2\n")
+    elif cid == "config-yaml-tab":
+        cfg.write_text("train:\n  lr: 0.1\n\tseed: 2\n")
     elif cid == "config-unknown-key":
         edit(cfg, lambda c: c["train"].update(lrr=1))
     elif cid == "config-type":

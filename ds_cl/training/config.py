@@ -328,7 +328,7 @@ def apply_override(data: dict, item: str, src: str = "command line") -> None:
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"{src}: override {key}: value {raw!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{src}: override {key}: value {raw!r} is not valid YAML ({yaml_problem(e)[1]})") from None
     parts = key.strip().split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
@@ -561,13 +561,30 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def yaml_problem(e: yaml.YAMLError) -> tuple[str, str]:
+    """(":LINE:COLUMN" or "", what PyYAML found) of a parse error, in one line. PyYAML's own text spans
+    several lines and starts with its context ("while parsing a flow sequence"), so its first line alone
+    said neither what nor where."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+    if "'\\t'" in problem:  # PyYAML: "found character '\t' that cannot start any token"
+        problem = "a tab character; YAML indents with spaces only"
+    ctx, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if ctx and cmark is not None and (mark is None or (cmark.line, cmark.column) != (mark.line, mark.column)):
+        problem += f" ({ctx} at line {cmark.line + 1}, column {cmark.column + 1})"
+    return ("" if mark is None else f":{mark.line + 1}:{mark.column + 1}"), problem
+
+
 def read_yaml(path: str | os.PathLike):
-    """YAML with duplicate keys refused (ConfigError naming both lines)."""
+    """YAML with duplicate keys refused (ConfigError naming both lines); a parse error is a ConfigError
+    `PATH:LINE:COLUMN: not valid YAML: ...`."""
     with open(path) as f:
         try:
             return yaml.load(f, Loader=_UniqueKeyLoader)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+        except yaml.YAMLError as e:
+            where, problem = yaml_problem(e)
+            raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), data: dict | None = None) -> RunConfig:
@@ -576,10 +593,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = (), data:
     if data is None:
         if not os.path.isfile(path):
             raise ConfigError(f"{src}: no such config file")
-        try:
-            data = read_yaml(path)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{src}: not valid YAML: {str(e).splitlines()[0]}") from None
+        data = read_yaml(path)
         if data is None:
             data = {}
     else:
