@@ -134,6 +134,11 @@ def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
         (tmp / "m" / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 400}))
         (tmp / "m" / "pytorch_model.bin").write_bytes(b"\0")
         edit(cfg, lambda c: c["model"].update(name_or_path=str(tmp / "m"), config=None))
+    elif cid == "model-no-tokenizer":
+        (tmp / "m").mkdir()
+        (tmp / "m" / "config.json").write_text(json.dumps(yaml.safe_load(cfg.read_text())["model"]["config"]))
+        (tmp / "m" / "model.safetensors").write_bytes(b"\0")  # read after the checks: they only look for one
+        edit(cfg, lambda c: c["model"].update(name_or_path=str(tmp / "m"), config=None, tokenizer=None))
     elif cid == "tokenizer-missing":
         edit(cfg, lambda c: c["model"].update(tokenizer=str(tmp / "none.model")))
     elif cid == "vocab-mismatch":

@@ -165,11 +165,22 @@ def tokenizer_size(tok) -> int:
     return len(tok.tok)
 
 
+# Any of these makes a folder a tokenizer that transformers (or sentencepiece) can read.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken")
+
+
 def check_tokenizer(cfg: RunConfig):
     from ds_cl.training.data import load_tokenizer
 
     path = cfg.model.tokenizer or cfg.model.name_or_path
     key = "model.tokenizer" if cfg.model.tokenizer else "model.name_or_path"
+    # A folder of none of them: transformers would try to convert a tokenizer that is not there and say
+    # that sentencepiece or tiktoken is missing, which sends the user to install a package.
+    if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        fix = ("give the folder that holds them, or a SentencePiece .model file" if cfg.model.tokenizer
+               else "set model.tokenizer to the tokenizer's folder or SentencePiece .model file")
+        raise ConfigError(f"{key}: {path} has no tokenizer files (tokenizer.json, tokenizer.model, ...): {fix}")
     try:
         tok = load_tokenizer(path, cfg.model.chat_template)
     except ValueError as e:
