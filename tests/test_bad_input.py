@@ -114,6 +114,12 @@ def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
         edit(cfg, set_task(train=data_file(tmp, "task.jsonl", b"\n".join(lines[:2] + [b'{"input": "x",'] + lines[3:]))))
     elif cid == "data-not-object":
         edit(cfg, set_task(train=data_file(tmp, "task.jsonl", good.splitlines()[0] + b'\n["input", "output"]\n')))
+    elif cid == "data-jsonl-array":
+        records = [json.loads(line) for line in good.splitlines() if line.strip()]
+        edit(cfg, set_task(train=data_file(tmp, "task.jsonl", json.dumps(records, indent=1).encode())))
+    elif cid == "data-json-not-objects":
+        records = [{"input": "fine", "output": "positive"}, "oops", {"input": "bad", "output": "negative"}]
+        edit(cfg, set_task(train=data_file(tmp, "task.json", json.dumps(records).encode())))
     elif cid == "data-empty":
         edit(cfg, set_task(train=data_file(tmp, "task.jsonl", b"")))
     elif cid == "data-encoding":

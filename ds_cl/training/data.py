@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from ds_cl.training.config import TaskConfig
-from ds_cl.training.records import decode_utf8, parse_jsonl
+from ds_cl.training.records import check_objects, decode_utf8, parse_jsonl
 
 log = logging.getLogger("ds_cl.training.data")
 
@@ -168,6 +168,7 @@ def read_records(source: str, split: str, key: str = "data") -> list[dict]:
                 rows = rows[split]
             if not isinstance(rows, list):
                 raise ValueError(f"{key}: {p} must hold a list of records (or a mapping of split -> list)")
+            check_objects(rows, f"{key}: {p}")
         elif p.suffix == ".csv":
             import io
 
