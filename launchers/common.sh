@@ -8,6 +8,24 @@ PYTHON=${PYTHON:-python3}
 
 die() { echo "ds-cl launch: error: $*" >&2; exit 2; }
 
+# PYTHON must import ds_cl and deepspeed. Without this check the first "$PYTHON -m ds_cl..." fails with
+# "No module named ds_cl", which does not say that PYTHON picks the interpreter (python3 is rarely the
+# venv's). The hint: the interpreter of the `ds-cl` command on PATH, else this checkout's .venv.
+check_python() {
+    local missing hint=/path/to/venv/bin/python root
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    if command -v ds-cl >/dev/null 2>&1 && [[ $(head -c 2 "$(command -v ds-cl)") == '#!' ]]; then
+        hint=$(head -n 1 "$(command -v ds-cl)"); hint=${hint#\#!}
+    elif [[ -x $root/.venv/bin/python ]]; then hint=$root/.venv/bin/python
+    fi
+    command -v "$PYTHON" >/dev/null 2>&1 ||
+        die "PYTHON=$PYTHON: no such interpreter; set PYTHON to the Python ds-cl is installed in, e.g. PYTHON=$hint"
+    missing=$("$PYTHON" -c 'import importlib.util as u
+print(" and ".join(m for m in ("ds_cl", "deepspeed") if u.find_spec(m) is None))' 2>/dev/null) || missing="ds_cl"
+    [[ -z $missing ]] ||
+        die "PYTHON=$PYTHON ($(command -v "$PYTHON")) cannot import $missing; set PYTHON to the Python ds-cl is installed in, e.g. PYTHON=$hint"
+}
+
 # PROGRAM: what deepspeed starts on each rank, before CONFIG and the overrides.
 # --no_local_rank: ranks read LOCAL_RANK from the environment, argv stays CONFIG + overrides.
 set_program() {

@@ -40,6 +40,7 @@ done
 [[ -n $HOSTFILE ]] || die "--hostfile is required: usage: $USAGE"
 set_run_args "$@"
 set_program "$ENTRY"
+check_python
 
 # Hostfile checks (exists, well formed, no duplicates) come first: the defaults below read it.
 "$PYTHON" -m ds_cl.tools.launch_checks master --hostfile "$HOSTFILE" >/dev/null

@@ -25,6 +25,7 @@ while [[ $# -gt 0 ]]; do
 done
 set_run_args "$@"
 set_program "$ENTRY"
+check_python
 set_gpus "$GPUS"
 [[ -n $GPUS ]] || GPUS=$(gpu_count)
 [[ ${#RESOURCES[@]} -gt 0 ]] || RESOURCES=(--num_gpus "$GPUS")

@@ -57,7 +57,8 @@ def set_task(**kv):
     return lambda c: c["tasks"][0].update(kv)
 
 
-# Each setup gets (tmp, config path) and returns (command, argv): command "train" or "launch".
+# Each setup gets (tmp, config path) and returns (command, argv): command "train", "launch" (launch_checks) or
+# "shell" (argv: a launcher script and its arguments, run by bash).
 def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
     good = (FIXTURES / "task_a.jsonl").read_bytes()
     if cid == "config-missing":
@@ -172,6 +173,19 @@ def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
 
         save_config(load_config(cfg, ["seed=99"]), tmp / "out" / "config.yaml")
         return "train", [str(cfg), "--resume"]
+    elif cid.startswith("launch-no-package"):
+        # python3 first on PATH, the default PYTHON, is an interpreter without ds_cl and deepspeed: isolated
+        # (-I: no working directory on sys.path) and without site-packages (-S).
+        (tmp / "bin").mkdir()
+        (tmp / "bin" / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')
+        (tmp / "bin" / "python3").chmod(0o755)
+        monkeypatch.setenv("PATH", f"{tmp / 'bin'}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.delenv("PYTHON", raising=False)
+        if cid.endswith("slurm"):
+            monkeypatch.setenv("SLURM_JOB_ID", "1")
+            monkeypatch.setenv("LOG_DIR", str(tmp / "logs"))
+            return "shell", [str(REPO / "launchers" / "slurm" / "llama2_7b.sbatch"), "--dry-run", str(cfg)]
+        return "shell", [str(REPO / "launchers" / "single_node.sh"), "--dry-run", str(cfg)]
     elif cid.startswith("launch-"):
         hf = tmp / "hostfile"
         hf.write_text({"launch-duplicate-host": "n1 slots=2\nn2 slots=2\nn1 slots=2\n",
@@ -208,8 +222,13 @@ def test_bad_input(cid, expect, tok, tmp_path, monkeypatch, capsys):
     cfg = cfg.rename(tmp_path / "run.yaml")
     command, argv = _case(cid, tmp_path, cfg, monkeypatch)
     before = snapshot(out)
-    rc = ds_train.main(argv) if command == "train" else launch_checks.main(argv)
-    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    if command == "shell":  # a launcher script, run by bash
+        p = subprocess.run(["bash", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        rc, stderr = p.returncode, p.stderr
+    else:
+        rc = ds_train.main(argv) if command == "train" else launch_checks.main(argv)
+        stderr = capsys.readouterr().err
+    err = [l for l in stderr.splitlines() if l.strip()]
     assert rc == 2, err
     prefix = "ds-cl train: " if command == "train" else "ds-cl launch: error: "
     assert len(err) == 1 and err[0].startswith(prefix), err
