@@ -440,7 +440,8 @@ def _exit_now(rc: int) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ds-cl train", description=__doc__.splitlines()[0])
     p.add_argument("config", help="run config YAML")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides (YAML values)")
+    # default=[]: without it argparse counts a `*` positional as required and names it in the no-arguments error.
+    p.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides (YAML values)")
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     # deepspeed's launcher appends --local_rank=N; the env variable LOCAL_RANK carries it too.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
