@@ -511,7 +511,7 @@ class SubspaceProjector:
                 u, v = self.bases.get(n, (w.new_zeros(m, 0), w.new_zeros(k, 0)))
                 # Projected again: without project_update the optimizer's step leaks, and rounding always does.
                 dw = S.project((w - self.anchor[n].to(w.device)).view(m, k), u, v, "two_sided")
-                room = max(0, math.floor(max_ratio * min(m, k) + 1e-9) - u.shape[1])
+                room = max(0, S.max_protected_rank((m, k), max_ratio) - u.shape[1])
                 try:
                     u_d, v_d = S.update_directions(dw, energy, room)
                 except ValueError as e:

@@ -12,6 +12,11 @@ pre-step copy when it is on the device, the exchange buffers of the buckets in f
 projection and audit temporaries). Where the training step itself peaks elsewhere (activations in
 the backward pass), a run needs less than this on top of plain ZeRO-3: the figure is an upper bound
 of the extra.
+
+`accumulate_sequence` walks osft's default run (the accumulate subspace) through T tasks, whose
+protected ranks grow at each task start toward max_protected_ratio: the bases and the extend's
+float64 SVD of the task update at the cap, not the first fit's ranks, set its peak. The extend is not
+among the phases `ds-cl bench --memory` measures: its figures are computed only.
 """
 
 from __future__ import annotations
@@ -41,14 +46,16 @@ def bases_numel(shape: Sequence[int], r: int, projection: str = "two_sided") -> 
     return (m + n) * r + (s * (s - r) if side else 0)
 
 
-def projection_temp_numel(k: int, shape: Sequence[int], r: int, projection: str = "two_sided") -> int:
+def projection_temp_numel(k: int, shape: Sequence[int], r: int, projection: str = "two_sided", *,
+                          via_complement: bool = True) -> int:
     """Peak of `_project_owned` for a group of k matrices: the stacked input and the products alive at
-    once (see ds_cl.core.subspace.project and project_two_sided_via)."""
+    once (see ds_cl.core.subspace.project and project_two_sided_via). via_complement=False: the two-sided
+    product without the complement, as `extend` projects dW (`subspace.project`)."""
     m, n = shape
     mn = k * m * n
     if r == 0:
         return 0
-    side = S.complement_side(shape, r) if projection == "two_sided" else None
+    side = S.complement_side(shape, r) if projection == "two_sided" and via_complement else None
     if side == "right":  # x = G C; x - U (U^T x); (x) C^T
         a = k * m * (n - r)
         return mn + max(3 * a + k * r * (n - r), a + mn)
@@ -70,14 +77,39 @@ def audit_temp_numel(k: int, shape: Sequence[int], r: int) -> int:
     return k * m * n + 2 * m * n + 2 * r * (m + n)
 
 
-def svd_temp_numel(shape: Sequence[int]) -> int:
+def svd_temp_numel(shape: Sequence[int], float64: bool = False) -> int:
     """A fit's SVD of one m x n matrix (`torch.linalg.svd(full_matrices=False)`, LAPACK gesdd with
     jobz="S"): the column-major copy of the input, U (m x s), Vh (s x n), and gesdd's workspace: 3 s^2
-    for the bidiagonal SVD, plus s^2 for the triangular factor when l >= 11 s / 6 (gesdd's QR-first path)."""
+    for the bidiagonal SVD, plus s^2 for the triangular factor when l >= 11 s / 6 (gesdd's QR-first path).
+    float64: the same in double precision (extend's SVD of dW, `subspace.update_directions`), twice the
+    fp32 elements. On CUDA the projector asks for cuSOLVER's gesvd, whose workspace is not modelled here."""
     m, n = shape
     s, l = min(m, n), max(m, n)
     work = (4 if 6 * l >= 11 * s else 3) * s * s + 8 * s
-    return m * n + m * s + s * n + work
+    return (2 if float64 else 1) * (m * n + m * s + s * n + work)
+
+
+def extend_temp_numel(shape: Sequence[int], r: int, added: int, previous: int = 0) -> int:
+    """Peak of `extend` on one m x n matrix with r protected directions growing by `added`, beside the
+    bucket (the gathered weights) and the bases: the largest of its three moments, in order.
+
+    1. dW = project(W - anchor): the anchor brought to the device beside the difference, then the direct
+       two-sided product; `previous` (the bucket's previous matrix's dW) is alive until dW is reassigned.
+    2. `update_directions`: dW, its float64 copy, and the float64 SVD (U m x s, S, Vh s x n and workspace,
+       s = min(m, n)): usually the largest, and independent of r.
+    3. `extend_bases` (added > 0): dW, U_d and V_d, and per side one Gram-Schmidt pass in float64 (two
+       float64 copies of the l x r basis, of the l x added directions, their l x added product and
+       difference), the grown U beside V's pass.
+    """
+    m, n = shape
+    mn = m * n
+    project = previous + max(2 * mn, projection_temp_numel(1, shape, r, via_complement=False))
+    svd = mn + 2 * mn + svd_temp_numel(shape, float64=True)
+    grow = 0
+    if added:
+        side = lambda l: 2 * (2 * l * r + 2 * l * added + r * added)  # noqa: E731
+        grow = mn + (m + n) * added + max(side(m), m * (r + added) + side(n))
+    return max(project, svd, grow)
 
 
 def complement_temp_numel(k: int, shape: Sequence[int], r: int) -> int:
@@ -148,21 +180,26 @@ def projector_memory(shapes: Mapping[str, Sequence[int]], world: int, ranks: Map
                      names: Sequence[str] | None = None,
                      bucket_numel_per_rank: int = DEFAULT_BUCKET_NUMEL_PER_RANK, projection: str = "two_sided",
                      project_update: bool = True, audit: bool = True, pre_step_copy: str = "device",
-                     accumulate: bool = True) -> dict:
+                     accumulate: bool = True, extended_ranks: Mapping[str, int] | None = None) -> dict:
     """Bytes the projector adds per rank for targets `shapes` ({name: (m, n)}, in parameter order) with
     protected ranks `ranks` ({name: r}) on `world` ranks.
 
     pre_step_copy: "device" or "host" (where the update projection keeps W_old, see SubspaceProjector).
     accumulate: the osft default (`extend` at each task end): the refit also holds the old bases and a
     host copy of the owned targets (the task's start weights).
+    extended_ranks: the ranks `extend` grows `ranks` to (default: `ranks`, nothing added).
     Returns the busiest rank's `projector_extra_bytes_per_rank` (step peak) and
-    `projector_refit_bytes_per_rank` (task-boundary peak), `projector_host_bytes_per_rank`, and the
-    parts of each, per rank.
+    `projector_refit_bytes_per_rank` (task-boundary peak: the fit at `ranks`, and with accumulate the
+    larger of it and an extend), `projector_host_bytes_per_rank`, and the parts of each, per rank
+    (with accumulate also "mark" and "extend" on their own, and "host_extend").
     """
     if pre_step_copy not in ("device", "host"):
         raise ValueError(f"pre_step_copy must be 'device' or 'host', got {pre_step_copy!r}")
     names = list(names or shapes)
     ranks = {n: int(ranks.get(n, 0)) for n in names}
+    grown = {n: int((extended_ranks or ranks).get(n, ranks[n])) for n in names}
+    if any(grown[n] < ranks[n] for n in names):
+        raise ValueError("extended_ranks must not be below ranks: extend only adds directions")
     buckets, owner = plan_buckets(shapes, names, world, bucket_numel_per_rank)
     constrained = [b for b in ([n for n in b if ranks[n] > 0] for b in buckets) if b]
     need_update = project_update or audit
@@ -204,31 +241,48 @@ def projector_memory(shapes: Mapping[str, Sequence[int]], world: int, ranks: Map
         install = max([k * (shape[0] + shape[1]) * r for (_, shape, r), k in groups.items()] + [0])
         comp = max([complement_temp_numel(k, shape, r) for (_, shape, r), k in groups.items()
                     if projection == "two_sided" and S.complement_side(shape, r)] + [0])
-        refit = max(gather, bases + install, bases + comp)
+        fit = max(gather, bases + install, bases + comp)
+        refit, extra = fit, {}
+        owned_numel = sum(math.prod(shapes[n]) for n in owned)
+        host = host_step = (owned_numel if accumulate else 0) + (old if need_update and pre_step_copy == "host" else 0)
         if accumulate:
-            # extend: a bucket's old bases stay until its extended ones are packed, bucket by bucket; per
-            # matrix, dW (the anchor brought to the device, the difference, its projection) and then
-            # dW's SVD, beside the bucket's extended bases made so far.
-            work = []
+            # mark: the buckets gathered and copied to the host one by one, beside the bases.
+            mark = bases + _pipeline_peak(buckets, owner, shapes, world, rank, [0] * len(buckets), write=False,
+                                          read_temp=0)
+            # extend: bucket by bucket, a bucket's old bases stay until its extended ones are packed, so
+            # the buckets before it hold their grown bases already (`delta`); per matrix, the moments of
+            # `extend_temp_numel` beside the bucket's extended bases made so far; then the old packs go
+            # and the new ones are stacked, group by group, with their complements.
+            work, delta = [], 0
             for b in buckets:
-                made, t = 0, 0
-                for n in b:
-                    if owner[n] == rank:
-                        mn = math.prod(shapes[n])
-                        t = max(t, made + max(mn + projection_temp_numel(1, shapes[n], ranks[n]),
-                                              mn + svd_temp_numel(shapes[n])))
-                        made += (shapes[n][0] + shapes[n][1]) * ranks[n]
-                comp_b = max([complement_temp_numel(1, shapes[n], ranks[n]) for n in b if owner[n] == rank
-                              and projection == "two_sided" and S.complement_side(shapes[n], ranks[n])] + [0])
-                work.append(max(t, made + comp_b))
+                mine = [n for n in b if owner[n] == rank]
+                made, t, previous = 0, 0, 0
+                for n in mine:
+                    t = max(t, made + extend_temp_numel(shapes[n], ranks[n], grown[n] - ranks[n], previous))
+                    made += (shapes[n][0] + shapes[n][1]) * grown[n]
+                    previous = math.prod(shapes[n])
+                groups: dict[tuple, int] = {}
+                for n in mine:
+                    if grown[n] > 0:
+                        groups[(tuple(shapes[n]), grown[n])] = groups.get((tuple(shapes[n]), grown[n]), 0) + 1
+                old_b = sum(bases_numel(shapes[n], ranks[n], projection) for n in mine)
+                new_b = sum(bases_numel(shapes[n], grown[n], projection) for n in mine)
+                pack = max([max(k * (sh[0] + sh[1]) * r, complement_temp_numel(k, sh, r)
+                                if projection == "two_sided" and S.complement_side(sh, r) else 0)
+                            for (sh, r), k in groups.items()] + [0])
+                work.append(delta + max(t, new_b - old_b + pack))
+                delta += new_b - old_b
             extend = bases + _pipeline_peak(buckets, owner, shapes, world, rank, work, write=False, read_temp=0)
             refit = max(refit, extend)
-        host = (sum(math.prod(shapes[n]) for n in owned) if accumulate else 0) + \
-            (old if need_update and pre_step_copy == "host" else 0)
+            # the new anchor is built beside the old one, which goes only when extend ends
+            host_extend = 2 * owned_numel
+            host = max(host, host_extend)
+            extra = {"mark": FP32 * mark, "extend": FP32 * extend, "anchor": FP32 * owned_numel,
+                     "host_step": FP32 * host_step, "host_extend": FP32 * host_extend}
         per_rank.append({"bases": FP32 * bases, "pre_step_copy": FP32 * old_device,
                          "grad_pass": FP32 * grad_pass, "update_pass": FP32 * update_pass,
-                         "step": FP32 * step, "fit_gather": FP32 * gather, "refit": FP32 * refit,
-                         "host": FP32 * host})
+                         "step": FP32 * step, "fit_gather": FP32 * gather, "fit": FP32 * fit, "refit": FP32 * refit,
+                         "host": FP32 * host, **extra})
     busiest = lambda key: max(range(world), key=lambda r: per_rank[r][key])  # noqa: E731
     return {
         "world": world,
@@ -239,6 +293,68 @@ def projector_memory(shapes: Mapping[str, Sequence[int]], world: int, ranks: Map
         "busiest_rank": per_rank[busiest("step")],
         "per_rank": per_rank,
     }
+
+
+def grown_ranks(shapes: Mapping[str, Sequence[int]], ranks: Mapping[str, int], max_ratio: float,
+                added_ratio: float | None = None) -> dict[str, int]:
+    """The ranks after one `extend`: added_ratio x min(m, n) more directions per matrix, or with None as
+    many as the cap leaves room for, within `subspace.max_protected_rank` (never fewer than before)."""
+    out = {}
+    for n, shape in shapes.items():
+        cap = S.max_protected_rank(shape, max_ratio)
+        want = cap if added_ratio is None else ranks[n] + round(added_ratio * min(shape))
+        out[n] = max(ranks[n], min(cap, want))
+    return out
+
+
+def accumulate_sequence(shapes: Mapping[str, Sequence[int]], world: int, first_ranks: Mapping[str, int],
+                        tasks: int, *, max_ratio: float = 0.9, added_ratio: float | None = None, **kwargs) -> dict:
+    """The projector's memory per rank through a `tasks`-task sequence of the accumulate subspace (osft's
+    default), phase by phase as `ds_cl.methods.osft` runs it: the fit at `first_ranks` and `mark` before
+    task 0, task 0's steps, then per task t >= 1 the `extend` of task t - 1's update at its start and task
+    t's steps (no extend after the last task). kwargs go to `projector_memory`.
+
+    How many directions a boundary adds depends on the update (as many as hold update_energy of |dW|^2),
+    which shapes do not tell. added_ratio=None takes the worst case: every boundary adds as many as the
+    cap max_ratio x min(m, n) leaves room for, so the first extend takes every matrix to the cap and each
+    later one runs its SVD there. Nothing needs more: every figure grows with the ranks, and the SVD of
+    dW runs at every boundary whatever it adds. A number adds that fraction of min(m, n) per boundary.
+    Returns the phases in order, each with its busiest rank's device and host bytes, the bases per rank
+    and the protected share after it, and the peaks with the phase they occur in.
+    """
+    if tasks < 1:
+        raise ValueError(f"tasks must be >= 1, got {tasks}")
+    names = list(kwargs.get("names") or shapes)
+    cache: dict[tuple, dict] = {}
+
+    def busiest(before: Mapping[str, int], after: Mapping[str, int], key: str) -> int:
+        k = (tuple(before[n] for n in names), tuple(after[n] for n in names))
+        if k not in cache:
+            cache[k] = projector_memory(shapes, world, before, extended_ranks=after, accumulate=True, **kwargs)
+        return max(p[key] for p in cache[k]["per_rank"])
+
+    share = lambda r: sum(r[n] for n in names) / sum(min(shapes[n]) for n in names)  # noqa: E731
+
+    def phase(name: str, before, after, key: str, host: str | None) -> dict:
+        return {"phase": name, "device_bytes_per_rank": busiest(before, after, key),
+                "host_bytes_per_rank": busiest(before, after, host) if host else 0,
+                "bases_bytes_per_rank": busiest(after, after, "bases"), "protected_share": share(after)}
+
+    ranks = {n: int(first_ranks.get(n, 0)) for n in names}
+    # before task 0 no anchor exists yet; mark makes it
+    phases = [phase("fit before task 0", ranks, ranks, "fit", None),
+              phase("mark before task 0", ranks, ranks, "mark", "anchor"),
+              phase("task 0 steps", ranks, ranks, "step", "host_step")]
+    for t in range(1, tasks):
+        grown = grown_ranks({n: shapes[n] for n in names}, ranks, max_ratio, added_ratio)
+        phases.append(phase(f"extend at the start of task {t}", ranks, grown, "extend", "host_extend"))
+        ranks = grown
+        phases.append(phase(f"task {t} steps", ranks, ranks, "step", "host_step"))
+    peak = max(phases, key=lambda p: p["device_bytes_per_rank"])
+    host = max(phases, key=lambda p: p["host_bytes_per_rank"])
+    return {"world": world, "tasks": tasks, "max_ratio": max_ratio, "added_ratio": added_ratio,
+            "phases": phases, "peak_bytes_per_rank": peak["device_bytes_per_rank"], "peak_phase": peak["phase"],
+            "host_peak_bytes_per_rank": host["host_bytes_per_rank"], "host_peak_phase": host["phase"]}
 
 
 def ranks_for(shapes: Mapping[str, Sequence[int]], policy, importance: Mapping[str, float] | None = None) -> dict[str, int]:

@@ -168,6 +168,12 @@ def _ratio_to_rank(ratio: float, shape: Sequence[int], lo: float, hi: float) -> 
     return int(min(max(r, math.ceil(lo * k - 1e-9)), math.floor(hi * k + 1e-9)))
 
 
+def max_protected_rank(shape: Sequence[int], max_ratio: float) -> int:
+    """The most directions the accumulating subspace protects in an m x n matrix: max_ratio x min(m, n),
+    rounded down (float tolerance: 0.9 x 10 is 9, not 8)."""
+    return math.floor(max_ratio * min(int(shape[0]), int(shape[1])) + 1e-9)
+
+
 def layer_importance(cos_sum: Mapping[str, float], count: Mapping[str, float],
                      normalize: str = "minmax") -> dict[str, float]:
     """Importance per layer from summed token cosines and token counts (already reduced over ranks)."""

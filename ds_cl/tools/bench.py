@@ -1,7 +1,7 @@
 """`ds-cl bench`: plain ZeRO-3 steps against projected steps, SVD phase time, bases memory, traffic.
 
     ds-cl bench [--world N] [--model tiny|small|llama2-7b-shapes|HF_FOLDER] [--layers K] [--extend] [--json]
-    ds-cl bench --plan [--model llama2-7b-shapes] [--json]    # buckets and memory model by world, no run
+    ds-cl bench --plan [--model llama2-7b-shapes] [--tasks 5] [--json]    # buckets and memory model by world, no run
     ds-cl bench --memory [--model small|medium] [--world N]    # memory model against measured peaks
 
 The command launches `deepspeed --num_gpus W` runs of this module's worker (CPU ranks over gloo
@@ -67,7 +67,8 @@ def parse_args(argv):
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per mode (>= 20)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--ratio", type=float, default=0.5, help="fixed rank ratio of the bases")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="fixed rank ratio of the bases (default: osft's, method.osft.ratio)")
     p.add_argument("--threads-per-rank", type=int, default=1,
                    help="CPU only: torch threads per rank (default 1: a rank stands for one device, so adding "
                         "ranks adds compute, as adding GPUs does)")
@@ -76,9 +77,18 @@ def parse_args(argv):
     p.add_argument("--plan", action="store_true",
                    help="launch nothing: print, from the model's shapes, the projector's buckets and their "
                         "schedule efficiency at worlds 1..64, for the default and a fixed 2^27-element bucket")
-    p.add_argument("--rank-policy", choices=["adaptive", "fixed"], default="adaptive",
-                   help="--plan: the ranks of the memory model: adaptive (mrr 0.1, trr 0.8, layer importances "
-                        "spread evenly) or fixed at --ratio (default adaptive)")
+    p.add_argument("--rank-policy", choices=["adaptive", "fixed"], default="fixed",
+                   help="--plan: the ranks of the memory model (of the first fit, with --tasks): fixed at --ratio "
+                        "(default: what osft's first fit uses unless method.osft.first_task_importance_data is set) "
+                        "or adaptive (mrr 0.1, trr 0.8, layer importances spread evenly)")
+    p.add_argument("--tasks", type=int, default=5,
+                   help="--plan: also walk a sequence of this many tasks of osft's default accumulate subspace "
+                        "(fit, then an extend at each task start) and report its peak per rank (0: skip)")
+    p.add_argument("--max-protected-ratio", type=float, default=None,
+                   help="--plan --tasks: the cap extend grows ranks toward (default: method.osft.max_protected_ratio)")
+    p.add_argument("--added-ratio", type=float, default=None,
+                   help="--plan --tasks: directions each extend adds, as a fraction of min(m, n) (default: the "
+                        "worst case, as many as the cap leaves room for)")
     p.add_argument("--pre-step-copy", choices=["host", "device"], default="host",
                    help="--plan: where the update projection keeps W_old (default host, SubspaceProjector's "
                         "default on an accelerator)")
@@ -111,6 +121,17 @@ def parse_args(argv):
         p.error(f"--layers must be >= 1, got {args.layers}")
     if args.bucket_numel_per_rank is not None and args.bucket_numel_per_rank < 1:
         p.error(f"--bucket-numel-per-rank must be >= 1, got {args.bucket_numel_per_rank}")
+    if args.tasks < 0:
+        p.error(f"--tasks must be >= 0, got {args.tasks}")
+    # The shipped osft options are the defaults: the plan then describes what a default run does.
+    from ds_cl.training.config import OSFTConfig
+    args.ratio = OSFTConfig.ratio if args.ratio is None else args.ratio
+    if args.max_protected_ratio is None:
+        args.max_protected_ratio = OSFTConfig.max_protected_ratio
+    for flag, v in (("--ratio", args.ratio), ("--max-protected-ratio", args.max_protected_ratio),
+                    ("--added-ratio", args.added_ratio)):
+        if v is not None and not 0.0 <= v <= 1.0:
+            p.error(f"{flag} must be in [0, 1], got {v}")
     return args
 
 
@@ -132,7 +153,7 @@ def plan(args) -> dict:
     """Schedule efficiency of the projector's buckets (ds_cl.core.projector.plan_buckets) and its memory per
     rank (ds_cl.core.projector_memory), computed from shapes."""
     from ds_cl.core.projector import DEFAULT_BUCKET_NUMEL_PER_RANK, plan_buckets, schedule_efficiency
-    from ds_cl.core.projector_memory import projector_memory, ranks_for
+    from ds_cl.core.projector_memory import accumulate_sequence, projector_memory, ranks_for
     from ds_cl.core.subspace import AdaptiveRank, FixedRank
 
     shapes = target_shapes(args.model, args.layers)
@@ -148,6 +169,10 @@ def plan(args) -> dict:
                                                        "projector_refit_bytes_per_rank",
                                                        "projector_host_bytes_per_rank")},
                "memory_parts_of_busiest_rank": mem["busiest_rank"]}
+        if args.tasks:
+            row["sequence"] = accumulate_sequence(shapes, world, ranks, args.tasks, max_ratio=args.max_protected_ratio,
+                                                  added_ratio=args.added_ratio, bucket_numel_per_rank=per_rank,
+                                                  pre_step_copy=args.pre_step_copy)
         for label, numel in (("per_rank", per_rank), ("fixed_buckets", (1 << 27) // world)):
             buckets, owner = plan_buckets(shapes, names, world, max(1, numel))
             held = max(sum(math.prod(shapes[n]) for n in b if owner[n] == r) for b in buckets for r in range(world))
@@ -157,7 +182,8 @@ def plan(args) -> dict:
     return {"model": args.model, "layers": args.layers or dims(args.model)[2], "bucket_numel_per_rank": per_rank,
             "target_params": sum(math.prod(s) for s in shapes.values()), "rank_policy": repr(policy),
             "protected_share": sum(ranks.values()) / sum(min(s) for s in shapes.values()),
-            "pre_step_copy": args.pre_step_copy, "plan": rows}
+            "pre_step_copy": args.pre_step_copy, "tasks": args.tasks, "max_protected_ratio": args.max_protected_ratio,
+            "added_ratio": args.added_ratio, "plan": rows}
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -528,6 +554,19 @@ def main(argv=None) -> int:
             print(f"  {row['world']:5d} | {row['projector_extra_bytes_per_rank'] / gib:6.2f}: {p['bases'] / gib:.2f} + "
                   f"{p['pre_step_copy'] / gib:.2f} + {(p['step'] - p['bases'] - p['pre_step_copy']) / gib:.2f}"
                   f" | {row['projector_refit_bytes_per_rank'] / gib:6.2f} | {row['projector_host_bytes_per_rank'] / gib:6.2f}")
+        if out["tasks"]:
+            growth = (f"adds {out['added_ratio']} x min(m, n)" if out["added_ratio"] is not None else
+                      "adds as many as the cap leaves room for (the worst case: the first extend reaches it)")
+            print(f"through {out['tasks']} tasks of the accumulate subspace (GiB per rank, computed): the fit above, "
+                  f"then each task start's extend {growth}, within max_protected_ratio {out['max_protected_ratio']}")
+            print("  world | peak, in phase | fit | steps: first task -> last | extends: first -> last | host peak")
+            for row in out["plan"]:
+                q = row["sequence"]
+                dev = lambda kind: [p["device_bytes_per_rank"] / gib for p in q["phases"] if kind in p["phase"]]  # noqa: E731
+                steps, ext = dev("steps"), dev("extend") or [0.0]
+                print(f"  {row['world']:5d} | {q['peak_bytes_per_rank'] / gib:6.2f}, {q['peak_phase']} | {dev('fit')[0]:.2f}"
+                      f" | {steps[0]:.2f} -> {steps[-1]:.2f} | {ext[0]:.2f} -> {ext[-1]:.2f}"
+                      f" | {q['host_peak_bytes_per_rank'] / gib:.2f}")
         if args.json:
             print(json.dumps(out))
         return 0
