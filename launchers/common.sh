@@ -3,7 +3,7 @@
 # Environment:
 #   PYTHON        interpreter with ds_cl and deepspeed installed (default: python3)
 #   DS_CL_ENTRY   a Python script to run on every rank instead of `ds-cl train` (tests, debugging);
-#                 it gets the same arguments: CONFIG [key.sub=value ...] [--resume]
+#                 it gets the same arguments: CONFIG [key.sub=value ...] [--resume | --resume-or-start]
 PYTHON=${PYTHON:-python3}
 
 die() { echo "ds-cl launch: error: $*" >&2; exit 2; }
@@ -38,7 +38,7 @@ set_program() {
     fi
 }
 
-# Split "CONFIG [overrides...] [--resume]" into CONFIG, PASS (all, in order) and OVERRIDES (key=value only).
+# Split "CONFIG [overrides...] [--resume | --resume-or-start]" into CONFIG, PASS (all, in order) and OVERRIDES (key=value only).
 set_run_args() {
     [[ $# -ge 1 ]] || die "missing run config: usage: $USAGE"
     CONFIG=$1; shift
@@ -49,9 +49,9 @@ set_run_args() {
     local a
     for a in "$@"; do
         case $a in
-            --resume) ;;
+            --resume|--resume-or-start) ;;
             *=*) OVERRIDES+=("$a") ;;
-            *) die "unexpected argument '$a' after the run config (overrides look like key.sub=value; flag: --resume)" ;;
+            *) die "unexpected argument '$a' after the run config (overrides look like key.sub=value; flags: --resume, --resume-or-start)" ;;
         esac
     done
 }

@@ -2,7 +2,7 @@
 # Several machines listed in a DeepSpeed hostfile (`hostname slots=GPUS`, one line per node).
 #
 # ssh mode (default), run once on the first node; deepspeed starts the other nodes with pdsh:
-#   launchers/multi_node.sh --hostfile H [--nodes N] [--gpus-per-node G] CONFIG [key.sub=value ...] [--resume]
+#   launchers/multi_node.sh --hostfile H [--nodes N] [--gpus-per-node G] CONFIG [key.sub=value ...] [--resume | --resume-or-start]
 # per-node mode, run once on every node (what srun does; no ssh needed):
 #   launchers/multi_node.sh --no-ssh --node-rank I --hostfile H [--nodes N] ... CONFIG [...]
 #
@@ -15,7 +15,7 @@
 # given, must be their number, and slots= each node's GPU count.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-USAGE="multi_node.sh --hostfile H [--no-ssh --node-rank I] [--nodes N] [--gpus-per-node G] [--master-addr A] [--master-port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume]"
+USAGE="multi_node.sh --hostfile H [--no-ssh --node-rank I] [--nodes N] [--gpus-per-node G] [--master-addr A] [--master-port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume | --resume-or-start]"
 source "$HERE/common.sh"
 
 HOSTFILE= NODES= GPUS= ADDR= PORT=${MASTER_PORT:-29500} NO_SSH=0 NODE_RANK= LAUNCHER=pdsh DRY_RUN=0 ENTRY=

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One machine, one process per GPU:
-#   launchers/single_node.sh [--gpus N] [--port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume]
+#   launchers/single_node.sh [--gpus N] [--port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume | --resume-or-start]
 # runs `deepspeed --num_gpus N --module ds_cl.cli train CONFIG ...` after the preflight checks
 # (ds_cl.tools.launch_checks). --dry-run prints the command instead of running it.
 # With CUDA_VISIBLE_DEVICES set (a node shared with other jobs) the ranks run on those GPUs:
 # `deepspeed --include localhost:IDS`, N = their number (--gpus, if given, must agree).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-USAGE="single_node.sh [--gpus N] [--port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume]"
+USAGE="single_node.sh [--gpus N] [--port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume | --resume-or-start]"
 source "$HERE/common.sh"
 
 GPUS=${NUM_GPUS:-} PORT=${MASTER_PORT:-29500} DRY_RUN=0 ENTRY=

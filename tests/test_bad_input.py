@@ -173,6 +173,9 @@ def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
 
         save_config(load_config(cfg, ["seed=99"]), tmp / "out" / "config.yaml")
         return "train", [str(cfg), "--resume"]
+    elif cid == "resume-nothing":
+        edit(cfg, lambda c: c.update(output_dir=str(tmp / "ouput")))
+        return "train", [str(cfg), "--resume"]
     elif cid.startswith("launch-no-package"):
         # python3 first on PATH, the default PYTHON, is an interpreter without ds_cl and deepspeed: isolated
         # (-I: no working directory on sys.path) and without site-packages (-S).
@@ -249,6 +252,23 @@ def test_cli_exit_status_and_no_traceback(tok, tmp_path):
     assert p.stderr.strip().splitlines()[-1] == (f"ds-cl train: tasks.0 (a).train: {bad}:2: malformed JSON line "
                                                  "(Expecting value at column 11)")
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_or_start_starts_where_resume_refuses(tok, tmp_path):
+    """--resume into a folder without a run is refused (row resume-nothing); --resume-or-start, which a requeued
+    SLURM job passes (it may have been preempted before it wrote anything), starts the run there instead."""
+    from ds_cl.training.config import ConfigError, load_config
+    from ds_cl.training.preflight import check_output_dir
+
+    cfg = load_config(tiny_config(tok, tmp_path / "out"))
+    with pytest.raises(ConfigError, match="holds no run to resume"):
+        check_output_dir(cfg, resume=True)
+    check_output_dir(cfg, resume=True, start_ok=True)
+    args = ds_train.parse_args([str(tmp_path / "out.yaml"), "--resume-or-start"])
+    assert args.resume_or_start and not args.resume
+    (tmp_path / "out").mkdir()  # a run that got as far as its config.yaml, but not to a checkpoint
+    (tmp_path / "out" / "config.yaml").write_text(CONFIG_HEADER)
+    check_output_dir(cfg, resume=True)
 
 
 # -- security basics -------------------------------------------------------------------------------

@@ -151,6 +151,24 @@ def test_single_node_dry_run_prints_command(run_cfg):
     assert "preflight ok" in p.stderr
 
 
+def test_requeued_sbatch_job_passes_resume_or_start(run_cfg, tmp_path):
+    """A requeued job (SLURM_RESTART_COUNT > 0) continues its run or, stopped before it wrote anything, starts
+    it: --resume-or-start, as plain --resume refuses a folder without a run. Outside SLURM: the script's
+    --dry-run in a faked 2-node allocation (the node list is parsed without scontrol). The other launchers
+    pass the flag through."""
+    alloc = dict(LOG_DIR=str(tmp_path / "logs"), SLURM_JOB_ID="31337", SLURM_JOB_NUM_NODES="2",
+                 SLURM_JOB_NODELIST="node[1-2]", SLURM_GPUS_ON_NODE="2")
+    for restarts, tail in (("0", ""), ("1", " --resume-or-start")):
+        p = sh(LAUNCHERS / "slurm" / "llama2_7b.sbatch", "--dry-run", run_cfg, "train.global_batch_size=8",
+               SLURM_RESTART_COUNT=restarts, **alloc)
+        assert p.returncode == 0, p.stderr
+        lines = [line for line in p.stdout.splitlines() if line.startswith("[node")]
+        assert len(lines) == 2 and all(line.endswith(f"train {run_cfg} train.global_batch_size=8{tail}")
+                                       for line in lines), lines
+    p = sh(LAUNCHERS / "single_node.sh", "--dry-run", "--gpus", "2", run_cfg, "--resume-or-start")
+    assert p.returncode == 0 and p.stdout.strip().endswith(f"train {run_cfg} --resume-or-start"), p.stderr
+
+
 def test_multi_node_dry_run_prints_every_node(run_cfg, tmp_path):
     hf = tmp_path / "hostfile"
     hf.write_text("gpu-a slots=2\ngpu-b slots=2\n")

@@ -94,7 +94,7 @@ def test_sbatch_more_nodes_than_allocated_fails_fast(cluster, run_cfg, tmp_path)
 
 def test_sbatch_dry_run_and_requeue_resume(cluster, run_cfg, tmp_path):
     """The script outside sbatch, in a faked allocation of the test cluster: --dry-run shows each node's
-    command, and a restarted job (SLURM_RESTART_COUNT > 0) adds --resume."""
+    command, and a restarted job (SLURM_RESTART_COUNT > 0) adds --resume-or-start."""
     env = cpu_env(SLURM_CONF=str(cluster.conf), PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"),
                   SLURM_JOB_ID="31337", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[1-2]",
                   SLURM_GPUS_ON_NODE="2", SLURM_RESTART_COUNT="1")
@@ -104,7 +104,7 @@ def test_sbatch_dry_run_and_requeue_resume(cluster, run_cfg, tmp_path):
     lines = [line for line in p.stdout.splitlines() if line.startswith("[")]
     assert [line.split()[0] for line in lines] == ["[node1]", "[node2]"]
     assert "--node_rank 1 --no_ssh" in lines[1] and "--num_gpus 2" in lines[1] and "--master_addr node1 --master_port 21337" in lines[1]
-    assert lines[1].endswith(f"--module ds_cl.cli train {run_cfg} train.global_batch_size=8 --resume")
+    assert lines[1].endswith(f"--module ds_cl.cli train {run_cfg} train.global_batch_size=8 --resume-or-start")
 
 
 def test_sbatch_real_ds_cl_train_two_nodes(cluster, run_cfg, tmp_path):

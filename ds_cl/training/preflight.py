@@ -18,7 +18,8 @@ from pathlib import Path
 from ds_cl.training.config import ConfigError, RunConfig
 
 
-def check_output_dir(cfg: RunConfig, resume: bool) -> None:
+def check_output_dir(cfg: RunConfig, resume: bool, start_ok: bool = False) -> None:
+    """`start_ok` (--resume-or-start): a --resume that finds no run starts one."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output_dir: {out} exists and is not a folder")
@@ -31,6 +32,13 @@ def check_output_dir(cfg: RunConfig, resume: bool) -> None:
     if not resume and latest.is_file():
         raise ConfigError(f"output_dir: {out} already holds a run (checkpoint {latest.read_text().strip()}); "
                           "pass --resume to continue it, or choose a new output_dir (nothing was overwritten)")
+    # Every run writes config.yaml before its first step: neither it nor a checkpoint means that --resume
+    # points at the wrong folder (a misspelt output_dir), where it used to start over without a word. A
+    # requeued job may not have got that far: it passes --resume-or-start.
+    if resume and not start_ok and not latest.is_file() and not (out / "config.yaml").is_file():
+        raise ConfigError(f"--resume: output_dir {out} holds no run to resume (no checkpoints/latest, no config.yaml): "
+                          "check output_dir, or start the run without --resume (--resume-or-start starts one when "
+                          "there is nothing to resume)")
 
 
 # What may change between a run and its --resume: how it is evaluated, checkpointed, logged and where it
@@ -263,7 +271,7 @@ def check_deepspeed(cfg: RunConfig, world: int) -> None:
 
 
 def check_inputs(cfg: RunConfig, world: int | None = None, resume: bool = False,
-                 config_path: str | os.PathLike | None = None) -> list[str]:
+                 config_path: str | os.PathLike | None = None, start_ok: bool = False) -> list[str]:
     """Everything above, cheapest first. Raises ConfigError (one line). `world`: default the world size
     this process will join (ds_cl.training.environment.world_size: torch env, SLURM, else 1). Returns
     the config changes a --resume accepted (check_saved_config), for the caller to report."""
@@ -274,7 +282,7 @@ def check_inputs(cfg: RunConfig, world: int | None = None, resume: bool = False,
             world = world_size()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-    check_output_dir(cfg, resume)
+    check_output_dir(cfg, resume, start_ok)
     accepted = check_saved_config(cfg, resume, config_path)
     check_deepspeed(cfg, world)
     check_model(cfg)

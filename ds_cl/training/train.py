@@ -1,4 +1,4 @@
-"""`ds-cl train CONFIG [key.sub=value ...] [--resume]`: a continual-learning run, task after task.
+"""`ds-cl train CONFIG [key.sub=value ...] [--resume | --resume-or-start]`: a continual-learning run, task after task.
 
 Per phase (a task; multitask: all of them at once): the method starts the task (osft refits its subspace);
 train; evaluate every task seen so far; update the accuracy matrix; export the model; checkpoint. Works
@@ -442,7 +442,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("config", help="run config YAML")
     # default=[]: without it argparse counts a `*` positional as required and names it in the no-arguments error.
     p.add_argument("overrides", nargs="*", default=[], help="key.sub=value overrides (YAML values)")
-    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last complete checkpoint; refused where output_dir holds no run")
+    p.add_argument("--resume-or-start", action="store_true",
+                   help="--resume, or start the run where output_dir holds none yet (what a requeued job passes)")
     # deepspeed's launcher appends --local_rank=N; the env variable LOCAL_RANK carries it too.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -452,13 +455,14 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    args.resume = args.resume or args.resume_or_start
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
         # Every input that can be read cheaply, before DeepSpeed starts or any output is written.
         from ds_cl.training.preflight import check_inputs
 
-        accepted = check_inputs(cfg, resume=args.resume, config_path=args.config)
+        accepted = check_inputs(cfg, resume=args.resume, config_path=args.config, start_ok=args.resume_or_start)
     except ConfigError as e:
         if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # one copy of the line
             print(f"ds-cl train: {e}", file=sys.stderr)
