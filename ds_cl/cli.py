@@ -21,7 +21,7 @@ COMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: ds-cl COMMAND [args]", "", "commands:"]
+    lines = ["usage: ds-cl COMMAND [args]   (ds-cl COMMAND --help: its options; ds-cl --version)", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if not a.startswith("--local_rank")]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from ds_cl import __version__
+
+        print(f"ds-cl {__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -13,3 +13,12 @@ def test_train_without_arguments_asks_for_the_config_only(capsys):
         cli.main(["train"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.strip().endswith("error: the following arguments are required: config"), err
+
+
+def test_version(capsys):
+    from ds_cl import __version__
+
+    for flag in ("--version", "-V"):
+        assert cli.main([flag]) == 0
+        assert capsys.readouterr().out == f"ds-cl {__version__}\n"
+    assert "--version" in cli._usage()
