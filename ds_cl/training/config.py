@@ -168,6 +168,8 @@ class EvalConfig:
     # Evaluate the untrained model on every task first (gives the FWT baseline).
     before_training: bool = False
     # A retention suite name for ds_cl.evaluation after each task (skipped if that module is absent).
+    # It loads the exported model whole on every GPU beside the training state until it ends (LLaMA-2-7B:
+    # 12.6 GiB + the KV cache; ds_configs/README.md says where that does not fit).
     retention_suite: Optional[str] = None
     # After which tasks the suite runs: each (a retention curve) or only the last (the sequence's end).
     retention_after: Literal["each", "last"] = "each"

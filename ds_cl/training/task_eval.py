@@ -63,7 +63,9 @@ def retention(suite_name: str, model_dir: Path, out_dir: Path, dist, chat_templa
 
     suite = resolve_suite(suite_name)
     # The evaluator loads the exported model whole on each rank: with our HfDeepSpeedConfig alive,
-    # transformers would load it ZeRO-3-partitioned (empty weights). Step out of it meanwhile.
+    # transformers would load it ZeRO-3-partitioned (empty weights). Step out of it meanwhile. That copy
+    # and its generation's KV cache sit beside the ZeRO-3 state (ds_configs/README.md has the cost);
+    # evaluate_model frees them before it returns, so training goes on without them.
     with hf_zero3_off():
         summary = evaluate_model(str(model_dir), suite, load_parts(suite), out_dir,
                                  device=_device("cpu" if dist.device == "cpu" else "cuda"),
