@@ -150,17 +150,19 @@ def figure(table: dict, tasks: list[str], path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ds-cl benchmark", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="ds-cl benchmark", description=__doc__.split("\n\n")[0])  # a whole paragraph
     p.add_argument("config", type=Path, help="base run config (tasks relative to --data)")
     p.add_argument("--data", type=Path, required=True,
                    help="root of the task paths (the benchmark's <group>/<task>/ folders, or task files)")
     p.add_argument("--methods", default="seqft,osft", help="comma-separated (default seqft,osft)")
     p.add_argument("--seeds", default="0,1", help="comma-separated (default 0,1)")
-    p.add_argument("--out", type=Path, default=Path("ds-cl-benchmark"))
+    p.add_argument("--out", type=Path, default=Path("ds-cl-benchmark"),
+                   help="folder of the runs (<label>_seed<N>/) and the comparison (default ./ds-cl-benchmark)")
     p.add_argument("--nprocs", type=int, default=2, help="ranks per run (default 2)")
     p.add_argument("--report-only", action="store_true",
                    help="start no run: the table from the complete runs under --out, naming the missing ones")
-    p.add_argument("overrides", nargs="*", help="key.sub=value applied to every run config")
+    # default=[]: else argparse calls the optional overrides required when the config is missing.
+    p.add_argument("overrides", nargs="*", default=[], help="key.sub=value applied to every run config")
     args = p.parse_intermixed_args(argv)  # overrides may follow the options
     methods = [m for m in args.methods.split(",") if m]
     from ds_cl.training.config import ConfigError, read_yaml

@@ -42,11 +42,13 @@ def read_runs(runs: list[Path], label_by: str) -> tuple[dict, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ds-cl compare", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="ds-cl compare", description=__doc__.split("\n\n")[0])  # a whole paragraph
     p.add_argument("runs", nargs="+", type=Path, help="ds-cl train output folders")
     p.add_argument("--out", type=Path, required=True, help="folder for comparison.md/.json/.png")
-    p.add_argument("--label-by", choices=["folder", "method"], default="folder")
-    p.add_argument("--title", default=None)
+    p.add_argument("--label-by", choices=["folder", "method"], default="folder",
+                   help="what pools runs into one row: the folder name without its _seed<N> (default; variants "
+                        "of one method stay apart), or the method")
+    p.add_argument("--title", default=None, help="the figure's title (default: the task sequence)")
     args = p.parse_args(argv)
     try:
         summaries, tasks = read_runs(args.runs, args.label_by)

@@ -58,7 +58,7 @@ def demo_model() -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ds-cl demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="ds-cl demo", description=__doc__.split("\n\n")[0])  # a whole paragraph
     p.add_argument("--out", default="ds-cl-demo", help="output folder (default ./ds-cl-demo)")
     p.add_argument("--nprocs", type=int, default=2, help="ZeRO-3 ranks (default 2)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default seqft,osft)")

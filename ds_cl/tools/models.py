@@ -83,7 +83,7 @@ def materialise(name: str = "smollm2", out: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ds-cl model", description=__doc__.splitlines()[0])
-    p.add_argument("name", choices=sorted(MODELS))
+    p.add_argument("name", choices=sorted(MODELS), help="the model to materialise")
     p.add_argument("--out", type=Path, default=None, help=f"folder (default: {model_dir()})")
     args = p.parse_args(argv)
     try:
