@@ -135,7 +135,9 @@ def test_compare_pools_seeds_of_finished_runs_and_refuses_what_does_not_fit(tmp_
     def run(name, matrix, tasks=("a", "b"), complete=True):
         d = tmp_path / name
         d.mkdir()
-        write_results(d, name.split("_")[0], list(tasks), matrix, None, [1.0, 0.5], [1], complete, plots=False)
+        method, seed = name.split("_seed")
+        write_results(d, method, list(tasks), matrix, None, [1.0, 0.5], [1], complete, plots=False)
+        (d / "config.yaml").write_text(yaml.safe_dump({"seed": int(seed), "method": {"name": method}}))
         return str(d)
 
     runs = [run("seqft_seed0", [[0.8], [0.2, 0.9]]), run("seqft_seed1", [[0.6], [0.4, 0.7]]),
@@ -149,3 +151,32 @@ def test_compare_pools_seeds_of_finished_runs_and_refuses_what_does_not_fit(tmp_
                         (run("other_seed0", [[0.5], [0.5, 0.5]], tasks=("a", "c")), "differ")):
         assert compare_main(runs + [bad, "--out", str(tmp_path / "x")]) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_compare_reads_seed_and_method_from_each_runs_config(tmp_path, capsys):
+    """Not from the folder name: runs in folders named anyhow pool by method with their real seeds, and two
+    runs of one method and seed are refused, whatever their folders are called."""
+    from ds_cl.tools.compare import main as compare_main
+    from ds_cl.training.outputs import write_results
+
+    def run(folder, method, seed, matrix):
+        d = tmp_path / folder
+        d.mkdir(parents=True)
+        write_results(d, method, ["a", "b"], matrix, None, [1.0], [1], True, plots=False)
+        (d / "config.yaml").write_text(yaml.safe_dump({"output_dir": str(d), "seed": seed, "method": {"name": method}}))
+        return str(d)
+
+    runs = [run("monday/run", "osft", 3, [[0.8], [0.8, 0.9]]), run("tuesday/run", "osft", 5, [[0.6], [0.6, 0.7]]),
+            run("old_seed0", "seqft", 7, [[0.8], [0.2, 0.9]])]
+    assert compare_main(runs + ["--label-by", "method", "--out", str(tmp_path / "m")]) == 0
+    res = json.loads((tmp_path / "m" / "comparison.json").read_text())["methods"]
+    assert (res["osft"]["seeds"], res["seqft"]["seeds"]) == ([3, 5], [7])
+    assert compare_main(runs + ["--out", str(tmp_path / "f")]) == 0  # by folder name: each folder its own row
+    res = json.loads((tmp_path / "f" / "comparison.json").read_text())["methods"]
+    assert {k: v["seeds"] for k, v in res.items()} == {"run": [3, 5], "old": [7]}
+    again = run("wednesday/run", "osft", 3, [[0.5], [0.5, 0.5]])
+    assert compare_main(runs + [again, "--label-by", "method", "--out", str(tmp_path / "x")]) == 2
+    assert "a second run of 'osft' with seed 3" in capsys.readouterr().err
+    (tmp_path / "tuesday" / "run" / "config.yaml").unlink()
+    assert compare_main(runs + ["--out", str(tmp_path / "x")]) == 2
+    assert "tuesday/run: no config.yaml" in capsys.readouterr().err

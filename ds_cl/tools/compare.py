@@ -1,9 +1,12 @@
 """`ds-cl compare RUN [RUN ...] --out DIR`: one comparison of finished runs (any `ds-cl train` output
 folders): final accuracy per task per method, AA / BWT / learnt bars, as `ds-cl benchmark` draws them.
 
-A run's label is its folder name without a trailing `_seed<N>` (so `osft_seed0`, `osft_seed1` pool into
-`osft`, mean ± std over the seeds), or `--label-by method` (summary.json's method). Runs must have the
-same task names. Writes DIR/comparison.md, comparison.json, comparison.png.
+Each run's seed and method are read from its `config.yaml` (which `ds-cl train` writes), not guessed from its
+folder name. Runs with one label pool into a row, mean ± std over their seeds: the label is the folder name
+without a trailing `_seed<N>` (so `osft_seed0`, `osft_seed1` pool into `osft`, and variants of one method in
+folders of their own stay apart), or with `--label-by method` the config's `method.name`. Two runs of one
+label and seed are refused. Runs must have the same task names. Writes DIR/comparison.md, comparison.json,
+comparison.png.
 """
 
 from __future__ import annotations
@@ -15,6 +18,22 @@ import sys
 from pathlib import Path
 
 from ds_cl.tools.benchmark import compare, figure, markdown
+
+
+def seed_and_method(run: Path) -> tuple[int, str]:
+    """The run's `seed` and `method.name`, from the config.yaml ds-cl train wrote into it (ValueError naming it)."""
+    from ds_cl.training.config import read_yaml
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"{run}: no config.yaml (ds-cl train writes the run's config there; compare reads the "
+                         "run's seed and method from it)")
+    conf = read_yaml(path)  # a YAML error is a ConfigError (a ValueError) naming line and column
+    seed = conf.get("seed") if isinstance(conf, dict) else None
+    method = (conf.get("method") or {}).get("name") if isinstance(conf, dict) else None
+    if not isinstance(seed, int) or isinstance(seed, bool) or not isinstance(method, str):
+        raise ValueError(f"{path}: expected an integer seed and a method.name, got seed {seed!r}, method {method!r}")
+    return seed, method
 
 
 def read_runs(runs: list[Path], label_by: str) -> tuple[dict, list[str]]:
@@ -32,11 +51,13 @@ def read_runs(runs: list[Path], label_by: str) -> tuple[dict, list[str]]:
         if tasks is not None and names != tasks:
             raise ValueError(f"{run}: tasks {names} differ from {tasks} of the runs before it")
         tasks = names
-        m = re.fullmatch(r"(.+)_seed(\d+)", run.name)
-        label = summ.get("method", run.name) if label_by == "method" else (m.group(1) if m else run.name)
-        seed = int(m.group(2)) if m else len([k for k in summaries if k[0] == label])
+        # The folder name only labels: a seed taken from it (or counted) could be wrong, and two runs of one
+        # seed would then pass for two seeds.
+        seed, method = seed_and_method(run)
+        label = method if label_by == "method" else re.sub(r"_seed\d+$", "", run.resolve().name)
         if (label, seed) in summaries:
-            raise ValueError(f"{run}: a second run labelled {label!r} seed {seed}")
+            raise ValueError(f"{run}: a second run of {label!r} with seed {seed} (seeds are read from each run's "
+                             "config.yaml)")
         summaries[(label, seed)] = summ
     return summaries, tasks or []
 
