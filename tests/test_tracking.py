@@ -111,6 +111,20 @@ def test_unknown_tracker_is_a_config_error(tmp_path):
         load_config(None, data=cfg)
 
 
+@pytest.mark.parametrize("value,expect", [("tensorboard", ["tensorboard"]), ("none", []), (["none"], []),
+                                          (None, []), (["tensorboard"], ["tensorboard"])])
+def test_report_to_takes_a_string_as_hf_does(tmp_path, value, expect):
+    """HF's TrainingArguments.report_to: one name for a list of one, "none" for none."""
+    from ds_cl.training.config import load_config, save_config
+    from tests.fixtures import tiny_run_config
+
+    (tmp_path / "tok.model").write_bytes(b"x")
+    cfg = load_config(None, data=tiny_run_config(tmp_path, tmp_path / "out", {"output": {"report_to": value}}))
+    assert cfg.output.report_to == expect
+    save_config(cfg, tmp_path / "resolved.yaml")  # the run's config.yaml holds the list, as --resume compares it
+    assert load_config(tmp_path / "resolved.yaml").output.report_to == expect
+
+
 def test_wandb_online_without_a_login_is_a_config_error(tmp_path, monkeypatch):
     """Checked before the model loads: online W&B without a key would fail (or prompt) in wandb.init."""
     from ds_cl.training.config import ConfigError, load_config

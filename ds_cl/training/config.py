@@ -191,8 +191,9 @@ class OutputConfig:
     export_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     plots: bool = True  # accuracy heatmap and loss curve PNGs
     # Experiment trackers (HF's report_to): tensorboard (<output_dir>/tensorboard/), wandb (<output_dir>/wandb/,
-    # project $WANDB_PROJECT or ds-cl). Both need `pip install 'ds-cl[track]'`.
-    report_to: list[str] = field(default_factory=list)
+    # project $WANDB_PROJECT or ds-cl). Both need `pip install 'ds-cl[track]'`. As in HF, one name is a list of
+    # one and "none" (or null) is none: a list once read.
+    report_to: Union[list[str], str, None] = field(default_factory=list)
 
 
 @dataclass
@@ -448,6 +449,9 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     r = cfg.method.replay.fraction
     need(0 <= r <= 10, "method.replay.fraction", f"must be in [0, 10], got {r}")
     trackers = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+    report_to = cfg.output.report_to
+    report_to = [] if report_to is None else [report_to] if isinstance(report_to, str) else report_to
+    cfg.output.report_to = [] if report_to == ["none"] else report_to
     for name in cfg.output.report_to:
         need(name in trackers, "output.report_to", f"{name!r} is not a tracker ds-cl reports to "
                                                    f"({', '.join(trackers)})")
