@@ -1,5 +1,6 @@
 """output.report_to: TensorBoard and Weights & Biases (offline) get metrics.jsonl's scalars and the
-accuracy matrix; read back from the files the trackers write."""
+accuracy matrix, named as HF Trainer names its scalars (train/loss, eval/<task>; cl/AA); read back from the
+files the trackers write."""
 
 import json
 import re
@@ -63,15 +64,18 @@ def test_both_trackers_get_the_scalars_and_the_matrix(tmp_path, offline_wandb):
     log.write_matrix_row(["a", "b"], [[0.75], [0.5, 0.25]], 4)
     log.close()
     tb = tensorboard_scalars(tmp_path / "tensorboard")
-    assert tb["loss"] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, 0.5)]
-    assert tb["acc/a"] == [(3, 0.75), (4, 0.5)] and tb["acc/b"] == [(4, 0.25)]
+    assert tb["train/loss"] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, 0.5)]
+    assert tb["train/lr"][0] == (1, pytest.approx(1e-4)) and tb["train/leak"][0] == (1, pytest.approx(1e-7))
+    assert tb["eval/a"] == [(3, 0.75), (4, 0.5)] and tb["eval/b"] == [(4, 0.25)]
     assert tb["cl/AA"] == [(3, 0.75), (4, pytest.approx(0.375))]
     assert tb["cl/BWT"] == [(3, 0.0), (4, pytest.approx(-0.25))]  # as summary.json: 0 after one task
-    assert "task" not in tb and "step" not in tb and "flag" not in tb  # labels and booleans are not scalars
+    assert {k.split("/")[0] for k in tb} == {"train", "eval", "cl"}  # no bare names
+    assert not {"train/task", "train/step", "train/flag"} & set(tb)  # labels and booleans are not scalars
     rows = wandb_history(tmp_path / "wandb")
-    assert [(r["_step"], r["loss"]) for r in rows if "loss" in r] == [(1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)),
-                                                                      (4, 0.5)]
-    assert [(r["_step"], r["acc/a"]) for r in rows if "acc/a" in r] == [(3, 0.75), (4, 0.5)]
+    assert [(r["_step"], r["train/loss"]) for r in rows if "train/loss" in r] == [
+        (1, 1.0), (2, 0.5), (3, pytest.approx(1 / 3)), (4, 0.5)]
+    assert [(r["_step"], r["eval/a"]) for r in rows if "eval/a" in r] == [(3, 0.75), (4, 0.5)]
+    assert [(r["_step"], r["cl/AA"]) for r in rows if "cl/AA" in r] == [(3, 0.75), (4, pytest.approx(0.375))]
     run_dir = next((tmp_path / "wandb").glob("offline-run-*"))
     assert (tmp_path / "wandb_run_id").read_text().strip() in run_dir.name
     # metrics.jsonl is written as before, whatever the trackers
@@ -89,7 +93,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, offline_wandb):
     runs = {re.fullmatch(r"offline-run-\d{8}_\d{6}-([0-9a-z]+)(-\d+)?", p.name).group(1)
             for p in (tmp_path / "wandb").glob("offline-run-*")}
     assert runs == {(tmp_path / "wandb_run_id").read_text().strip()}
-    assert [r["loss"] for r in wandb_history(tmp_path / "wandb")] == [1.0, 0.5]
+    assert [r["train/loss"] for r in wandb_history(tmp_path / "wandb")] == [1.0, 0.5]
 
 
 def test_other_ranks_report_nothing(tmp_path, offline_wandb):

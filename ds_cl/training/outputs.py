@@ -12,7 +12,9 @@ class MetricsLog:
     """metrics.jsonl on rank 0, and the same scalars to the trackers of `output.report_to` (HF style):
     TensorBoard event files in `<output_dir>/tensorboard/`, a Weights & Biases run in `<output_dir>/wandb/`
     (project $WANDB_PROJECT or ds-cl; WANDB_MODE=offline works without a network). The trackers also get
-    the accuracy matrix, a row per finished task (`acc/<task>`, `cl/AA`, `cl/BWT`)."""
+    the accuracy matrix, a row per finished task. Tracker names are HF Trainer's (its rewrite_logs): a step's
+    scalars under `train/` (`train/loss`, `train/lr`, ...), a task's score under `eval/<task>`, and `cl/AA`,
+    `cl/BWT`; metrics.jsonl keeps the bare keys."""
 
     def __init__(self, out: Path, rank: int, report_to: list[str] = (), config: dict | None = None):
         self.rank = rank
@@ -48,8 +50,8 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        self._scalars({k: v for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                       and k not in ("step", "task")}, rec.get("step", 0))
+        self._scalars({f"train/{k}": v for k, v in rec.items() if isinstance(v, (int, float))
+                       and not isinstance(v, bool) and k not in ("step", "task")}, rec.get("step", 0))
 
     def write_matrix_row(self, names: list[str], matrix: list, step: int) -> None:
         """The trackers' view of the accuracy matrix after a task: its last row, and AA/BWT so far."""
@@ -57,7 +59,7 @@ class MetricsLog:
             return
         from ds_cl.evaluation.cl_metrics import summarize
 
-        values = {f"acc/{name}": v for name, v in zip(names, matrix[-1]) if v is not None}
+        values = {f"eval/{name}": v for name, v in zip(names, matrix[-1]) if v is not None}
         summ = summarize(matrix, names[: len(matrix)])
         values.update({f"cl/{k}": summ[k] for k in ("AA", "BWT") if summ.get(k) is not None})
         self._scalars(values, step)
