@@ -71,13 +71,13 @@ def test_report_to_tensorboard_and_wandb(full_run):
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summ = json.loads((out / "summary.json").read_text())
     tb = tensorboard_scalars(out / "tensorboard")
-    assert tb["loss"] == [(r["step"], pytest.approx(r["loss"])) for r in recs]
-    assert tb["acc/a"] == [(4, pytest.approx(summ["matrix"][0][0])), (8, pytest.approx(summ["matrix"][1][0]))]
+    assert tb["train/loss"] == [(r["step"], pytest.approx(r["loss"])) for r in recs]
+    assert tb["eval/a"] == [(4, pytest.approx(summ["matrix"][0][0])), (8, pytest.approx(summ["matrix"][1][0]))]
     assert tb["cl/AA"][-1] == (8, pytest.approx(summ["AA"]))
     history = wandb_history(out / "wandb")
-    assert [(h["_step"], h["loss"]) for h in history if "loss" in h] == [(r["step"], pytest.approx(r["loss"]))
-                                                                         for r in recs]
-    assert [h["acc/b"] for h in history if "acc/b" in h] == [pytest.approx(summ["matrix"][1][1])]
+    assert [(h["_step"], h["train/loss"]) for h in history if "train/loss" in h] == [
+        (r["step"], pytest.approx(r["loss"])) for r in recs]
+    assert [h["eval/b"] for h in history if "eval/b" in h] == [pytest.approx(summ["matrix"][1][1])]
 
 
 def test_exported_model_loads_and_generates(full_run):
