@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,7 @@ def test_sbatch_real_ds_cl_train_two_nodes(cluster, run_cfg, tmp_path):
     for r, n in enumerate(("node1", "node2")):
         assert f"nnodes=2, num_local_procs=1, node_rank={r}" in node_logs[n]
         assert "exits successfully" in node_logs[n]
-    assert "[ds-cl] outputs in" in node_logs["node1"]
+    assert re.search(r"^\[ds-cl\] [\d-]+ [\d:]+ outputs in ", node_logs["node1"], re.M)  # the trainer's last line
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["complete"] and summary["tasks"] == ["colors", "animals"]
     for f in ("cl_matrix.json", "metrics.jsonl", "config.yaml"):

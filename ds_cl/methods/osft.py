@@ -20,6 +20,7 @@ import time
 
 from ds_cl.methods.base import Method
 from ds_cl.tools.faults import fault_point
+from ds_cl.training.outputs import log_line
 
 
 class OSFT(Method):
@@ -89,9 +90,9 @@ class OSFT(Method):
         if self.dist.rank == 0:
             shapes = self.projector.shapes
             share = lambda r: sum(r[n] / min(shapes[n]) for n in r) / len(r)  # noqa: E731
-            print(f"[ds-cl] phase {phase}: protected the update of {phases[phase - 1].name} (+{100 * share(added):.1f}% "
-                  f"of directions, now {100 * share(self.projector.ranks):.1f}%) in {time.time() - t0:.1f}s",
-                  flush=True)
+            print(log_line(f"phase {phase}: protected the update of {phases[phase - 1].name} (+"
+                           f"{100 * share(added):.1f}% of directions, now {100 * share(self.projector.ranks):.1f}%) in "
+                           f"{time.time() - t0:.1f}s"), flush=True)
         fault_point("fit", self.dist.rank, phase=phase)
 
     def fit(self, phase, phases) -> None:
@@ -107,7 +108,7 @@ class OSFT(Method):
             raise ValueError(f"task {phase} ({phases[phase].name}): subspace fit refused on rank "
                              f"{self.dist.rank}: {e}") from None
         if self.dist.rank == 0:
-            print(f"[ds-cl] phase {phase}: subspace fitted ({type(policy).__name__}) in {time.time() - t0:.1f}s",
+            print(log_line(f"phase {phase}: subspace fitted ({type(policy).__name__}) in {time.time() - t0:.1f}s"),
                   flush=True)
         fault_point("fit", self.dist.rank, phase=phase)
 

@@ -5,7 +5,64 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from pathlib import Path
+
+LOG_PREFIX = "[ds-cl]"
+
+
+def log_line(msg: str) -> str:
+    """`[ds-cl] 2025-01-31 12:34:56 msg`: the trainer's log line. The local time says when each phase began and
+    how long it took in a log read later; the prefix stays first, as the tools that echo a run's own lines
+    pick them by it (ds_cl/tools/local_runs.py)."""
+    return f"{LOG_PREFIX} {time.strftime('%Y-%m-%d %H:%M:%S')} {msg}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 2 * 3600 else f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """A phase's steps on rank 0 (`enabled`): tqdm's bar on a terminal; elsewhere (a log file, a pipe, the
+    launcher's or SLURM's output) a log line on the first step, then every `every_s` seconds and on the
+    last step. In a file, tqdm's `\r` frames make one line of every refresh of the run."""
+
+    def __init__(self, total: int, initial: int, desc: str, enabled: bool, every_s: float = 60.0, stream=None):
+        self.total, self.n, self.n0, self.desc, self.every_s = total, initial, initial, desc, every_s
+        self.stream = stream if stream is not None else sys.stdout
+        self.enabled, self.bar = enabled, None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True,
+                            file=self.stream)
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, **postfix: float) -> None:
+        """One step done; `postfix`: values to show (loss=...)."""
+        self.n += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in postfix.items()})
+            return
+        now = time.monotonic()
+        if not self.enabled or not (self.n == self.n0 + 1 or now - self.last >= self.every_s or self.n >= self.total):
+            return
+        self.last = now
+        per_step = (now - self.t0) / (self.n - self.n0)
+        parts = [f"step {self.n}/{self.total} ({100 * self.n // max(self.total, 1)}%)",
+                 *(f"{k} {v:.3f}" for k, v in postfix.items()),
+                 f"{per_step:.1f} s/step" if per_step >= 1 else f"{1 / max(per_step, 1e-9):.1f} steps/s"]
+        if self.n < self.total:
+            parts.append(f"~{_duration(per_step * (self.total - self.n))} left")
+        print(log_line(f"{self.desc}: {', '.join(parts)}"), file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class MetricsLog:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from ds_cl.training.config import ConfigError, RunConfig, load_config, save_config
+from ds_cl.training.outputs import log_line
 
 if TYPE_CHECKING:
     from ds_cl.methods import Method, Phase
@@ -29,9 +30,6 @@ if TYPE_CHECKING:
     from ds_cl.training.data import TaskData
     from ds_cl.training.environment import DistInfo
     from ds_cl.training.outputs import MetricsLog
-
-log_prefix = "[ds-cl]"
-
 
 @dataclass
 class RunState:
@@ -142,7 +140,7 @@ class Trainer:
 
     def log(self, msg: str) -> None:
         if self.dist.rank == 0:
-            print(f"{log_prefix} {msg}", flush=True)
+            print(log_line(msg), flush=True)
 
     # -- a step -----------------------------------------------------------------------------------
 
@@ -206,7 +204,7 @@ class Trainer:
 
     def train_phase(self, phase: int) -> Optional[int]:
         """Train the rest of a phase. Returns an exit code when the run must stop inside it."""
-        from tqdm import tqdm
+        from ds_cl.training.outputs import Progress
 
         cfg, st, ph = self.cfg, self.state, self.phases[phase]
         fresh = st.step_in_phase == 0
@@ -216,8 +214,7 @@ class Trainer:
         self.log(f"task {phase} ({ph.name}): {len(ph.train)} samples, {ph.steps} steps")
         lr_at = lr_schedule(cfg.train, ph.steps)
         every = cfg.checkpoint.every_steps
-        bar = tqdm(total=ph.steps, initial=st.step_in_phase, desc=ph.name, disable=self.dist.rank != 0,
-                   leave=False, dynamic_ncols=True)
+        bar = Progress(ph.steps, st.step_in_phase, f"task {phase} ({ph.name})", enabled=self.dist.rank == 0)
         try:
             while st.step_in_phase < ph.steps:
                 rec = self.train_step(phase, st.step_in_phase, lr_at(st.step_in_phase))
@@ -228,8 +225,7 @@ class Trainer:
                 self.check_finite(rec, phase)
                 if st.global_step % cfg.train.log_every == 0 or st.step_in_phase == ph.steps:
                     self.metrics.write(rec)
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}")
+                bar.update(loss=rec["loss"])
                 if st.step_in_phase == ph.steps:
                     break
                 saved = bool(every) and st.step_in_phase % every == 0
@@ -347,13 +343,15 @@ class Trainer:
             name = signal.Signals(signum).name
             if self.signalled:
                 if signum == signal.SIGINT:
-                    print(f"\n{log_prefix} rank {self.dist.rank}: second SIGINT: exiting now, without a checkpoint "
-                          f"(the last one is {self.checkpoints.latest() or 'none'})", file=sys.stderr, flush=True)
+                    print("\n" + log_line(f"rank {self.dist.rank}: second SIGINT: exiting now, without a checkpoint "
+                                           f"(the last one is {self.checkpoints.latest() or 'none'})"),
+                          file=sys.stderr, flush=True)
                     _exit_now(130)
                 return
             self.signalled, self.stop_signal = True, name
-            print(f"\n{log_prefix} rank {self.dist.rank}: {name}: checkpointing after the current step, then "
-                  f"exiting{' (Ctrl-C again to exit now)' if signum == signal.SIGINT else ''}", flush=True)
+            print("\n" + log_line(f"rank {self.dist.rank}: {name}: checkpointing after the current step, then "
+                                   f"exiting{' (Ctrl-C again to exit now)' if signum == signal.SIGINT else ''}"),
+                  flush=True)
 
         try:
             signal.signal(signal.SIGTERM, on_signal)
@@ -456,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     args.resume = args.resume or args.resume_or_start
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Timestamped as the trainer's own lines (ds_cl.training.outputs.log_line).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
         # Every input that can be read cheaply, before DeepSpeed starts or any output is written.
@@ -479,8 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         if info.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             if accepted:
-                print(f"{log_prefix} --resume: changed since the run started, accepted (they do not change what "
-                      f"it trains): {'; '.join(accepted)}", flush=True)
+                print(log_line(f"--resume: changed since the run started, accepted (they do not change what "
+                               f"it trains): {'; '.join(accepted)}"), flush=True)
             save_config(cfg, out / "config.yaml")
         trainer = Trainer(cfg, info)
         rc = trainer.run(resume=args.resume)
@@ -488,9 +488,9 @@ def main(argv: list[str] | None = None) -> int:
             from ds_cl.training.outputs import format_matrix
 
             summ = json.loads((out / "summary.json").read_text())
-            print(f"{log_prefix} {cfg.method.name}: AA={100 * summ['AA']:.1f} BWT={100 * summ['BWT']:+.1f}\n"
+            print(log_line(f"{cfg.method.name}: AA={100 * summ['AA']:.1f} BWT={100 * summ['BWT']:+.1f}\n")
                   + format_matrix(trainer.state.matrix, [t.name for t in trainer.tasks]), flush=True)
-            print(f"{log_prefix} outputs in {out}", flush=True)
+            print(log_line(f"outputs in {out}"), flush=True)
     except (ConfigError, ValueError) as e:
         if not isinstance(e, ConfigError) and not _raised_by_ds_cl(e):
             raise  # a library's own error (torch, transformers, DeepSpeed): a bug to report, with its traceback
