@@ -30,6 +30,19 @@ def test_heatmap_lower_triangle(tmp_path):
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # text, colours, colour bar: not a blank image
 
 
+def test_heatmap_cells_and_colour_bar_share_one_scale(tmp_path):
+    """Cells print score x 100; the colours and the colour bar's ticks are on that scale too (0-100), not 0-1."""
+    fig = heatmap([[0.82], [0.61, 0.9]], tmp_path / "m.png")
+    ax, bar = fig.axes
+    im = ax.images[0]
+    assert (im.norm.vmin, im.norm.vmax) == (0, 100)
+    assert np.ma.getdata(im.get_array())[1, 1] == pytest.approx(90.0)
+    assert sorted(t.get_text() for t in ax.texts) == ["61.0", "82.0", "90.0"]
+    ticks = bar.get_yticks()
+    assert ticks.min() == 0 and ticks.max() == 100, ticks
+    assert "100" in bar.get_ylabel()
+
+
 def test_heatmap_full_names_and_none(tmp_path):
     heatmap([[0.5, 0.2], [0.4, 0.9]], tmp_path / "full.png", tasks=["sst2", "boolq"])
     assert count(read(tmp_path / "full.png"), GREY) < 100  # (a few antialiased text pixels)

@@ -24,7 +24,8 @@ def _labels(n: int, tasks: Sequence[str] | None) -> list[str]:
 def heatmap(matrix: Sequence[Sequence[float | None]], path: str | os.PathLike,
             tasks: Sequence[str] | None = None, title: str = "Accuracy matrix (score x 100)") -> Figure:
     """matrix[i][j]: the score (0..1) on task j after training task i; rows may be shorter than the
-    widest one (tasks not evaluated yet), those cells and None are grey. Each cell shows score x 100.
+    widest one (tasks not evaluated yet), those cells and None are grey. Each cell shows score x 100, and
+    the colours and the colour bar are on that scale (0-100), so that a cell reads the same on both.
     `tasks`: names for the tick labels (else the task indices)."""
     import numpy as np
 
@@ -34,20 +35,20 @@ def heatmap(matrix: Sequence[Sequence[float | None]], path: str | os.PathLike,
     for i, row in enumerate(matrix):
         for j, v in enumerate(row):
             if v is not None:
-                data[i, j] = v
+                data[i, j] = 100 * v
     small = max(rows, cols) <= 6
     cell_w, cell_h, size = (0.9, 0.6, 9) if small else (0.6, 0.4, 7)  # inches, inches, points
     fig = Figure(figsize=(max(4.5, cell_w * cols + 3.0), max(3.5, cell_h * rows + 2.2)), dpi=100,
                  layout="constrained")
     ax = fig.add_subplot()
     ax.set_facecolor("#dddddd")  # cells not evaluated
-    im = ax.imshow(np.ma.masked_invalid(data), cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
-    fig.colorbar(im, ax=ax, label="score")
+    im = ax.imshow(np.ma.masked_invalid(data), cmap="Blues", vmin=0, vmax=100, aspect="auto")
+    fig.colorbar(im, ax=ax, label="score x 100")
     for i in range(rows):
         for j in range(cols):
             if not math.isnan(data[i, j]):
-                ax.text(j, i, f"{100 * data[i, j]:.1f}", ha="center", va="center", fontsize=size,
-                        color="white" if data[i, j] > 0.55 else "black")
+                ax.text(j, i, f"{data[i, j]:.1f}", ha="center", va="center", fontsize=size,
+                        color="white" if data[i, j] > 55 else "black")
     ax.set_xticks(range(cols), _labels(cols, tasks), rotation=30 if tasks else 0,
                   ha="right" if tasks else "center")
     ax.set_yticks(range(rows), _labels(rows, tasks))
