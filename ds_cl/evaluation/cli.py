@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
                                                    "a suite YAML, or one prompt file")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--safety-max-new-tokens", type=int,
+                    help="for the safety and benign parts (default: --max-new-tokens); a refusal is read from an "
+                         "answer's first three sentences, so ~64 tokens decide it at a fraction of the cost")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call on each rank")
     ap.add_argument("--limit", type=int, help="use only the first N prompts of each part (smoke runs)")
     ap.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
@@ -77,7 +80,7 @@ def load_parts(suite, limit: int | None = None) -> dict:
 
 def evaluate_model(model_path: str, suite, parts: dict, out: Path, *, device: str = "cpu", dtype: str = "auto",
                    max_new_tokens: int = 256, batch_size: int = 8, chat_template: bool = True,
-                   judge=None) -> dict | None:
+                   judge=None, safety_max_new_tokens: int | None = None) -> dict | None:
     """Generate and score one model on all ranks of the current process group (or alone).
     Rank 0 writes the files under `out` and returns the summary; other ranks return None.
     `ds-cl train` can call this after each task with the exported checkpoint."""
@@ -89,6 +92,7 @@ def evaluate_model(model_path: str, suite, parts: dict, out: Path, *, device: st
     model, tok = load_model(model_path, device, dtype)
     summary: dict = {"model": str(model_path), "suite": suite.name, "world_size": world,
                      "device": device, "max_new_tokens": max_new_tokens,
+                     "safety_max_new_tokens": safety_max_new_tokens or max_new_tokens,
                      "chat_template": bool(chat_template and getattr(tok, "chat_template", None))}
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, chat_template=chat_template)
     if "ifeval" in parts:
@@ -106,7 +110,8 @@ def evaluate_model(model_path: str, suite, parts: dict, out: Path, *, device: st
         if part not in parts:
             continue
         prompts = parts[part]
-        answers = generate_distributed(model, tok, [p["prompt"] for p in prompts], desc=part, **kw)
+        answers = generate_distributed(model, tok, [p["prompt"] for p in prompts], desc=part,
+                                       **{**kw, "max_new_tokens": safety_max_new_tokens or max_new_tokens})
         if rank == 0:
             from .safety import score_benign, score_safety
             write_jsonl(out / f"responses_{part}.jsonl", [{"id": p["id"], "set": p.get("set"), "prompt": p["prompt"],
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     device = _device(args.device)
     created = _init_dist(device)
     out = Path(args.out)
-    opts = dict(device=device, dtype=args.dtype, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+    opts = dict(device=device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+                safety_max_new_tokens=args.safety_max_new_tokens, batch_size=args.batch_size,
                 chat_template=not args.no_chat_template, judge=judge)
     try:
         runs = [("base", args.base, out / "base"), ("model", args.model, out / "model")] if args.base \
