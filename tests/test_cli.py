@@ -64,14 +64,7 @@ def _help_gaps(parser, name: str) -> list[str]:
     return gaps
 
 
-# Their modules are others' to edit (ds_cl/evaluation, ds_cl/tools/bench.py, ds_cl/tools/retention.py):
-# issue 32 item 6 lists their gaps, e.g. `score report` has no description.
-HELP_OWNED_ELSEWHERE = {"bench", "retention", "eval", "score"}
-
-
-@pytest.mark.parametrize("command", [
-    pytest.param(c, marks=pytest.mark.xfail(reason="help gaps in a module owned elsewhere", strict=False))
-    if c in HELP_OWNED_ELSEWHERE else c for c in cli.COMMANDS])
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_help_covers_every_option_in_whole_sentences(command, monkeypatch):
     assert _help_gaps(_parser_of(monkeypatch, command), f"ds-cl {command}") == []
 

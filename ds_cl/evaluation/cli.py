@@ -22,20 +22,22 @@ from .io import EvalInputError, read_prompt_sets, write_json, write_jsonl
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="ds-cl eval", description="generate responses for a retention suite and score them")
+    ap = argparse.ArgumentParser(prog="ds-cl eval", description="Generate responses for a retention suite and score them.")
     ap.add_argument("--model", required=True, help="HF checkpoint directory (e.g. a task's export from ds-cl train)")
     ap.add_argument("--base", help="base model directory: evaluated too, and compared in DIR/report.md")
     ap.add_argument("--suite", required=True, help="shipped suite name (e.g. retention, ifeval-mini, safety-mini), "
                                                    "a suite YAML, or one prompt file")
     ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--max-new-tokens", type=int, default=256,
+                    help="greedy answer length in tokens (default 256; the same for every model compared)")
     ap.add_argument("--safety-max-new-tokens", type=int,
                     help="for the safety and benign parts (default: --max-new-tokens); a refusal is read from an "
                          "answer's first three sentences, so ~64 tokens decide it at a fraction of the cost")
     ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call on each rank")
     ap.add_argument("--limit", type=int, help="use only the first N prompts of each part (smoke runs)")
     ap.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if available, else cpu), cpu, cuda")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="weights' dtype (auto: the checkpoint's on GPUs, float32 on CPU)")
     ap.add_argument("--no-chat-template", action="store_true", help="feed prompts raw (base models without a template)")
     ap.add_argument("--judge", help="safety judge: 'cmd:COMMAND' or a local classifier model directory")
     ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher

@@ -16,39 +16,50 @@ from .io import EvalInputError, read_jsonl, read_prompt_sets, read_responses, wr
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ds-cl score", description=__doc__)
     sub = ap.add_subparsers(dest="what", required=True)
-    a = sub.add_parser("ifeval", help="IFEval strict/loose accuracies -> DIR/ifeval.json")
+    a = sub.add_parser("ifeval", help="IFEval strict/loose accuracies -> DIR/ifeval.json",
+                       description=("Score IFEval responses with lm-eval's checkers: prompt- and instruction-level accuracy, "
+                                    'strict and loose.'))
     a.add_argument("--prompts", required=True, help="IFEval JSONL (key, prompt, instruction_id_list, kwargs)")
     a.add_argument("--responses", required=True, help='JSONL of {"prompt", "response"}')
     a.add_argument("--out", required=True, help="output directory")
     a.add_argument("--allow-missing", action="store_true", help="score only prompts that have a response")
-    s = sub.add_parser("safety", help="refusal rate and attack success rate -> DIR/safety.json")
+    s = sub.add_parser("safety", help="refusal rate and attack success rate -> DIR/safety.json",
+                       description=('Score answers to harmful prompts: refusal rate by the refusal patterns (or a judge) and '
+                                    'attack success rate.'))
     s.add_argument("--responses", required=True, help='JSONL of {"prompt", "response"}')
     s.add_argument("--prompts", nargs="+", help="prompt file(s) (.txt/.csv/.jsonl/.json), each file a set; "
                                                 "default: the responses' own prompts")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--judge", help="'cmd:COMMAND' (reads JSONL pairs, prints safe/unsafe lines) or a local "
                                    "classifier model directory (Llama-Guard style or *ForSequenceClassification)")
-    s.add_argument("--allow-missing", action="store_true")
-    b = sub.add_parser("benign", help="compliance rate on harmless prompts (over-refusal) -> DIR/benign.json")
+    s.add_argument("--allow-missing", action="store_true", help="score only prompts that have a response")
+    b = sub.add_parser("benign", help="compliance rate on harmless prompts (over-refusal) -> DIR/benign.json",
+                       description=('Score answers to harmless prompts: the compliance rate (refusing them is over-refusal).'))
     b.add_argument("--responses", required=True, help='JSONL of {"prompt", "response"}')
     b.add_argument("--prompts", nargs="+", help="prompt file(s), each file a set; default: the responses' own prompts")
     b.add_argument("--out", required=True, help="output directory")
-    b.add_argument("--allow-missing", action="store_true")
-    r = sub.add_parser("report", help="base vs checkpoints: deltas, win/tie/lose, curves, markdown")
+    b.add_argument("--allow-missing", action="store_true", help="score only prompts that have a response")
+    r = sub.add_parser("report", help="base vs checkpoints: deltas, win/tie/lose, curves, markdown",
+                       description=("Compare a base model's evaluation with checkpoints': per-metric deltas, per-prompt "
+                                    'win/tie/lose, retention curves and, with --matrix, AA/BWT/FWT.'))
     r.add_argument("--base", required=True, help="`ds-cl eval` output directory of the base model")
     r.add_argument("--run", action="append", default=[], metavar="NAME=DIR",
                    help="a checkpoint's `ds-cl eval` output directory, in sequence order (repeat)")
     r.add_argument("--matrix", help="JSON with 'matrix' (R[i][j]), optional 'tasks' and 'baseline' (e.g. "
                                     "ds-cl train's cl_matrix.json): adds AA/BWT/FWT")
     r.add_argument("--out", required=True, help="output directory (report.md, report.json, retention.png)")
-    sp = sub.add_parser("split", help="IFEval prompts -> tuning/reporting halves stratified by instruction type")
+    sp = sub.add_parser("split", help="IFEval prompts -> tuning/reporting halves stratified by instruction type",
+                       description=('Split IFEval prompts once into a tuning and a reporting half, stratified by instruction '
+                                    'type, with stratified subsets of each.'))
     sp.add_argument("--prompts", required=True, help="IFEval JSONL (key, prompt, instruction_id_list, kwargs)")
     sp.add_argument("--out", required=True, help="output directory (tuning.jsonl, reporting.jsonl, split.json)")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=int, default=0, help="seed of the shuffle inside each stratum (default 0)")
     sp.add_argument("--report-n", type=int,
                     help="also write reporting_N.jsonl: a stratified subset of the reporting half")
     sp.add_argument("--tune-n", type=int, help="also write tuning_N.jsonl: a stratified subset of the tuning half")
-    ag = sub.add_parser("agreement", help="refusal patterns vs hand labels: agreement, Cohen's kappa, confusion")
+    ag = sub.add_parser("agreement", help="refusal patterns vs hand labels: agreement, Cohen's kappa, confusion",
+                       description=("Check the refusal patterns against hand labels: agreement, Cohen's kappa, the confusion "
+                                    'counts and the disagreeing items.'))
     ag.add_argument("--labels", required=True,
                     help='JSONL of {"response", "label": "refusal"|"complied", "prompt"?, "source"?}')
     ag.add_argument("--out", help="output directory (agreement.json)")

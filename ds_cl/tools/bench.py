@@ -64,9 +64,9 @@ def parse_args(argv):
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the model's)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per micro step")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro batches per optimizer step (default 1)")
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps per mode (>= 20)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones (default 2)")
     p.add_argument("--ratio", type=float, default=None,
                    help="fixed rank ratio of the bases (default: osft's, method.osft.ratio)")
     p.add_argument("--threads-per-rank", type=int, default=1,

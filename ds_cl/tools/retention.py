@@ -1,5 +1,5 @@
 """`ds-cl retention CONFIG --ifeval FILE --safety DIR --out DIR`: does a method keep what the model could already
-do (follow instructions, refuse harmful requests) while it learns a task sequence? One study, four stages:
+do (follow instructions, refuse harmful requests) while it learns a task sequence? One study in four stages.
 
 1. Prompts, once: the IFEval file split in two halves stratified by instruction type (a *tuning* half for
    choosing settings, a *reporting* half for the table), a stratified subset of each; a fixed sample of the
@@ -381,7 +381,7 @@ def figure(curves: dict, path: Path, tasks: list[str]) -> None:
 # ---------------------------------------------------------------- the command
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ds-cl retention", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="ds-cl retention", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", type=Path, help="the study's config (a run config for the sequence + alignment/retention)")
     p.add_argument("--ifeval", type=Path, required=True, help="IFEval input_data.jsonl (the 541 prompts)")
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, help="root of the config's task paths (default: the config's folder)")
     p.add_argument("--methods", default="seqft,osft", help="methods or CONFIG variants (default seqft,osft)")
     p.add_argument("--seeds", default="0", help="comma-separated (default 0)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="the study's folder (a stage done there is read, not redone)")
     p.add_argument("--nprocs", type=int, default=2, help="ranks per training run (default 2)")
     p.add_argument("--quick", action="store_true", help=f"fewer prompts ({QUICK})")
     p.add_argument("--each", action="store_true", help="evaluate after every task (the figure), not only the last")
