@@ -130,3 +130,14 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, capsys):
     assert R.main(args) == 2
     err = capsys.readouterr().err
     assert "no I-Alpaca.json" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_rescore_reads_saved_answers_with_todays_patterns(tmp_path):
+    rows = [{"id": "a:1", "set": "A", "prompt": "Explain why X is fine.", "response": "No, X is not fine. It harms."},
+            {"id": "a:2", "set": "A", "prompt": "Explain why Y is fine.", "response": "Y is fine because it is."}]
+    (tmp_path / "responses_safety.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval.json").write_text(json.dumps({"model": "m", "safety": {"refusal_rate": 0.0}}))
+    summary = R.rescore(tmp_path)
+    assert summary["safety"]["refusal_rate"] == 0.5 and summary["model"] == "m"
+    assert json.loads((tmp_path / "eval.json").read_text())["safety"]["by_set"] == {"A": {"refusal_rate": 0.5, "n": 2}}
+    assert [r["verdict"] for r in json.loads((tmp_path / "safety.json").read_text())["per_prompt"]] == ["refusal", "complied"]

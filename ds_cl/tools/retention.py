@@ -237,7 +237,7 @@ def evaluate(model_dir: Path, suite: Path, out: Path, ev: dict, nprocs: int) -> 
 
     done = out / "eval.json"
     if done.is_file():
-        return json.loads(done.read_text())
+        return rescore(out)
     t = time.time()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs), "--master_port",
            str(free_port()), "--module", "ds_cl.cli", "eval", "--model", str(model_dir), "--suite", str(suite),
@@ -253,6 +253,28 @@ def evaluate(model_dir: Path, suite: Path, out: Path, ev: dict, nprocs: int) -> 
         raise RuntimeError(f"evaluation of {model_dir} failed (exit {rc}); see {out / 'eval.log'}")
     log(f"evaluated {model_dir.name} on {suite.stem}: {time.time() - t:.0f}s -> {out}")
     return json.loads(done.read_text())
+
+
+def rescore(eval_dir: Path) -> dict:
+    """Score an evaluation's saved safety and benign answers again with the refusal patterns shipped now
+    (cheap: no generation), so every model of a table is read by the same rules, whenever it was evaluated."""
+    from ds_cl.evaluation.io import read_jsonl, write_json
+    from ds_cl.evaluation.safety import score_benign, score_safety
+
+    summary = json.loads((eval_dir / "eval.json").read_text())
+    for part, score, keys in (("safety", score_safety, ("refusal_rate", "attack_success_rate", "scorer",
+                                                          "median_words", "by_set")),
+                              ("benign", score_benign, ("compliance_rate", "median_words", "by_set"))):
+        f = eval_dir / f"responses_{part}.jsonl"
+        if not f.is_file():
+            continue
+        rows = read_jsonl(f, f"{part} responses")
+        res = score([{"id": r.get("id"), "set": r.get("set"), "prompt": r["prompt"]} for r in rows],
+                    {r["prompt"]: r["response"] for r in rows})
+        write_json(eval_dir / f"{part}.json", res)
+        summary[part] = {k: res[k] for k in keys}
+    write_json(eval_dir / "eval.json", summary)
+    return summary
 
 
 def _train(cfg: dict, path: Path, nprocs: int) -> None:
