@@ -24,6 +24,32 @@ def test_stale_build_lock_is_removed_with_a_message(tmp_path, monkeypatch):
     assert not lock.exists() and "interrupted" in said[0] and str(lock) in said[0]
 
 
+def test_a_lock_released_while_it_is_looked_at_does_not_stop_the_run(tmp_path, monkeypatch):
+    """torch's loader takes the lock for a moment whenever a process loads the op: another process's check
+    could see the file, then find it gone when it read its age, and died with FileNotFoundError."""
+    from pathlib import Path
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    old = time.time() - 600
+    os.utime(lock, (old, old))
+    stat, reads = Path.stat, []
+
+    def released_after_the_first_look(self, *a, **k):
+        if self == lock:
+            reads.append(1)
+            if len(reads) > 1:  # the other process released it between two reads of the file
+                lock.unlink(missing_ok=True)
+        return stat(self, *a, **k)
+
+    monkeypatch.setattr(Path, "stat", released_after_the_first_look)
+    said = []
+    ops.clear_stale_locks(log=said.append, compiler_running=lambda: False)  # no FileNotFoundError
+    assert not lock.exists()
+
+
 def test_first_build_is_announced_only_when_the_op_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     said = []

@@ -68,10 +68,17 @@ def stale_locks(min_age_s: float = 30.0, compiler_running=_compiler_running) -> 
     """Lock files of DeepSpeed op builds that no build is using: older than `min_age_s`, with no compiler
     running (a build in progress keeps one running throughout). `compiler_running`: the check of this
     machine's processes (its own test must not depend on what else the machine is compiling)."""
-    root = build_root()
-    locks = [root / op / "lock" for op in OPS if (root / op / "lock").exists()]
-    now = time.time()
-    locks = [p for p in locks if now - p.stat().st_mtime > min_age_s]
+    root, now = build_root(), time.time()
+    locks = []
+    for op in OPS:
+        try:
+            age = now - (root / op / "lock").stat().st_mtime
+        except FileNotFoundError:
+            # No lock, or one released just now: torch's loader holds it for a moment every time a process
+            # loads the op (to check the build is current), so another process's start races with this.
+            continue
+        if age > min_age_s:
+            locks.append(root / op / "lock")
     if locks and compiler_running():
         return []
     return locks
