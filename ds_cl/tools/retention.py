@@ -447,7 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     suites = prepare_prompts(args.ifeval.resolve(), args.safety.resolve(), out, ev)
     evals = ["report"] + (["tune"] if args.tuning else [])
-    rows: dict = {}
+    # The base model, once: what the alignment itself costs (the reference every method must keep is the
+    # aligned model, per seed).
+    base_dir = out / "base" / "eval_report"
+    rows: dict = {"base": [{"seed": "-", "eval": evaluate(Path(base_model), suites["report"], base_dir, ev,
+                                                           args.nprocs), "summary": None, "dir": base_dir}]}
     curves: dict = {}
     tasks = [t["name"] for t in base["tasks"]]
     for seed in seeds:
