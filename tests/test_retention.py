@@ -141,3 +141,46 @@ def test_rescore_reads_saved_answers_with_todays_patterns(tmp_path):
     assert summary["safety"]["refusal_rate"] == 0.5 and summary["model"] == "m"
     assert json.loads((tmp_path / "eval.json").read_text())["safety"]["by_set"] == {"A": {"refusal_rate": 0.5, "n": 2}}
     assert [r["verdict"] for r in json.loads((tmp_path / "safety.json").read_text())["per_prompt"]] == ["refusal", "complied"]
+
+
+@pytest.mark.distributed
+def test_study_end_to_end_on_two_ranks_then_read_not_redone(tmp_path):
+    """The whole study on a tiny random Llama with a chat template (2 real ZeRO-3 CPU ranks per run): prompts,
+    the aligned model, one seqft run, the evaluations of base, aligned and final model, the table with its
+    paired tests; run again, every stage is read and the table is the same."""
+    import subprocess
+    import sys
+
+    from tests.dist_utils import REPO, cpu_env
+    from tests.fixtures import FIXTURES
+
+    tiny = make_tiny_model(tmp_path / "tiny")
+    tiny_train = {"micro_batch_size": 2, "global_batch_size": 4, "max_seq_len": 96, "max_steps_per_task": 1}
+    cfg = {"deepspeed": {"zero_optimization": {"stage": 3}},
+           "model": {"name_or_path": str(tiny), "dtype": "float32", "chat_template": True},
+           "train": {"lr": 3e-3, **tiny_train}, "eval": {"batch_size": 4, "max_new_tokens": 3},
+           "checkpoint": {"keep": 1}, "output": {"plots": False},
+           "tasks": [{"name": "a", "train": str(FIXTURES / "task_a.jsonl"), "eval_size": 4,
+                      "instruction": "Is the review positive or negative?"}],
+           "alignment": {"safety_samples": 4, "benign_samples": 4, "benign_max_new_tokens": 8,
+                         "run": {"train": tiny_train, "eval": {"max_new_tokens": 4}, "output": {"plots": False}}},
+           "retention": {"report_prompts": 4, "tune_prompts": 4, "harmful_per_set": 1, "benign_per_set": 1,
+                         "max_new_tokens": 8, "safety_max_new_tokens": 8, "batch_size": 4}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "ds_cl.cli", "retention", str(tmp_path / "study.yaml"), "--ifeval",
+           str(eval_dir() / "ifeval" / "prompts.jsonl"), "--safety", str(safety_dir(tmp_path / "safety")),
+           "--methods", "seqft", "--seeds", "0", "--out", str(out)]
+    first = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    result = json.loads((out / "retention.json").read_text())
+    assert list(result["table"]) == ["base", "aligned", "seqft"]
+    assert {"AA", "BWT", "diag", "refusal rate", "benign compliance"} <= set(result["table"]["seqft"])
+    pairs = {(t["a"], t["b"], t["outcome"]) for t in result["paired_tests"]}
+    assert ("aligned", "seqft", "refused") in pairs and ("base", "seqft", "ifeval_loose") in pairs
+    evals = sorted(str(p.parent.relative_to(out)) for p in out.rglob("eval.json"))
+    assert evals == ["base/eval_report", "seed0/aligned/eval_report", "seed0/seqft_seed0/eval_report_task_0_a"]
+    again = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "trained" not in again.stdout and "evaluated" not in again.stdout  # every stage read, not redone
+    assert json.loads((out / "retention.json").read_text())["table"] == result["table"]
