@@ -148,6 +148,17 @@ def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
         edit(cfg, lambda c: c["model"].update(name_or_path=str(tmp / "m"), config=None, tokenizer=None))
     elif cid == "tokenizer-missing":
         edit(cfg, lambda c: c["model"].update(tokenizer=str(tmp / "none.model")))
+    elif cid == "config-osft-reference-refit":
+        (tmp / "ref").mkdir()
+        edit(cfg, lambda c: c["method"].setdefault("osft", {}).update(protect_update_from=str(tmp / "ref"),
+                                                                      subspace="refit"))
+    elif cid == "model-osft-reference-missing":
+        from safetensors.torch import save_file
+        import torch
+
+        (tmp / "ref").mkdir()
+        save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, str(tmp / "ref" / "model.safetensors"))
+        edit(cfg, lambda c: c["method"].setdefault("osft", {}).update(protect_update_from=str(tmp / "ref")))
     elif cid == "vocab-mismatch":
         edit(cfg, lambda c: c["model"]["config"].update(vocab_size=100))
     elif cid == "ds-batch-conflict":

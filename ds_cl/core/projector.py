@@ -496,6 +496,22 @@ class SubspaceProjector:
         self.anchor = anchor
 
     @torch.no_grad()
+    def mark_from(self, read: Callable[[str], torch.Tensor]) -> None:
+        """Like `mark`, but the weights to diff against are `read(name)` (each owned target's full matrix),
+        not the current ones: the next `extend` protects what changed since those weights, e.g. the
+        alignment that made the starting model from its base. Local, no collective: a rank reads only
+        the matrices it owns, so each reference matrix is read once in all."""
+        anchor = {}
+        for n in self.owned():
+            w = read(n)
+            if tuple(w.shape) != tuple(self.shapes[n]):
+                raise ValueError(f"{n}: the reference has shape {tuple(w.shape)}, the model {tuple(self.shapes[n])}")
+            if not torch.isfinite(w).all():
+                raise ValueError(f"{n}: the reference has non-finite values")
+            anchor[n] = w.detach().to("cpu", torch.float32).reshape(-1).clone()
+        self.anchor = anchor
+
+    @torch.no_grad()
     def extend(self, energy: float, max_ratio: float) -> dict[str, int]:
         """End of a task (collective): add to every target's protected subspace the top directions of the
         task's update dW = W - W(mark), as many as hold `energy` of |dW|^2 while the total stays within

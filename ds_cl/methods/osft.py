@@ -45,6 +45,21 @@ class OSFT(Method):
             if params[name].dim() != 2:
                 raise ValueError(f"method.osft.targets: {name} has shape {tuple(params[name].shape)}; only 2-D "
                                  f"weights can be projected (narrow the patterns)")
+        ref = cfg.method.osft.protect_update_from
+        if ref:  # every target in the reference with the model's shape, read from the headers in seconds
+            from ds_cl.training.modeling import SafetensorsWeights
+
+            try:
+                weights = SafetensorsWeights(ref)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"method.osft.protect_update_from: {e}") from None
+            for name in names:
+                shape = weights.shape(name)
+                if shape != tuple(params[name].shape):
+                    found = "missing" if shape is None else f"shape {shape}"
+                    raise ValueError(f"method.osft.protect_update_from: {ref}: {name} is {found}, the model's is "
+                                     f"{tuple(params[name].shape)} (give the folder of the weights this model "
+                                     f"was tuned from)")
 
     def param_groups(self, model):
         from ds_cl.core.subspace import select_targets
@@ -76,23 +91,36 @@ class OSFT(Method):
         elif phase == 0:
             if self.opts.fit_before_first_task:
                 self.fit(phase, phases)
-            self.projector.mark()
+            if self.opts.protect_update_from:  # the update that made the starting model, then mark()
+                self.protect_reference_update(phase, phases)
+            else:
+                self.projector.mark()
         else:
             self.extend(phase, phases)
 
-    def extend(self, phase, phases) -> None:
+    def protect_reference_update(self, phase, phases) -> None:
+        from ds_cl.training.modeling import SafetensorsWeights
+
+        ref = self.opts.protect_update_from
+        try:
+            self.projector.mark_from(SafetensorsWeights(ref).read)
+        except (ValueError, KeyError, OSError) as e:
+            raise ValueError(f"method.osft.protect_update_from: {ref}: {e}") from None
+        self.extend(phase, phases, what=f"the update from {ref}")
+
+    def extend(self, phase, phases, what: str | None = None) -> None:
         o, t0 = self.opts, time.time()
+        what = what or f"the update of {phases[phase - 1].name}"
         try:
             added = self.projector.extend(o.update_energy, o.max_protected_ratio)
         except ValueError as e:
-            raise ValueError(f"task {phase} ({phases[phase].name}): protecting the update of task {phase - 1} "
-                             f"refused on rank {self.dist.rank}: {e}") from None
+            raise ValueError(f"task {phase} ({phases[phase].name}): protecting {what} refused on rank "
+                             f"{self.dist.rank}: {e}") from None
         if self.dist.rank == 0:
             shapes = self.projector.shapes
             share = lambda r: sum(r[n] / min(shapes[n]) for n in r) / len(r)  # noqa: E731
-            print(log_line(f"phase {phase}: protected the update of {phases[phase - 1].name} (+"
-                           f"{100 * share(added):.1f}% of directions, now {100 * share(self.projector.ranks):.1f}%) in "
-                           f"{time.time() - t0:.1f}s"), flush=True)
+            print(log_line(f"phase {phase}: protected {what} (+{100 * share(added):.1f}% of directions, now "
+                           f"{100 * share(self.projector.ranks):.1f}%) in {time.time() - t0:.1f}s"), flush=True)
         fault_point("fit", self.dist.rank, phase=phase)
 
     def fit(self, phase, phases) -> None:

@@ -90,6 +90,12 @@ class OSFTConfig:
     # train.lr, while the subspace constraint is on. 1.0: trained like the targets (the method as
     # published); 0.0: frozen, so only constrained weights change. See docs/demo.md for why it matters.
     non_target_lr_scale: float = 1.0
+    # A model folder (safetensors) of the weights the starting model was tuned from, e.g. the base model
+    # of a chat/safety-aligned one. Before the first task, the top directions of that tuning's update
+    # (starting - this, `update_energy` of it) are protected too, as `accumulate` does for each finished
+    # task: the SVD of the weights alone protects what pre-training wrote, not a small alignment update
+    # on top of it (docs/osft.md). Needs `subspace: accumulate` (a refit would drop them at task 1).
+    protect_update_from: Optional[str] = None
     # Samples (per task) used for layer importance: the previous task's training data.
     importance_samples: int = 32
     # General data for the importance before the first task (a data file, read with `input_field`
@@ -438,6 +444,13 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
         o.first_task_importance_data = _resolve(o.first_task_importance_data, base)
         need(os.path.exists(o.first_task_importance_data), "method.osft.first_task_importance_data",
              f"no such file: {o.first_task_importance_data}")
+    if o.protect_update_from:
+        o.protect_update_from = _resolve(o.protect_update_from, base)
+        need(os.path.isdir(o.protect_update_from), "method.osft.protect_update_from",
+             f"no such model folder: {o.protect_update_from}")
+        need(o.subspace == "accumulate", "method.osft.protect_update_from",
+             f"needs method.osft.subspace: accumulate (subspace {o.subspace} refits at every task and would "
+             f"drop the protected update at task 1)")
     lo = cfg.method.lora
     need(lo.rank >= 1, "method.lora.rank", f"must be >= 1, got {lo.rank}")
     need(lo.alpha > 0, "method.lora.alpha", f"must be > 0, got {lo.alpha}")

@@ -94,3 +94,40 @@ def build_model(model_cfg, ds_config: dict, seed: int):
         # 5.x renamed it activation checkpointing; 4.x only has the old name.
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     return model, keepalive
+
+
+class SafetensorsWeights:
+    """Read single tensors of an HF model folder's safetensors (one file or an index of shards) without
+    loading the rest: each rank reads only the matrices it owns (method.osft.protect_update_from)."""
+
+    def __init__(self, folder: str):
+        import json
+        from pathlib import Path
+
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = {name: self.folder / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+        else:
+            files = {}
+            for f in sorted(self.folder.glob("*.safetensors")):
+                with safe_open(str(f), "pt") as h:
+                    files.update((name, f) for name in h.keys())
+        if not files:
+            raise ValueError(f"{self.folder} has no *.safetensors weights")
+        self.files = files
+        self._open = safe_open
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        if name not in self.files:
+            return None
+        with self._open(str(self.files[name]), "pt") as h:
+            return tuple(h.get_slice(name).get_shape())
+
+    def read(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise KeyError(f"{self.folder} has no tensor {name}")
+        with self._open(str(self.files[name]), "pt") as h:
+            return h.get_tensor(name)
