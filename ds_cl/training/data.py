@@ -428,6 +428,12 @@ def scorable(task: TaskConfig, rows: list[dict], labels: list[str] | None, key: 
     return keep
 
 
+def holdout_size(eval_size: int, n_records: int) -> int:
+    """Records a task without `eval` holds out of its training records for evaluation: eval_size, at most
+    half of them (the rest train)."""
+    return min(eval_size, n_records // 2)
+
+
 def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int) -> TaskData:
     key = f"tasks.{index} ({task.name})"
     rows = read_records(task.train, task.train_split, f"{key}.train")
@@ -437,7 +443,10 @@ def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int) -> Tas
         # Hold out a deterministic slice of the training records for evaluation.
         order = list(range(len(rows)))
         random.Random(f"{seed}-holdout-{task.name}").shuffle(order)
-        n = min(task.eval_size, len(rows) // 2)
+        n = holdout_size(task.eval_size, len(rows))
+        if n < task.eval_size:
+            log.warning("%s: eval_size %d is more than half of its %d records: %d held out for evaluation (the cap: "
+                        "half the records), %d left to train", key, task.eval_size, len(rows), n, len(rows) - n)
         eval_rows = [rows[i] for i in order[:n]]
         rows = [rows[i] for i in order[n:]]
     if task.max_train_samples is not None:

@@ -444,9 +444,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="continue from the last complete checkpoint; refused where output_dir holds no run")
     p.add_argument("--resume-or-start", action="store_true",
                    help="--resume, or start the run where output_dir holds none yet (what a requeued job passes)")
+    # The check (ds_cl/training/check.py): validate and print the plan; no GPU, DeepSpeed or process group.
+    c = p.add_argument_group("check mode (--check)")
+    c.add_argument("--check", action="store_true",
+                   help="validate the config and print the resolved plan (world, batch, steps, lengths, model, "
+                        "checkpoint size, disk), then exit: 0 when fine, 2 with one line per error")
+    c.add_argument("--json", action="store_true", help="with --check: the plan as one JSON object")
+    c.add_argument("--world-size", type=int, help="with --check: the launch's world size (default: WORLD_SIZE, "
+                                                  "the SLURM allocation, else 1)")
+    c.add_argument("--nodes", type=int, help="with --check: nodes of the launch (world = nodes x --gpus-per-node)")
+    c.add_argument("--gpus-per-node", type=int, help="with --check: processes per node")
+    c.add_argument("--offline-ok", action="store_true",
+                   help="with --check: a hub model absent from the local HF cache is a warning, not an error")
     # deepspeed's launcher appends --local_rank=N; the env variable LOCAL_RANK carries it too.
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    # Intermixed: overrides may follow options too (`CONFIG --check --world-size 8 train.lr=2e-5`).
+    args = p.parse_intermixed_args(argv)
+    if not args.check:
+        given = [f"--{k.replace('_', '-')}" for k in ("json", "world_size", "nodes", "gpus_per_node", "offline_ok")
+                 if getattr(args, k) not in (None, False)]
+        if given:
+            p.error(f"{', '.join(given)} only with --check")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     args.resume = args.resume or args.resume_or_start
+    if args.check:
+        from ds_cl.training.check import main as check
+
+        return check(args)
     # Timestamped as the trainer's own lines (ds_cl.training.outputs.log_line).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S")
