@@ -80,3 +80,12 @@ gpu_count() {
     if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 1
     else echo 1; fi
 }
+
+# `ds-cl train CONFIG [overrides] [--resume...] --check` at the launch's world size ($@: --world-size N, or
+# --nodes N --gpus-per-node G): the run's plan (batch arithmetic, steps, lengths, model, checkpoint size,
+# disk; ds_cl/training/check.py) on stderr, so that stdout stays the --dry-run command. A failed check
+# stops the launch before deepspeed starts.
+run_check() {
+    "$PYTHON" -m ds_cl.cli train "${PASS[@]}" --check "$@" >&2 ||
+        die "ds-cl train --check failed (the lines above); nothing was launched"
+}

@@ -9,6 +9,8 @@
 # Options: --master-addr A (default: first host of the hostfile), --master-port P (default 29500),
 # --launcher pdsh|openmpi|mvapich|impi (ssh mode), --entry SCRIPT, --dry-run.
 # --dry-run prints the command of every node (in --no-ssh mode without --node-rank: all of them).
+# Before deepspeed starts: the preflight checks and `ds-cl train CONFIG ... --check` at world nodes x GPUs
+# per node (the run's plan on stderr; a failed check stops here).
 # With CUDA_VISIBLE_DEVICES set (nodes shared with other jobs) the ranks run on those GPU indices, given to
 # deepspeed as --include HOST:IDS@...: in --no-ssh mode each node's own variable; in ssh mode the first
 # node's, on every node (the hostfile says how many GPUs a node has, not which). --gpus-per-node, if
@@ -59,6 +61,7 @@ fi
 
 "$PYTHON" -m ds_cl.tools.launch_checks preflight --config "$CONFIG" --nodes "$NODES" --gpus-per-node "$GPUS" \
     --hostfile "$HOSTFILE" -- "${OVERRIDES[@]}"
+run_check --nodes "$NODES" --gpus-per-node "$GPUS"
 
 BASE=("$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" "${RESOURCES[@]}"
       --master_addr "$ADDR" --master_port "$PORT")

@@ -2,7 +2,8 @@
 # One machine, one process per GPU:
 #   launchers/single_node.sh [--gpus N] [--port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume | --resume-or-start]
 # runs `deepspeed --num_gpus N --module ds_cl.cli train CONFIG ...` after the preflight checks
-# (ds_cl.tools.launch_checks). --dry-run prints the command instead of running it.
+# (ds_cl.tools.launch_checks) and `ds-cl train CONFIG ... --check --world-size N` (the run's plan, on
+# stderr; a failed check stops here). --dry-run prints the command instead of running it.
 # With CUDA_VISIBLE_DEVICES set (a node shared with other jobs) the ranks run on those GPUs:
 # `deepspeed --include localhost:IDS`, N = their number (--gpus, if given, must agree).
 set -euo pipefail
@@ -31,6 +32,7 @@ set_gpus "$GPUS"
 [[ ${#RESOURCES[@]} -gt 0 ]] || RESOURCES=(--num_gpus "$GPUS")
 
 "$PYTHON" -m ds_cl.tools.launch_checks preflight --config "$CONFIG" --nodes 1 --gpus-per-node "$GPUS" -- "${OVERRIDES[@]}"
+run_check --world-size "$GPUS"
 
 # Under --include the runner must not see CUDA_VISIBLE_DEVICES: it would count only the visible GPUs and
 # refuse the indices past that count (its launcher gives each rank CUDA_VISIBLE_DEVICES=IDS itself).

@@ -143,11 +143,13 @@ def test_preflight_reads_run_config(run_cfg):
 
 
 def test_single_node_dry_run_prints_command(run_cfg):
-    p = sh(LAUNCHERS / "single_node.sh", "--dry-run", "--gpus", "2", run_cfg, "train.lr=2e-5", "--resume")
+    # --resume-or-start, not --resume: the launcher's `ds-cl train --check` refuses a --resume of an output_dir
+    # that holds no run (as the job would), and this one holds none.
+    p = sh(LAUNCHERS / "single_node.sh", "--dry-run", "--gpus", "2", run_cfg, "train.lr=2e-5", "--resume-or-start")
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == (f"[localhost] {sys.executable} -m deepspeed.launcher.runner --num_gpus 2 "
                                 f"--master_port 29500 --no_local_rank --module ds_cl.cli train {run_cfg} "
-                                f"train.lr=2e-5 --resume")
+                                f"train.lr=2e-5 --resume-or-start")
     assert "preflight ok" in p.stderr
 
 
