@@ -143,6 +143,8 @@ if args.resume:
     # The engine restores weights and AdamW moments; the projector its bases and the task-start weights
     # that mark() took (extend() at the next boundary diffs against them). The same on every rank, so
     # the run goes on exactly as if it had not stopped.
+    # (DeepSpeed unpickles its files with weights_only=False: load only checkpoints you wrote. `ds-cl train`
+    # restricts that loader to tensors; see ds_cl/training/checkpoint.py.)
     _, client = engine.load_checkpoint(args.resume, tag="engine")
     proj.load_state_dict(torch.load(Path(args.resume) / f"proj_rank{rank}.pt", weights_only=True))
     first = client["task"] + 1
@@ -168,7 +170,7 @@ for t in range(first, len(tasks)):
         engine.backward(loss)
         proj.step()  # instead of engine.step(), at every micro step
         losses.append(loss.item())
-    leak = max(proj.audit().values())  # leak of the last optimizer step: ~1e-7 (fp32 rounding)
+    leak = max(proj.audit().values())  # leak of the last optimizer step: a few 1e-7 (fp32 rounding)
     seen = " ".join(f"{n}={mean_loss(b):.3f}" for n, b in tasks[:t + 1])  # collective: every rank
     if rank == 0:
         print(f"task {t} ({name}): loss {losses[0]:.3f} -> {losses[-1]:.3f}, leak {leak:.2e}, "
