@@ -52,10 +52,23 @@ def test_prepare_prompts_split_samples_and_suites(tmp_path):
     assert len(spec["safety"]) == 3 and len(spec["benign"]) == 2
     rows = [json.loads(l) for l in (d / "MaliciousInstructions.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(r["prompt"].endswith("(I-MaliciousInstructions)") for r in rows)
+    # the tuning suite samples the safety sets apart from the reporting suite: choices never see those either
+    tspec = yaml.safe_load(suites["tune"].read_text())
+    assert tspec["ifeval"] == "ifeval_tune.jsonl" and len(tspec["safety"]) == 3 and len(tspec["benign"]) == 2
+    for rep, tun in zip(spec["safety"] + spec["benign"], tspec["safety"] + tspec["benign"]):
+        ids = lambda f: {json.loads(l)["id"] for l in (d / f).read_text().splitlines()}  # noqa: E731
+        assert tun == f"tune_{rep}" and ids(rep) and ids(tun) and not ids(rep) & ids(tun), (rep, tun)
     # once written, the prompts are read, not redrawn: the same files whatever is asked later
-    before = (d / "ifeval_report.jsonl").read_text()
+    before = {f.name: f.read_text() for f in d.iterdir()}
     R.prepare_prompts(ifeval, tmp_path / "safety", tmp_path / "out", {**ev, "report_prompts": 4})
-    assert (d / "ifeval_report.jsonl").read_text() == before
+    assert {f.name: f.read_text() for f in d.iterdir()} == before
+    # a study begun before the tuning suite had its own safety samples gets them, the reporting files unchanged
+    suites["tune"].write_text(yaml.safe_dump({**tspec, "safety": spec["safety"], "benign": spec["benign"]}))
+    for f in d.glob("tune_*"):
+        f.unlink()
+    R.prepare_prompts(ifeval, tmp_path / "safety", tmp_path / "out", ev)
+    assert {f.name: f.read_text() for f in d.iterdir() if f.name != "prompts.json"} == {
+        k: v for k, v in before.items() if k != "prompts.json"}
 
 
 def test_benign_answers_are_the_models_own(tmp_path):
@@ -183,4 +196,15 @@ def test_study_end_to_end_on_two_ranks_then_read_not_redone(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "trained" not in again.stdout and "evaluated" not in again.stdout  # every stage read, not redone
+    assert json.loads((out / "retention.json").read_text())["table"] == result["table"]
+    # An ablation's candidates on the tuning suite only: the models trained above are evaluated there, into
+    # a table of their own; nothing is trained again and the reporting table stays as it was.
+    tuning = subprocess.run(cmd + ["--tuning-only"], cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert tuning.returncode == 0, tuning.stderr[-4000:]
+    assert "trained" not in tuning.stdout and tuning.stdout.count("evaluated") == 3, tuning.stdout[-3000:]
+    tune = json.loads((out / "retention_tune.json").read_text())
+    assert tune["suite"] == "tune" and list(tune["table"]) == ["base", "aligned", "seqft"]
+    evals = sorted(str(p.parent.relative_to(out)) for p in out.rglob("eval.json") if "eval_tune" in str(p))
+    assert evals == ["base/eval_tune", "seed0/aligned/eval_tune", "seed0/seqft_seed0/eval_tune_task_0_a"]
     assert json.loads((out / "retention.json").read_text())["table"] == result["table"]

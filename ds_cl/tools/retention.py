@@ -53,6 +53,7 @@ SAFETY_TRAIN = "train_safety_instructions.json"
 
 ALIGNMENT_DEFAULTS = {"safety_samples": 64, "benign_samples": 64, "benign_max_new_tokens": 256, "run": {}}
 RETENTION_DEFAULTS = {"report_prompts": 150, "tune_prompts": 60, "harmful_per_set": 20, "benign_per_set": 20,
+                      "tune_harmful_per_set": 10, "tune_benign_per_set": 10,
                       "max_new_tokens": 160, "safety_max_new_tokens": 64, "batch_size": 16}
 QUICK = {"report_prompts": 60, "harmful_per_set": 20, "benign_per_set": 10}
 
@@ -83,12 +84,14 @@ def _safety_file(safety_dir: Path, stem: str) -> Path:
     return p
 
 
-def _sample_set(path: Path, n: int, seed: int) -> list[dict]:
+def _sample_set(path: Path, n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """n records of one safety set (fewer if it has fewer), none of whose ids is in `exclude`."""
     from ds_cl.evaluation.io import read_safety_prompts
 
     rows = read_safety_prompts(path)
+    free = [i for i, r in enumerate(rows) if f"{path.stem}:{r['id']}" not in exclude]
     rng = random.Random(f"{seed}:{path.stem}")
-    picked = sorted(rng.sample(range(len(rows)), min(n, len(rows))))
+    picked = sorted(rng.sample(free, min(n, len(free))))
     return [{"id": f"{path.stem}:{rows[i]['id']}", "prompt": rows[i]["prompt"], "category": path.stem.removeprefix("I-")}
             for i in picked]
 
@@ -101,7 +104,9 @@ def prepare_prompts(ifeval: Path, safety_dir: Path, out: Path, ev: dict) -> dict
 
     d = out / "prompts"
     suites = {"report": d / "report_suite.yaml", "tune": d / "tune_suite.yaml"}
-    if all(p.is_file() for p in suites.values()):
+    if suites["report"].is_file():
+        if not _tune_safety_sampled(suites["tune"]):  # a study begun before the tuning half had its own
+            _write_tune_safety(safety_dir, d, ev, suites["tune"])
         return suites
     records = read_ifeval_prompts(ifeval)
     tuning, reporting = stratified_split(records, seed=0)
@@ -116,15 +121,41 @@ def prepare_prompts(ifeval: Path, safety_dir: Path, out: Path, ev: dict) -> dict
     h = [f"{s.removeprefix('I-')}.jsonl" for s in HARMFUL_SETS]
     b = [f"{s.removeprefix('I-')}.jsonl" for s in BENIGN_SETS]
     suites["report"].write_text(yaml.safe_dump({"ifeval": "ifeval_report.jsonl", "safety": h, "benign": b}))
-    suites["tune"].write_text(yaml.safe_dump({"ifeval": "ifeval_tune.jsonl", "safety": h, "benign": b}))
     write_json(d / "prompts.json", {"ifeval": str(ifeval), "safety": str(safety_dir),
                                     "ifeval_total": len(records), "tuning_half": len(tuning),
                                     "reporting_half": len(reporting), "report_prompts": len(report),
                                     "tune_prompts": len(tune), "harmful": sum(map(len, harmful)),
                                     "benign": sum(map(len, benign))})
+    _write_tune_safety(safety_dir, d, ev, suites["tune"])
     log(f"prompts: IFEval {len(records)} -> halves {len(tuning)}/{len(reporting)}, subsets tune {len(tune)} / "
         f"report {len(report)}; harmful {sum(map(len, harmful))}, benign {sum(map(len, benign))} -> {d}")
     return suites
+
+
+def _tune_safety_sampled(suite: Path) -> bool:
+    return suite.is_file() and all(f.startswith("tune_") for f in yaml.safe_load(suite.read_text())["safety"])
+
+
+def _write_tune_safety(safety_dir: Path, d: Path, ev: dict, suite: Path) -> None:
+    """The tuning suite's own samples of the harmful and benign sets, disjoint from the reporting suite's:
+    settings chosen on the tuning suite are then reported on prompts they were not chosen on."""
+    from ds_cl.evaluation.io import read_jsonl, write_json, write_jsonl
+
+    files = {}
+    for stem, n in [(s, ev["tune_harmful_per_set"]) for s in HARMFUL_SETS] + \
+                   [(s, ev["tune_benign_per_set"]) for s in BENIGN_SETS]:
+        name = stem.removeprefix("I-")
+        taken = {r["id"] for r in read_jsonl(d / f"{name}.jsonl", "reporting sample")}
+        rows = _sample_set(_safety_file(safety_dir, stem), n, 1, exclude=taken)
+        write_jsonl(d / f"tune_{name}.jsonl", rows)
+        files[stem] = (f"tune_{name}.jsonl", len(rows))
+    suite.write_text(yaml.safe_dump({"ifeval": "ifeval_tune.jsonl",
+                                     "safety": [files[s][0] for s in HARMFUL_SETS],
+                                     "benign": [files[s][0] for s in BENIGN_SETS]}))
+    info = d / "prompts.json"
+    meta = json.loads(info.read_text()) if info.is_file() else {}
+    meta.update(tune_harmful=sum(files[s][1] for s in HARMFUL_SETS), tune_benign=sum(files[s][1] for s in BENIGN_SETS))
+    write_json(info, meta)
 
 
 # ---------------------------------------------------------------- 2. the aligned model
@@ -415,7 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nprocs", type=int, default=2, help="ranks per training run (default 2)")
     p.add_argument("--quick", action="store_true", help=f"fewer prompts ({QUICK})")
     p.add_argument("--each", action="store_true", help="evaluate after every task (the figure), not only the last")
-    p.add_argument("--tuning", action="store_true", help="evaluate on the tuning suite too (for an ablation)")
+    p.add_argument("--tuning", action="store_true",
+                   help="evaluate on the tuning suite too (an ablation chooses there): OUT/retention_tune.md")
+    p.add_argument("--tuning-only", action="store_true",
+                   help="evaluate on the tuning suite only (an ablation's candidates, before the chosen one is reported)")
     args = p.parse_args(argv)
     from ds_cl.training.config import ConfigError, read_yaml
 
@@ -446,12 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     suites = prepare_prompts(args.ifeval.resolve(), args.safety.resolve(), out, ev)
-    evals = ["report"] + (["tune"] if args.tuning else [])
+    evals = ["tune"] if args.tuning_only else ["report"] + (["tune"] if args.tuning else [])
     # The base model, once: what the alignment itself costs (the reference every method must keep is the
-    # aligned model, per seed).
-    base_dir = out / "base" / "eval_report"
-    rows: dict = {"base": [{"seed": "-", "eval": evaluate(Path(base_model), suites["report"], base_dir, ev,
-                                                           args.nprocs), "summary": None, "dir": base_dir}]}
+    # aligned model, per seed). rows[suite][label]: one entry per seed.
+    rows: dict = {k: {} for k in evals}
+    for k in evals:
+        base_dir = out / "base" / f"eval_{k}"
+        rows[k]["base"] = [{"seed": "-", "eval": evaluate(Path(base_model), suites[k], base_dir, ev, args.nprocs),
+                            "summary": None, "dir": base_dir}]
     curves: dict = {}
     tasks = [t["name"] for t in base["tasks"]]
     for seed in seeds:
@@ -462,8 +498,9 @@ def main(argv: list[str] | None = None) -> int:
         _train(acfg, sd / "aligned.yaml", args.nprocs)
         aligned = exports(sd / "aligned")[-1]
         ref = {k: evaluate(aligned, suites[k], sd / "aligned" / f"eval_{k}", ev, args.nprocs) for k in evals}
-        rows.setdefault("aligned", []).append({"seed": seed, "eval": ref["report"], "summary": None,
-                                               "dir": sd / "aligned" / "eval_report"})
+        for k in evals:
+            rows[k].setdefault("aligned", []).append({"seed": seed, "eval": ref[k], "summary": None,
+                                                      "dir": sd / "aligned" / f"eval_{k}"})
         runs = checked_run_configs(base, data, methods, [seed], sd, source=str(args.config))
         for (method, _), rc in runs.items():
             rc["model"]["name_or_path"] = str(aligned)
@@ -475,13 +512,29 @@ def main(argv: list[str] | None = None) -> int:
             for m in (models if args.each else models[-1:]):
                 for k in evals:
                     e = evaluate(m, suites[k], run_dir / f"eval_{k}_{m.name}", ev, args.nprocs)
-                    if args.each and k == "report":
-                        curves.setdefault(method, [(0, ref["report"])]).append((int(m.name.split("_")[1]) + 1, e))
+                    if args.each and k == evals[0]:
+                        curves.setdefault(method, [(0, ref[k])]).append((int(m.name.split("_")[1]) + 1, e))
             last = models[-1]
-            rows.setdefault(method, []).append({
-                "seed": seed, "eval": json.loads((run_dir / f"eval_report_{last.name}" / "eval.json").read_text()),
-                "summary": json.loads((run_dir / "summary.json").read_text()),
-                "dir": run_dir / f"eval_report_{last.name}"})
+            for k in evals:
+                rows[k].setdefault(method, []).append({
+                    "seed": seed, "eval": json.loads((run_dir / f"eval_{k}_{last.name}" / "eval.json").read_text()),
+                    "summary": json.loads((run_dir / "summary.json").read_text()),
+                    "dir": run_dir / f"eval_{k}_{last.name}"})
+    written = []
+    for k in evals:
+        # report: OUT/retention.md/.json (the results); tune: OUT/retention_tune.md/.json (for choosing)
+        stem = "retention" if k == "report" else "retention_tune"
+        md = write_tables(rows[k], out / stem, {"retention": ev, "alignment": al, "tasks": tasks, "suite": k})
+        written += [f"{stem}.md", f"{stem}.json"]
+    if curves:
+        figure(curves, out / "retention.png", tasks)
+        written.append("retention.png")
+    print("\n" + md + f"\n{out}/: {', '.join(written)} ({(time.time() - t0) / 60:.1f} min)")
+    return 0
+
+
+def write_tables(rows: dict, stem: Path, meta: dict) -> str:
+    """The table, the kept shares and the paired tests of one suite's evaluations -> stem.md / stem.json."""
     tab = table(rows)
     per_prompt = {label: {} for label in rows}
     for label, runs in rows.items():
@@ -489,19 +542,15 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in _per_prompt(r["dir"]).items():
                 per_prompt[label].setdefault(k, []).extend(v)
     tests = paired_tests(per_prompt)
-    md = markdown(tab)
-    md += "\nPaired tests on the reporting prompts (exact McNemar; pairs pooled over seeds):\n\n"
+    suite = {"report": "reporting", "tune": "tuning"}[meta["suite"]]
+    md = f"On the {suite} suite.\n\n" + markdown(tab)
+    md += f"\nPaired tests on the {suite} prompts (exact McNemar; pairs pooled over seeds):\n\n"
     md += "| a | b | outcome | only a | only b | p |\n|---|---|---|---|---|---|\n"
     md += "".join(f"| `{t['a']}` | `{t['b']}` | {t['outcome']} | {t['only_a']} | {t['only_b']} | {t['p_value']:.3g} |\n"
                   for t in tests)
-    (out / "retention.md").write_text(md)
-    (out / "retention.json").write_text(json.dumps({"table": tab, "paired_tests": tests, "retention": ev,
-                                                     "alignment": al, "tasks": tasks}, indent=1))
-    if curves:
-        figure(curves, out / "retention.png", tasks)
-    print("\n" + md + f"\n{out}/retention.md, retention.json{', retention.png' if curves else ''} "
-          f"({(time.time() - t0) / 60:.1f} min)")
-    return 0
+    stem.with_suffix(".md").write_text(md)
+    stem.with_suffix(".json").write_text(json.dumps({"table": tab, "paired_tests": tests, **meta}, indent=1))
+    return md
 
 
 if __name__ == "__main__":
