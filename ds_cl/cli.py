@@ -13,6 +13,7 @@ COMMANDS = {
     "retention": ("ds_cl.tools.retention", "does a method keep instruction following and refusals over a task sequence"),
     "compare": ("ds_cl.tools.compare", "one table and figure comparing finished runs (methods, seeds)"),
     "model": ("ds_cl.tools.models", "materialise a real pretrained model (SmolLM2-135M-Instruct) offline"),
+    "update-share": ("ds_cl.tools.update_share", "where an update (aligned - base) lies against osft's first fit"),
     "bench": ("ds_cl.tools.bench", "benchmark plain ZeRO-3 steps against projected steps"),
     "gpu-smoke": ("ds_cl.tools.gpu_smoke", "one short check on a GPU: env, train (osft, resume), bench; JSON per phase"),
     "eval": ("ds_cl.evaluation.cli", "generate responses for a retention suite and score them"),
