@@ -202,7 +202,7 @@ def test_missing_hub_model_offline_is_an_error_before_the_job(run_cfg, tmp_path)
     assert p.stderr.strip() == (
         f"ds-cl train --check: error: model.name_or_path: no-such-org/no-such-model is not a local folder and not in "
         f"the local HF cache ({tmp_path / 'hf' / 'hub'}), and HF_HUB_OFFLINE=1: the job would fail when it loads it; "
-        f"download it first (`huggingface-cli download no-such-org/no-such-model` with the same HF_HOME) or set "
+        f"download it first (`hf download no-such-org/no-such-model`, huggingface_hub's CLI, with the same HF_HOME) or set "
         f"model.name_or_path to a local folder")
     p = check_cli(*args, "--offline-ok", **env)
     assert p.returncode == 0, p.stderr

@@ -201,7 +201,7 @@ def locate(name: str, key: str, files: tuple[str, ...], chk: Check, offline_ok: 
             return info, name
         why = "the hub is not reachable from here (no network)"
     msg = (f"{key}: {name} is not a local folder and not in the local HF cache ({_hf_cache_dir()}), and {why}: "
-           f"the job would fail when it loads it; download it first (`huggingface-cli download {name}` with the "
+           f"the job would fail when it loads it; download it first (`hf download {name}`, huggingface_hub's CLI, with the "
            f"same HF_HOME) or set {key} to a local folder")
     if offline_ok:
         chk.warn(msg.replace("the job would fail", "--offline-ok: left out of the plan; a job here would fail"))
