@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,108 @@ def test_sbatch_real_ds_cl_train_two_nodes(cluster, run_cfg, tmp_path):
     assert summary["complete"] and summary["tasks"] == ["colors", "animals"]
     for f in ("cl_matrix.json", "metrics.jsonl", "config.yaml"):
         assert (tmp_path / "out" / f).is_file(), f
+
+
+def _job(cluster: SlurmCluster, job: str) -> dict[str, str]:
+    """`scontrol show job` as a dict ({} once the controller has forgotten the job)."""
+    p = cluster.scontrol("show", "job", "-o", job)
+    return dict(f.split("=", 1) for f in p.stdout.split() if "=" in f) if p.returncode == 0 else {}
+
+
+def test_sbatch_usr1_checkpoints_then_requeues_and_resumes(cluster, run_cfg, tmp_path):
+    """The time limit's warning (`--signal=B:USR1@600`; sent here by hand) while the ranks are in a step and
+    their checkpoint is slow (15 s, longer than the cluster's KillWait of 5 s): the script has the ranks
+    checkpoint and exit, waits for that, and only then requeues; the requeued attempt resumes from that
+    checkpoint and ends with the weights, accuracy matrix and losses of an uninterrupted run. Both attempts'
+    node logs survive."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ds_cl.training.checkpoint import verify_checkpoint
+
+    opts = ["--nodes=2", "--gpus-per-node=1"]
+    # 3 steps per task (12 training records / 4; the tiny run caps them at 2): step 2 is inside task 0, where only
+    # the signal writes a checkpoint. Every checkpoint kept, each task's model exported.
+    args = ["train.max_steps_per_task=4", "checkpoint.keep=10", "output.export_each_task=true"]
+    ref = tmp_path / "ref"
+    rc, _, out, _ = sbatch(cluster, ref, opts, [run_cfg, f"output_dir={ref / 'out'}", *args])
+    assert rc == 0, out
+
+    work, name = tmp_path / "usr1", f"usr1-{os.getpid()}"
+    work.mkdir()
+    out_dir, ck = work / "out", work / "out" / "checkpoints"
+    # Step 2 takes 8 s (the signal lands inside it); the save of checkpoint 2 takes 15 s more.
+    e = cpu_env(SLURM_CONF=str(cluster.conf), PYTHON=sys.executable, LOG_DIR=str(work / "logs"),
+                DS_CL_FAULT="sleep@loss:step=2,seconds=8;sleep@save:step=2,seconds=15")
+    cmd = ["sbatch", "--wait", "--time=60", f"--job-name={name}", f"--output={work}/job-%j.out", *opts, str(SBATCH),
+           str(run_cfg), f"output_dir={out_dir}", *args]
+    proc = subprocess.Popen(cmd, cwd=work, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        t0, job = time.time(), ""
+        while not job:
+            job = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], env=cluster.env, capture_output=True,
+                                 text=True).stdout.strip()
+            assert proc.poll() is None and time.time() - t0 < 60, "job not seen"
+            time.sleep(0.5)
+        metrics = out_dir / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().strip()):  # step 1 done: step 2 (8 s) has begun
+            assert proc.poll() is None and time.time() - t0 < 300, f"no step logged\n{cluster.logs()}"
+            time.sleep(0.2)
+        sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster.env, capture_output=True,
+                             text=True)
+        assert sig.returncode == 0, sig.stderr
+        t_sig = time.time()
+        # Requeued: pending again with Restarts=1. Nothing of the next attempt has run yet: what is on disk now is
+        # what the first attempt left at the requeue.
+        while True:
+            info = _job(cluster, job)
+            assert proc.poll() is None and time.time() - t_sig < 180, f"not requeued: {info}"
+            if info.get("Restarts", "0") != "0" and info.get("JobState") == "PENDING":
+                break
+            time.sleep(0.5)
+        requeued_after = time.time() - t_sig
+        at_requeue = (ck / "latest").read_text().strip() if (ck / "latest").is_file() else None
+        problems = verify_checkpoint(ck / "step_00000002")
+        # SLURM holds a requeued job for a while (its begin time is pushed back); release it.
+        cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            if job:
+                subprocess.run(["scancel", job], env=cluster.env)
+            proc.kill()
+    text = (work / f"job-{job}.out").read_text()
+    logs = {n: (work / "logs" / f"{n}.log").read_text() for n in ("node1", "node2")}
+    explain = text + "\n" + logs["node1"][-6000:]
+    assert at_requeue == "step_00000002" and problems == [], f"at the requeue: latest {at_requeue}, {problems}\n{explain}"
+    assert requeued_after > 15, explain  # the save alone took 15 s: the requeue waited for it
+    assert proc.returncode == 0, explain
+
+    # The script's stages, in order, one requeue; the checkpoint named is the one the next attempt resumed from.
+    stages = ["USR1: asking the ranks to checkpoint", "the ranks have exited (status 143)",
+              f"rank 0: checkpoint {ck / 'step_00000002'} written (task 0, step 2)",
+              f"requeueing job {job}: checkpoint written"]
+    at = [text.find(s) for s in stages]
+    assert -1 not in at and at == sorted(at), explain
+    assert text.count("requeueing job") == 1, explain
+    assert re.search(r"^ds-cl: [\d-]+ [\d:]+ USR1: asking", text, re.M), explain  # timestamped
+    # Each node log holds both attempts: the first one's signal and checkpoint, then the resumed second one.
+    for n in ("node1", "node2"):
+        first, second = f"=== ds-cl: job {job} attempt 1 ", f"=== ds-cl: job {job} attempt 2 "
+        assert first in logs[n] and second in logs[n] and logs[n].index(first) < logs[n].index(second), logs[n][-3000:]
+        assert "USR1: SIGTERM to the ranks (pids " in logs[n].split(second)[0], logs[n][-3000:]
+    first, second = logs["node1"].split(f"=== ds-cl: job {job} attempt 2 ")
+    assert "SIGTERM: checkpointing after the current step" in first, explain
+    assert f"preempted: checkpoint {ck / 'step_00000002'} written (task 0, step 2)" in first, explain
+    assert f"resumed from {ck / 'step_00000002'} (task 0, step 2)" in second, explain
+    assert verify_checkpoint(ck / "step_00000002") == []
+
+    # ...and the run ends as the uninterrupted one did.
+    assert json.loads((out_dir / "summary.json").read_text())["complete"]
+    a, b = (load_file(d / "out" / "task_1_animals" / "model.safetensors") for d in (ref, work))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    matrix = lambda d: json.loads((d / "cl_matrix.json").read_text())["matrix"]
+    assert matrix(ref / "out") == matrix(out_dir)
+    losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
+    assert losses(ref / "out") == losses(out_dir) and len(losses(out_dir)) == 6
+
