@@ -248,3 +248,36 @@ def test_every_factory_call_in_the_maths_names_a_device():
     offenders = [c for p in files for c in calls_without_device(p.read_text(), str(p.relative_to(PKG.parent)))]
     assert not offenders, ("factory calls without device= (take the device of the data they meet, or "
                            "device=\"cpu\" for a host buffer):\n  " + "\n  ".join(offenders))
+
+
+def test_the_host_pre_step_copy_goes_back_once_per_step():
+    """With the pre-step copy in host memory, each step reads every target's copy back once (for the
+    difference dW), not twice (once more to rebuild W_old + P(dW)): on a GPU each read is a host-to-device
+    transfer of the rank's target partitions. The projector runs for real; only the dict of copies it
+    makes is wrapped to count the reads. The weights still move inside the complement only."""
+    from ds_cl.core.projector import SubspaceProjector
+
+    class Counting(dict):
+        reads: dict = {}
+
+        def __getitem__(self, k):
+            Counting.reads[k] = Counting.reads.get(k, 0) + 1
+            return dict.__getitem__(self, k)
+
+    class Projector(SubspaceProjector):
+        def _pre_step_copy(self, names):
+            return Counting(super()._pre_step_copy(names))
+
+    torch.manual_seed(0)
+    model = _Tiny()
+    proj = Projector(_Engine(model), pre_step_copy="host")
+    proj.fit(S.FixedRank(0.5))
+    ids = torch.randint(0, 13, (2, 5))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in proj.names}
+    for _ in range(2):
+        model(ids).backward()
+        proj.step()
+    assert set(Counting.reads) == set(proj.names) and set(Counting.reads.values()) == {2}, Counting.reads  # 2 steps
+    for n, (u, v) in proj.bases.items():
+        dw = dict(model.named_parameters())[n].detach() - before[n]
+        assert dw.norm() > 0 and S.leak(dw, u, v) < 1e-5, n

@@ -32,7 +32,9 @@ bytes sent per rank per step); docs/benchmarks.md records the numbers.
 Exactness under AdamW needs the update projected too (Adam's 1/sqrt(v) scaling and decoupled weight
 decay act after any gradient hook): before `engine.step()` we keep this rank's fp32 master partition
 of each target (one fp32 copy of the local target partitions: in host memory on an accelerator, see
-`pre_step_copy`), and after it we set W = W_old + P(W_new - W_old). The low-precision working copy is
+`pre_step_copy`), and after it we set W = W_old + P(W_new - W_old), as W_new - (dW - P(dW)): the owners
+send back what the projection removes, so W_old travels back from the host once per step, for the
+difference only. The low-precision working copy is
 refreshed from the corrected master. What all this costs in memory per rank: ds_cl.core.projector_memory.
 """
 
@@ -136,9 +138,9 @@ class SubspaceProjector:
             one travelling back). Buckets grow with the world so that each has work for every rank:
             see `plan_buckets`.
         pre_step_copy: where the update projection keeps this rank's fp32 master partitions of the
-            targets during `engine.step()` (N / world elements): "device", "host" (pinned on CUDA: three
-            transfers of that size per step instead of the device memory: one out before the step, two
-            back), or "auto" (default): host on an accelerator, device on CPU.
+            targets during `engine.step()` (N / world elements): "device", "host" (pinned on CUDA: two
+            transfers of that size per step instead of the device memory: one out before the step, one
+            back after it), or "auto" (default): host on an accelerator, device on CPU.
     """
 
     def __init__(self, engine, targets: Sequence[str] | None = None, projection: str = "two_sided",
@@ -287,9 +289,11 @@ class SubspaceProjector:
             del full  # let the caller free this bucket before the next one is unpacked
 
     def _pipeline(self, buckets: list[tuple[int, list[str]]], read: Callable[[str], torch.Tensor],
-                  write: Callable[[str, torch.Tensor], None] | None, leaks: dict | None = None) -> None:
+                  write: Callable[[str, torch.Tensor], None] | None, leaks: dict | None = None,
+                  removed: bool = False) -> None:
         """For each (bucket index, names): gather the matrices on their owners, project them there, and
-        `write` each rank's projected piece back (write=None: only measure `leaks`, send nothing back).
+        `write` each rank's projected piece back (write=None: only measure `leaks`, send nothing back;
+        removed=True: send back what the projection removed, x - P(x), instead of P(x)).
 
         Software pipeline: while bucket i is projected, bucket i + 1 travels to its owners and bucket
         i - 1 travels back, so with many buckets (LLaMA-2-7B on 8 ranks: 13) the exchanges can hide
@@ -298,7 +302,7 @@ class SubspaceProjector:
         """
         outbound = None
         for (b, names), full in zip(buckets, self._gathered([names for _, names in buckets], read)):
-            self._project_owned(b, full, leaks, project=write is not None)
+            self._project_owned(b, full, leaks, project=write is not None, removed=removed)
             if write is None:
                 continue
             if outbound is not None:
@@ -350,10 +354,11 @@ class SubspaceProjector:
 
     # -------------------------------------------------------------------------------- projection
     def _project_owned(self, bucket: int, full: dict[str, torch.Tensor], leaks: dict | None = None,
-                       project: bool = True) -> None:
+                       project: bool = True, removed: bool = False) -> None:
         """Project the owned full flat tensors of bucket `bucket` in place, one batched call per packed
-        group; with `leaks`, record each matrix's leak (of the projected tensor, or with project=False of
-        the tensor as it is) as a device tensor."""
+        group (removed=True: replace each by what the projection removes, x - P(x)); with `leaks`, record
+        each matrix's leak (of the projected tensor, or with project=False of the tensor as it is) as a
+        device tensor."""
         for (b, shape, _), (names, u, v, c, side) in self._packs.items():
             if b != bucket:
                 continue
@@ -361,7 +366,10 @@ class SubspaceProjector:
             if project:
                 g = S.project_two_sided_via(g, u, v, c, side) if side else S.project(g, u, v, self.projection)
                 for i, n in enumerate(names):
-                    full[n].copy_(g[i].reshape(-1))
+                    if removed:
+                        full[n].sub_(g[i].reshape(-1))
+                    else:
+                        full[n].copy_(g[i].reshape(-1))
             if leaks is not None:
                 # One matrix at a time: the audit works in float64, whose temporaries would otherwise
                 # be twice the whole group's size.
@@ -394,10 +402,13 @@ class SubspaceProjector:
             return
         leaks: dict[str, torch.Tensor] = {}
         dev = self.device
-        write = (lambda n, d: self.shards.set_master(n, old[n].to(dev, non_blocking=True) + d)) \
+        # W_old + P(dW) = W_new - (dW - P(dW)): the owners send back what the projection removes, and
+        # each rank subtracts it from its updated master, so W_old (in host memory on an accelerator)
+        # comes back to the device once per step, here, for the difference.
+        write = (lambda n, r: self.shards.set_master(n, self.shards.get_master(n).float() - r)) \
             if self.project_update else None
         self._pipeline(buckets, lambda n: self.shards.get_master(n).float() - old[n].to(dev, non_blocking=True),
-                       write, leaks if audit_now else None)
+                       write, leaks if audit_now else None, removed=True)
         if self.project_update:
             self.shards.finish_master_updates(constrained, self.engine.optimizer)
         if audit_now:
