@@ -21,6 +21,7 @@ def shares(model: str, reference: str, ratio: float, energy: float, targets=None
     import torch
 
     from ds_cl.core import subspace as S
+    from ds_cl.training.config import OSFTConfig
     from ds_cl.training.modeling import SafetensorsWeights
 
     new, ref = SafetensorsWeights(model), SafetensorsWeights(reference)
@@ -28,7 +29,6 @@ def shares(model: str, reference: str, ratio: float, energy: float, targets=None
     if missing:
         raise ValueError(f"{reference} lacks {len(missing)} of {model}'s tensors (first: {missing[0]})")
     names = S.select_targets(list(new.files), targets)
-    per_type: dict = {}
     rows = []
     other = {"update_sq": 0.0, "weights_sq": 0.0}
     t0 = time.time()
@@ -45,35 +45,40 @@ def shares(model: str, reference: str, ratio: float, energy: float, targets=None
         u, v = S.svd_bases(w, r, dtype=torch.float64)
         rest = S.project(d, u.double(), v.double(), "two_sided")
         total, left = float((d * d).sum()), float((rest * rest).sum())
-        k = min(w.shape)
-        room = max(0, S.max_protected_rank(w.shape, 0.9) - r)
+        room = max(0, S.max_protected_rank(w.shape, OSFTConfig.max_protected_ratio) - r)
         # what is left at the fp32 bases' rounding level (an update inside the fit) needs no directions
         added = S.update_directions(rest, energy, room)[0].shape[1] if left > 1e-10 * total else 0
-        kind = re.sub(r".*\.", "", n.removesuffix(".weight"))
-        rows.append({"name": n, "update_sq": total, "weights_sq": float((w0 * w0).sum()),
+        rows.append({"name": n, "kind": re.sub(r".*\.", "", n.removesuffix(".weight")), "update_sq": total,
+                     "left_sq": left, "weights_sq": float((w0 * w0).sum()),
                      "protected_by_fit": 1 - left / total if total else 1.0, "directions_to_add": added,
-                     "directions": k, "fit_rank": r})
-        t = per_type.setdefault(kind, {"update_sq": 0.0, "left_sq": 0.0, "added": 0, "directions": 0, "n": 0})
-        t["update_sq"] += total
-        t["left_sq"] += left
-        t["added"] += added
-        t["directions"] += k
-        t["n"] += 1
+                     "directions": min(w.shape), "fit_rank": r})
         if log and (i + 1) % 50 == 0:
             log(f"[update-share] {i + 1}/{len(new.files)} tensors, {time.time() - t0:.0f}s")
     targets_sq = sum(r["update_sq"] for r in rows)
-    out = {"model": model, "reference": reference, "ratio": ratio, "energy": energy,
-           "targets": len(rows),
-           "relative_update_targets": (targets_sq / sum(r["weights_sq"] for r in rows)) ** 0.5 if rows else 0.0,
-           "protected_by_fit": 1 - sum(t["left_sq"] for t in per_type.values()) / targets_sq if targets_sq else 1.0,
-           "directions_to_add": sum(t["added"] for t in per_type.values()) / max(1, sum(t["directions"] for t in per_type.values())),
-           "outside_targets": other["update_sq"] / (other["update_sq"] + targets_sq) if targets_sq else 0.0,
-           "relative_update_outside": (other["update_sq"] / other["weights_sq"]) ** 0.5 if other["weights_sq"] else 0.0,
-           "per_type": {k: {"protected_by_fit": 1 - t["left_sq"] / t["update_sq"] if t["update_sq"] else 1.0,
-                            "directions_to_add": t["added"] / t["directions"], "matrices": t["n"]}
-                        for k, t in sorted(per_type.items())},
-           "per_matrix": rows}
+    return {"model": model, "reference": reference, "ratio": ratio, "energy": energy,
+            "max_protected_ratio": OSFTConfig.max_protected_ratio, "targets": len(rows),
+            "relative_update_targets": (targets_sq / sum(r["weights_sq"] for r in rows)) ** 0.5 if rows else 0.0,
+            **_pooled(rows),
+            "outside_targets": other["update_sq"] / (other["update_sq"] + targets_sq) if targets_sq else 0.0,
+            "relative_update_outside": (other["update_sq"] / other["weights_sq"]) ** 0.5 if other["weights_sq"] else 0.0,
+            "per_type": {k: {**_pooled(g), "matrices": len(g)}
+                         for k, g in sorted(_by_kind(rows).items())},
+            "per_matrix": rows}
+
+
+def _by_kind(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["kind"], []).append(r)
     return out
+
+
+def _pooled(rows: list[dict]) -> dict:
+    """Over matrices: the share of the update's squared norm the first fit protects, and the directions
+    to add as a share of all directions."""
+    update = sum(r["update_sq"] for r in rows)
+    return {"protected_by_fit": 1 - sum(r["left_sq"] for r in rows) / update if update else 1.0,
+            "directions_to_add": sum(r["directions_to_add"] for r in rows) / max(1, sum(r["directions"] for r in rows))}
 
 
 def markdown(res: dict) -> str:
@@ -82,7 +87,8 @@ def markdown(res: dict) -> str:
              f"{100 * res['outside_targets']:.1f} % of |dW|^2 lies outside the targets.",
              f"The first fit (top {res['ratio']:.0%} of each target's directions) protects "
              f"{100 * res['protected_by_fit']:.1f} % of the targets' |dW|^2; protecting {res['energy']:.0%} of the rest "
-             f"adds {100 * res['directions_to_add']:.1f} % of the directions (within max_protected_ratio 0.9).", "",
+             f"adds {100 * res['directions_to_add']:.1f} % of the directions (within max_protected_ratio "
+             f"{res['max_protected_ratio']}).", "",
              "| matrix | protected by the first fit | directions to add | matrices |", "|---|---|---|---|"]
     for k, t in res["per_type"].items():
         lines.append(f"| {k} | {100 * t['protected_by_fit']:.1f} % | {100 * t['directions_to_add']:.1f} % | {t['matrices']} |")

@@ -106,8 +106,10 @@ class SafetensorsWeights:
 
         from safetensors import safe_open
 
+        from ds_cl.training.export import INDEX_NAME
+
         self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
+        index = self.folder / INDEX_NAME
         if index.is_file():
             files = {name: self.folder / f for name, f in json.loads(index.read_text())["weight_map"].items()}
         else:
