@@ -514,12 +514,11 @@ def main(argv: list[str] | None = None) -> int:
                     e = evaluate(m, suites[k], run_dir / f"eval_{k}_{m.name}", ev, args.nprocs)
                     if args.each and k == evals[0]:
                         curves.setdefault(method, [(0, ref[k])]).append((int(m.name.split("_")[1]) + 1, e))
-            last = models[-1]
+            last, summary = models[-1], json.loads((run_dir / "summary.json").read_text())
             for k in evals:
                 rows[k].setdefault(method, []).append({
                     "seed": seed, "eval": json.loads((run_dir / f"eval_{k}_{last.name}" / "eval.json").read_text()),
-                    "summary": json.loads((run_dir / "summary.json").read_text()),
-                    "dir": run_dir / f"eval_{k}_{last.name}"})
+                    "summary": summary, "dir": run_dir / f"eval_{k}_{last.name}"})
     written = []
     for k in evals:
         # report: OUT/retention.md/.json (the results); tune: OUT/retention_tune.md/.json (for choosing)
