@@ -18,7 +18,12 @@ def targets(sd):
     return [n for n in sd if ".layers." in n and n.endswith("proj.weight")]
 
 
-def test_the_update_that_made_the_starting_model_is_protected(tmp_path):
+@pytest.mark.parametrize("first_fit", [True, False], ids=["with-first-fit", "reference-only-frozen"])
+def test_the_update_that_made_the_starting_model_is_protected(tmp_path, first_fit):
+    """with-first-fit: the weights' top quarter fitted, then the reference update added on top.
+    reference-only-frozen: no first fit (`fit_before_first_task: false`), the reference update alone
+    constrains task 0, with the non-target parameters frozen (`non_target_lr_scale: 0`): task 0 counts as
+    constrained, so they must not move (before the fix, no first fit meant task 0 ran at full scale)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     train_sentencepiece(tmp_path / "tok.model")
@@ -44,7 +49,9 @@ def test_the_update_that_made_the_starting_model_is_protected(tmp_path):
         "model": {"name_or_path": str(tmp_path / "start"), "tokenizer": str(tmp_path / "tok.model"),
                   "dtype": "float32"},
         "method": {"name": "osft", "osft": {"rank": "fixed", "ratio": 0.25,
-                                            "protect_update_from": str(tmp_path / "ref")}},
+                                            "protect_update_from": str(tmp_path / "ref"),
+                                            **({} if first_fit else {"fit_before_first_task": False,
+                                                                     "non_target_lr_scale": 0.0})}},
         "tasks": tiny_run_config(tmp_path, out)["tasks"][:1]})
     proc = launch(TRAIN, 2, str(write_run_config(cfg)), timeout=600)
     assert f"phase 0: protected the update from {tmp_path / 'ref'}" in proc.stdout, proc.stdout[-3000:]
@@ -63,3 +70,7 @@ def test_the_update_that_made_the_starting_model_is_protected(tmp_path):
         # ... which the fit of the weights' own top quarter of directions alone would not have kept.
         top = torch.linalg.svd(start[n].double())[0][:, : min(d.shape) // 4]
         assert torch.linalg.matrix_norm(u - top @ (top.T @ u)) > 0.5 * torch.linalg.matrix_norm(u), n
+    if not first_fit:  # frozen while constrained: embeddings and norms are exactly the starting model's
+        others = [n for n in start if n not in deltas]
+        assert others and all(torch.equal(final[n], start[n]) for n in others), \
+            [n for n in others if not torch.equal(final[n], start[n])]

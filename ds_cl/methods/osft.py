@@ -80,7 +80,8 @@ class OSFT(Method):
                                           pre_step_copy=o.pre_step_copy)
 
     def constrained(self, phase: int) -> bool:
-        return phase > 0 or self.opts.fit_before_first_task
+        # Task 0 is constrained by the first fit or by the protected reference update (either gives bases).
+        return phase > 0 or self.opts.fit_before_first_task or bool(self.opts.protect_update_from)
 
     def start_task(self, phase, phases, fresh):
         if not fresh:  # resumed inside the task: the checkpoint restored the subspace
