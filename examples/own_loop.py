@@ -20,18 +20,22 @@ Resume on the same number of ranks: the projector's bases are sharded by rank.
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ds_cl import SubspaceProjector
-from ds_cl.core.projector import prepare_ds_config  # bf16: sets fp32 gradient accumulation
-from ds_cl.core.subspace import FixedRank
-from ds_cl.training.environment import init_distributed
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tiny_tasks, however this file is started
+from tiny_tasks import EOS, PAD, TASKS, encode, tiny_llama  # noqa: E402
+
+from ds_cl import SubspaceProjector  # noqa: E402
+from ds_cl.core.projector import prepare_ds_config  # noqa: E402  (bf16: sets fp32 gradient accumulation)
+from ds_cl.core.subspace import FixedRank  # noqa: E402
+from ds_cl.training.environment import init_distributed  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--model", help="a small LLaMA-style HF causal LM folder (default: a tiny random LLaMA)")
@@ -46,28 +50,9 @@ p.add_argument("--local_rank", type=int, default=-1)  # passed by the deepspeed 
 args = p.parse_args()
 
 # ---------------------------------------------------------------------------------------------- data
-# Three tiny tasks of (prompt, answer) pairs; the loss is on the answer only. Each has 8 examples, so
-# with 2 ranks x micro batch 2 x 2 accumulation steps one optimizer step sees the whole task once.
-TASKS = {
-    "sentiment": [("Review: a wonderful, moving film. Sentiment:", " positive"),
-                  ("Review: dull and far too long. Sentiment:", " negative"),
-                  ("Review: the cast is brilliant. Sentiment:", " positive"),
-                  ("Review: I walked out after an hour. Sentiment:", " negative"),
-                  ("Review: a joy from start to end. Sentiment:", " positive"),
-                  ("Review: the plot makes no sense. Sentiment:", " negative"),
-                  ("Review: warm, funny and kind. Sentiment:", " positive"),
-                  ("Review: a waste of a good book. Sentiment:", " negative")],
-    "topic": [("Text: the striker scored twice. Topic:", " sports"),
-              ("Text: the cells divide every hour. Topic:", " science"),
-              ("Text: add the garlic to the pan. Topic:", " food"),
-              ("Text: the band played three encores. Topic:", " music"),
-              ("Text: the keeper saved a penalty. Topic:", " sports"),
-              ("Text: the comet returns in 2061. Topic:", " science"),
-              ("Text: bake the bread for an hour. Topic:", " food"),
-              ("Text: she sang the aria in Italian. Topic:", " music")],
-    "sum": [(f"{a} + {b} =", f" {a + b}") for a, b in [(3, 4), (12, 7), (25, 30), (8, 9),
-                                                         (41, 2), (16, 16), (5, 60), (33, 11)]],
-}
+# Three tiny tasks of (prompt, answer) pairs (examples/tiny_tasks.py); the loss is on the answer only.
+# Each has 8 examples, so with 2 ranks x micro batch 2 x 2 accumulation steps one optimizer step sees the
+# whole task once.
 MICRO_BATCH, ACCUMULATION = 2, 2
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -85,11 +70,8 @@ if args.model:
     # gradients in fp32. (A model too big for one rank's memory would be built under deepspeed.zero.Init.)
     model = AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
 else:
-    encode = lambda s: list(s.encode())  # noqa: E731  (bytes are the tokens: no tokenizer to download)
-    eos = pad = 256
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                         tie_word_embeddings=False))
+    eos, pad = EOS, PAD  # bytes are the tokens (`encode`): no tokenizer to download
+    model = tiny_llama(args.seed)
 
 
 def batches(examples):
