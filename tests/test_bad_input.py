@@ -102,6 +102,8 @@ def _case(cid: str, tmp: Path, cfg: Path, monkeypatch):
         edit(cfg, set_task(train=data_file(tmp, "task.csv", b"input,output\nthe food was fine,positive\nawful\n")))
     elif cid == "data-label-not-offered":
         edit(cfg, set_task(labels=["positive", "neutral"]))
+    elif cid == "data-option-not-offered":
+        edit(cfg, lambda c: (c["eval"].update(scoring="options"), set_task(options=["positive", "neutral"])(c)))
     elif cid == "ds-misspelt-key":
         edit(cfg, lambda c: c.update(deepspeed={"zero_optimisation": {"stage": 3}}))
     elif cid == "ds-zero-unknown-key":

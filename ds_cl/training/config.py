@@ -179,6 +179,11 @@ class EvalConfig:
     retention_suite: Optional[str] = None
     # After which tasks the suite runs: each (a retention curve) or only the last (the sequence's end).
     retention_after: Literal["each", "last"] = "each"
+    # How a task's held-out prompts are scored: generate (greedy generation, the task's metric) or options
+    # (rank classification, as lm-eval scores multiple choice: the option whose tokens, as the training target
+    # writes them, are the most likely continuation of the prompt; exact option == answer). options needs
+    # fixed-option tasks: every evaluation answer among the task's options (tasks.*.options).
+    scoring: Literal["generate", "options"] = "generate"
 
 
 @dataclass
@@ -228,6 +233,9 @@ class TaskConfig:
     template: Optional[str] = DEFAULT_TEMPLATE
     instruction: str = DEFAULT_INSTRUCTION
     labels: Optional[list[str]] = None  # null: the sorted set of training outputs
+    # eval.scoring: options: the answers chosen among (the prompt is not changed). null: `labels` when set,
+    # else the distinct answers of the records in `train` (data.py `scoring_options`).
+    options: Optional[list[str]] = None
     # "exact_match", or "module:function" taking (prediction, reference) -> float in [0, 1].
     metric: str = "exact_match"
     max_train_samples: Optional[int] = None
@@ -516,6 +524,15 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
              f"must be >= 1 (or null: all), got {task.max_train_samples}")
         if task.metric != "exact_match":
             need(":" in task.metric, f"{key}.metric", f"'exact_match' or 'module:function', got {task.metric!r}")
+        if task.options is not None:
+            need(all(o.strip() for o in task.options), f"{key}.options", "an option is empty")
+            twice = [o for o in task.options if task.options.count(o) > 1]
+            need(not twice, f"{key}.options", f"an option is listed twice: {twice[:1]}")
+            need(len(task.options) >= 2, f"{key}.options", f"needs at least 2 options to choose from, got "
+                                                             f"{task.options}")
+        if cfg.eval.scoring == "options":
+            need(task.metric == "exact_match", f"{key}.metric", f"eval.scoring: options scores the chosen option "
+                 f"by equality with the answer, not with {task.metric!r}; use eval.scoring: generate")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -394,6 +394,10 @@ class TaskData:
     eval_prompts: list[list[int]]
     eval_answers: list[str]
     metric: Callable[[str, str], float]
+    # eval.scoring: options only: the options, and per evaluation prompt each option's target ids
+    # (`option_targets`), in the options' order.
+    options: Optional[list[str]] = None
+    eval_option_ids: Optional[list[list[list[int]]]] = None
 
 
 def normalize_answer(s: str) -> str:
@@ -434,9 +438,67 @@ def holdout_size(eval_size: int, n_records: int) -> int:
     return min(eval_size, n_records // 2)
 
 
-def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int) -> TaskData:
+# eval.scoring: options, options inferred from the records (no tasks.*.options or labels): more distinct
+# answers than this is not a task with fixed options (a free-form task would score every answer it has).
+MAX_INFERRED_OPTIONS = 100
+
+
+def scoring_options(task: TaskConfig, rows: list[dict], key: str) -> list[str]:
+    """The options eval.scoring: options chooses among: `task.options`; else `task.labels` (the prompt's
+    options, a benchmark folder's labels.json); else the sorted distinct answers of `rows`, all the records of
+    the task's `train` source (held-out ones included), at most MAX_INFERRED_OPTIONS of them."""
+    if task.options is not None:
+        return list(task.options)
+    plain, norm = normalize_records(task, rows, key)
+    labels = task_labels(plain, norm)
+    if plain.labels is not None:
+        return labels
+    answers = sorted({e.answer for e in to_examples(plain, norm, labels, key)})
+    if len(answers) > MAX_INFERRED_OPTIONS:
+        raise ValueError(f"{key}: eval.scoring: options: its records have {len(answers)} distinct answers (more "
+                         f"than {MAX_INFERRED_OPTIONS}): not a task with fixed options; list them in "
+                         f"tasks.*.options if it is one, or use eval.scoring: generate")
+    return answers
+
+
+def check_options(options: list[str], answers: list[str], key: str, what: str) -> None:
+    """eval.scoring: options needs every evaluation answer (of `what`) among the options, and a choice."""
+    if len(options) < 2:
+        raise ValueError(f"{key}: eval.scoring: options needs at least 2 options to choose from, the task has "
+                         f"{len(options)} ({', '.join(map(repr, options))}); set tasks.*.options, or use "
+                         f"eval.scoring: generate")
+    allowed = set(options)
+    missing = [(n, a) for n, a in enumerate(answers) if a not in allowed]
+    if missing:
+        n, a = missing[0]
+        shown = ", ".join(map(repr, options[:8])) + (", ..." if len(options) > 8 else "")
+        raise ValueError(f"{key}: eval.scoring: options: {len(missing)} of {len(answers)} answers of {what} are "
+                         f"not among the task's {len(options)} options ({shown}), e.g. record {n}: {a!r}; list "
+                         f"them in tasks.*.options, or use eval.scoring: generate")
+
+
+def option_targets(tok, ex: Example, options: list[str]) -> list[list[int]]:
+    """Each option's token ids as the training target of `ex` with that option as its answer (the labels of
+    `encode_example`): the answer's tokens and eos; for a chat record under a chat template, the assistant
+    turn as the template renders it after the generation prompt, its end-of-turn included."""
+    if ex.messages is not None and getattr(tok, "chat", False):
+        head = tok.render(ex.messages[:-1], generation_prompt=True)
+        out = []
+        for o in options:
+            full = tok.render(list(ex.messages[:-1]) + [{"role": "assistant", "content": o}], generation_prompt=False)
+            if full[: len(head)] != head:
+                raise ValueError("the tokenizer's chat template does not render a conversation's beginning as a "
+                                 "prefix of the whole; eval.scoring: options needs it (or model.chat_template: false)")
+            out.append(full[len(head):])
+        return out
+    return [tok.encode_answer(o) + [tok.eos_id] for o in options]
+
+
+def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int, scoring: str = "generate") -> TaskData:
+    """scoring "options" (eval.scoring) also fills the options and their target ids per evaluation prompt."""
     key = f"tasks.{index} ({task.name})"
     rows = read_records(task.train, task.train_split, f"{key}.train")
+    given, all_rows = task, rows
     if task.eval is not None:
         eval_rows = read_records(task.eval, task.eval_split, f"{key}.eval")
     else:
@@ -465,7 +527,19 @@ def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int) -> Tas
     train = encode_all(tok, to_examples(task, rows, labels, f"{key}.train"), max_len, f"{key} train")
     evals = to_examples(task, eval_rows, labels, f"{key}.eval")
     prompts = [encode_prompt_for_generation(tok, e.prompt, max_len, e.messages) for e in evals]
-    return TaskData(task.name, train, prompts, [e.answer for e in evals], resolve_metric(task.metric))
+    data = TaskData(task.name, train, prompts, [e.answer for e in evals], resolve_metric(task.metric))
+    if scoring == "options":
+        options = scoring_options(given, all_rows, f"{key}.train")
+        check_options(options, data.eval_answers, key, "its evaluation records")
+        shared = None  # without a rendered chat record, every prompt's options have the same targets
+        data.options, data.eval_option_ids = options, []
+        for e in evals:
+            if e.messages is not None and getattr(tok, "chat", False):
+                data.eval_option_ids.append(option_targets(tok, e, options))
+            else:
+                shared = shared or option_targets(tok, e, options)
+                data.eval_option_ids.append(shared)
+    return data
 
 
 # ---------------------------------------------------------------------------------------------

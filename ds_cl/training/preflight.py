@@ -205,8 +205,8 @@ def check_tokenizer(cfg: RunConfig):
 
 
 def check_data(cfg: RunConfig) -> None:
-    from ds_cl.training.data import (detect_format, normalize_records, read_records, scorable, task_labels,
-                                     to_examples)
+    from ds_cl.training.data import (check_options, detect_format, normalize_records, read_records, scorable,
+                                     scoring_options, task_labels, to_examples)
 
     for i, task in enumerate(cfg.tasks):
         key = f"tasks.{i} ({task.name})"
@@ -218,7 +218,8 @@ def check_data(cfg: RunConfig) -> None:
             where = f"{key}.train ({task.train})"  # the record errors name the file too
             plain, norm = normalize_records(task, rows, where, fmt)
             labels = task_labels(plain, norm)
-            to_examples(plain, norm, labels, where)
+            answers = [e.answer for e in to_examples(plain, norm, labels, where)]
+            answers_of = f"{task.train} (the evaluation records are held out of them)"
             if task.eval is not None:
                 ev = read_records(task.eval, task.eval_split, f"{key}.eval")
                 if not ev:
@@ -227,10 +228,12 @@ def check_data(cfg: RunConfig) -> None:
                 ev = scorable(plain, normalize_records(task, ev, where, fmt)[1], labels, where)
                 if not ev:
                     raise ValueError(f"{key}.eval: no record of {task.eval} has an answer among the task's labels")
-                to_examples(plain, ev, labels, where)
+                answers, answers_of = [e.answer for e in to_examples(plain, ev, labels, where)], task.eval
             elif len(rows) < 2:
                 raise ValueError(f"{key}.train: {task.train} has {len(rows)} record; holding out evaluation "
                                  "samples needs at least 2 (or set tasks.*.eval)")
+            if cfg.eval.scoring == "options":  # every answer it may be evaluated on is an option
+                check_options(scoring_options(task, rows, f"{key}.train"), answers, key, answers_of)
             held_out = 0 if task.eval is not None else min(task.eval_size, len(rows) // 2)
             n_train = len(rows) - held_out
             if task.max_train_samples is not None:

@@ -121,7 +121,8 @@ class Trainer:
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.chat_template)
         self.method = build_method(cfg, dist_info, self.tokenizer)
-        self.tasks = [load_task(tc, i, self.tokenizer, t.max_seq_len, cfg.seed) for i, tc in enumerate(cfg.tasks)]
+        self.tasks = [load_task(tc, i, self.tokenizer, t.max_seq_len, cfg.seed, cfg.eval.scoring)
+                      for i, tc in enumerate(cfg.tasks)]
         self.phases = schedule_phases(self.method.plan(self.tasks), t.global_batch_size, t.epochs,
                                       t.max_steps_per_task)
         self.model, self.hf_ds_config = build_model(cfg.model, self.ds_config, cfg.seed)
