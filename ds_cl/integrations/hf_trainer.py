@@ -75,6 +75,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ds_cl.core.projector import SubspaceProjector
 from ds_cl.core.subspace import FixedRank
+from ds_cl.training.config import OSFTConfig
 
 STATE_FORMAT = 1
 LOG_KEY = "osft/leak"
@@ -154,11 +155,14 @@ class OSFTCallback(TrainerCallback):
             `SubspaceProjector` (defaults: LLaMA's q/k/v/o/gate/up/down, two-sided, update projected).
     """
 
+    # The defaults are `ds-cl train`'s (method.osft in ds_cl/training/config.py), read from there.
     def __init__(self, *, rank_policy=None, importance_batches: Sequence | None = None,
-                 fit_before_first_task: bool = True, energy: float = 0.99, max_ratio: float = 0.9,
-                 targets: Sequence[str] | None = None, projection: str = "two_sided", project_update: bool = True,
-                 audit_every: int = 1, pre_step_copy: str = "auto", **projector_options):
-        self.rank_policy = FixedRank(0.5) if rank_policy is None else rank_policy
+                 fit_before_first_task: bool = OSFTConfig.fit_before_first_task,
+                 energy: float = OSFTConfig.update_energy, max_ratio: float = OSFTConfig.max_protected_ratio,
+                 targets: Sequence[str] | None = None, projection: str = OSFTConfig.projection,
+                 project_update: bool = OSFTConfig.project_update, audit_every: int = 1,
+                 pre_step_copy: str = OSFTConfig.pre_step_copy, **projector_options):
+        self.rank_policy = FixedRank(OSFTConfig.ratio) if rank_policy is None else rank_policy
         self.importance_batches = importance_batches
         self.fit_before_first_task = fit_before_first_task
         self.energy, self.max_ratio = energy, max_ratio

@@ -71,13 +71,12 @@ def evaluate_tasks(engine, tokenizer, tasks: list, eval_cfg, dist, out: Path, ta
     options. Rank 0 writes predictions_<tag>.jsonl (its first 200 predictions, each marked with the scoring)."""
     from ds_cl.core import collectives
 
-    scoring = getattr(eval_cfg, "scoring", "generate")
+    score = _options if eval_cfg.scoring == "options" else _generate
     model = engine.module
     model.eval()
     scores, preds_out = [], []
     for task in tasks:
         idx = rank_slots(len(task.eval_prompts), dist.rank, dist.world)
-        score = _options if scoring == "options" else _generate
         total, count = score(engine, tokenizer, task, idx, eval_cfg, dist, preds_out)
         total, count = collectives.all_reduce_values([total, count])
         scores.append(total / count)
