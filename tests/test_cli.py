@@ -66,7 +66,10 @@ def _help_gaps(parser, name: str) -> list[str]:
 
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_help_covers_every_option_in_whole_sentences(command, monkeypatch):
-    assert _help_gaps(_parser_of(monkeypatch, command), f"ds-cl {command}") == []
+    parser = _parser_of(monkeypatch, command)
+    assert _help_gaps(parser, f"ds-cl {command}") == []
+    # What `--help` prints is formatted with %-style expansion: a bare `%` in a help text crashes it.
+    assert "usage:" in parser.format_help()
 
 
 # -- log lines and progress -------------------------------------------------------------------------

@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="gpu-smoke", help="folder of the smoke_*.json files and logs (default ./gpu-smoke)")
     p.add_argument("--work", default=None, help="empty folder for the runs (default: a new temporary folder)")
     p.add_argument("--budget-s", type=float, default=480.0,
-                   help=f"seconds for the whole smoke (default 480); train gets at most {TRAIN_SHARE:.0%} of what is "
+                   help=f"seconds for the whole smoke (default 480); train gets at most {TRAIN_SHARE * 100:.0f}%% of what is "
                         "left, bench the rest; a run past its phase's share is stopped and reported as timed out")
     p.add_argument("--bench-layers", type=int, default=2, help="decoder layers of the 7B shapes in bench (default 2)")
     p.add_argument("--phases", default=",".join(PHASES[1:]), help="after env: train,bench (default both)")
