@@ -1,5 +1,6 @@
 """The methods that change only what is trained on: replay (a share of earlier tasks' samples mixed
-into each later task) and multitask (every task at once: the upper bound a sequence is measured against)."""
+into each later task, and of method.replay.earlier's sources into every task) and multitask (every task
+at once: the upper bound a sequence is measured against)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ class Replay(Method):
     name = "replay"
 
     def plan(self, tasks):
-        from ds_cl.training.data import replay_samples
+        """Task i trains on its own samples plus round(fraction x their number) drawn from the pool: the
+        samples of method.replay.earlier's sources (tasks the starting model was trained on before this run),
+        then those of tasks 0..i-1. Without earlier sources task 0 has nothing to replay."""
+        from ds_cl.training.data import load_earlier, replay_samples
 
+        r = self.cfg.method.replay
+        earlier = [load_earlier(s, j, self.tokenizer, self.cfg.train.max_seq_len) for j, s in enumerate(r.earlier)]
         phases = super().plan(tasks)
-        for i, ph in enumerate(phases[1:], start=1):
-            n = round(self.cfg.method.replay.fraction * len(tasks[i].train))
-            ph.train += replay_samples([t.train for t in tasks[:i]], n, self.cfg.seed, i)
+        first = 0 if earlier else 1
+        for i, ph in enumerate(phases[first:], start=first):
+            n = round(r.fraction * len(tasks[i].train))
+            ph.train += replay_samples(earlier + [t.train for t in tasks[:i]], n, self.cfg.seed, i)
         return phases
 
 

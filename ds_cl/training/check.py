@@ -7,9 +7,10 @@ resolves to, without a GPU, DeepSpeed or a process group (docs/launching.md, "Ch
 The plan: the world size and where it came from; the batch arithmetic (micro x accumulation x world =
 global); per task the training and held-out records, the optimizer steps, and the tokens per training
 record (prompt + answer, with the run's tokenizer and chat template) against train.max_seq_len with how
-many records get truncated; the model and tokenizer found (a local folder, or a hub id and whether the
-local HF cache holds it); the size of one checkpoint (from the parameter count and dtypes, as
-ds_cl/training/checkpoint.py stores it) and the disk free at output_dir.
+many records get truncated (the same for method.replay.earlier's sources, replayed whole); the model and
+tokenizer found (a local folder, or a hub id and whether the local HF cache holds it); the size of one
+checkpoint (from the parameter count and dtypes, as ds_cl/training/checkpoint.py stores it) and the disk
+free at output_dir.
 
 Every problem is one line `ds-cl train --check: error: ...` on stderr (all of them, not only the first);
 the exit status is 0 without errors, 2 with. Warnings do not fail the check. The checks themselves are
@@ -221,16 +222,27 @@ def holdout(task, n_rows: int) -> int:
     return 0 if task.eval is not None else holdout_size(task.eval_size, n_rows)
 
 
-def phase_sizes(cfg: RunConfig, n_train: list[int]) -> list[tuple[str, int]]:
+def phase_sizes(cfg: RunConfig, n_train: list[int], n_earlier: list[int] = ()) -> list[tuple[str, int]]:
     """(phase name, training samples) as the method's plan() makes its phases (ds_cl/methods): one per
-    task; replay adds round(fraction x n) replayed samples from the second task on; multitask pools all."""
+    task; replay adds round(fraction x n) replayed samples to a task whose pool has samples: from the second
+    task on, from the first with method.replay.earlier's sources (`n_earlier`: their training records, one
+    count each); multitask pools all."""
     names = [t.name for t in cfg.tasks]
     if cfg.method.name == "multitask":
         return [("multitask", sum(n_train))]
     if cfg.method.name == "replay":
         f = cfg.method.replay.fraction
-        return [(nm, n + (round(f * n) if i else 0)) for i, (nm, n) in enumerate(zip(names, n_train))]
+        return [(nm, n + (round(f * n) if sum(n_earlier) + sum(n_train[:i]) else 0))
+                for i, (nm, n) in enumerate(zip(names, n_train))]
     return list(zip(names, n_train))
+
+
+def token_lengths(samples, max_seq_len: int) -> dict:
+    """Tokens per training sample (percentiles, max) and how many exceed max_seq_len."""
+    lengths = sorted(len(e.input_ids) for e in samples)
+    return {"p50": percentile(lengths, 50), "p90": percentile(lengths, 90), "p99": percentile(lengths, 99),
+            "max": lengths[-1] if lengths else 0, "max_seq_len": max_seq_len,
+            "truncated": sum(n > max_seq_len for n in lengths), "of": len(lengths)}
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
@@ -246,7 +258,7 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
     training record against train.max_seq_len."""
     import logging
 
-    from ds_cl.training.data import load_task, read_records, steps_per_epoch
+    from ds_cl.training.data import earlier_key, load_earlier, load_task, read_records, steps_per_epoch
 
     t = cfg.train
     tasks, n_train = [], []
@@ -273,8 +285,19 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
             entry["eval_from"] = task.eval
         tasks.append(entry)
         n_train.append(n)
+    earlier, n_earlier = [], []  # method.replay.earlier: every record trains (replayed), none is held out
+    for j, source in enumerate(cfg.method.replay.earlier):
+        key = earlier_key(j, source)
+        try:
+            rows = len(read_records(source.train, source.train_split, f"{key}.train"))
+        except (ValueError, OSError) as e:
+            chk.error(e)
+            return
+        n = rows if source.max_train_samples is None else min(rows, source.max_train_samples)
+        earlier.append({"name": source.name, "records": rows, "train": n})
+        n_earlier.append(n)
     phases = []
-    for name, n in phase_sizes(cfg, n_train):
+    for name, n in phase_sizes(cfg, n_train, n_earlier):
         spe = steps_per_epoch(n, t.global_batch_size)
         steps = spe * t.epochs if t.max_steps_per_task is None else min(spe * t.epochs, t.max_steps_per_task)
         phases.append({"name": name, "samples": n, "steps_per_epoch": spe, "epochs": t.epochs, "steps": steps})
@@ -282,6 +305,8 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
             chk.error(f"phase {name}: {n} training samples do not fill one optimizer step of "
                       f"train.global_batch_size={t.global_batch_size}")
     chk.plan["tasks"] = tasks
+    if earlier:
+        chk.plan["replay_earlier"] = earlier
     chk.plan["phases"] = phases
     chk.plan["total_steps"] = sum(p["steps"] for p in phases)
     if tok is None:
@@ -305,17 +330,23 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
             except (ValueError, OSError) as e:
                 chk.error(e)
                 continue
-            lengths = sorted(len(e.input_ids) for e in td.train)
-            over = sum(n > t.max_seq_len for n in lengths)
-            entry["tokens"] = {"p50": percentile(lengths, 50), "p90": percentile(lengths, 90),
-                               "p99": percentile(lengths, 99), "max": lengths[-1] if lengths else 0,
-                               "max_seq_len": t.max_seq_len, "truncated": over, "of": len(lengths)}
+            k = entry["tokens"] = token_lengths(td.train, t.max_seq_len)
             entry["eval"] = len(td.eval_prompts)
             entry["eval_prompts_over_max_seq_len"] = sum(len(p) > t.max_seq_len for p in td.eval_prompts)
-            if over:
-                chk.warn(f"tasks.{i} ({task.name}): {over} of {len(lengths)} training records are longer than "
-                         f"train.max_seq_len={t.max_seq_len} tokens (longest {lengths[-1]}) and get truncated "
+            if k["truncated"]:
+                chk.warn(f"tasks.{i} ({task.name}): {k['truncated']} of {k['of']} training records are longer than "
+                         f"train.max_seq_len={t.max_seq_len} tokens (longest {k['max']}) and get truncated "
                          f"(their prompt's start is cut)")
+        for j, (source, entry) in enumerate(zip(cfg.method.replay.earlier, earlier)):
+            try:
+                k = entry["tokens"] = token_lengths(load_earlier(source, j, tok, HUGE), t.max_seq_len)
+            except (ValueError, OSError) as e:
+                chk.error(e)
+                continue
+            if k["truncated"]:
+                chk.warn(f"{earlier_key(j, source)}: {k['truncated']} of {k['of']} training records are longer "
+                         f"than train.max_seq_len={t.max_seq_len} tokens (longest {k['max']}) and get truncated "
+                         f"when replayed (their prompt's start is cut)")
     finally:
         data_log.removeHandler(handler)
         data_log.propagate = propagate
@@ -543,6 +574,12 @@ def format_plan(chk: Check) -> str:
     def row(name: str, text: str) -> None:
         out.append(f"  {name:<11} {text}")
 
+    def tokens_row(t: dict) -> None:
+        if "tokens" in t:
+            k = t["tokens"]
+            row("", f"  tokens per training record (prompt + answer): p50 {k['p50']}, p90 {k['p90']}, p99 {k['p99']}, "
+                    f"max {k['max']} vs train.max_seq_len {k['max_seq_len']}: {k['truncated']} of {k['of']} truncated")
+
     if "world" in p:
         row("world size", f"{p['world']['size']} ({p['world']['from']})")
     if "batch" in p:
@@ -569,10 +606,11 @@ def format_plan(chk: Check) -> str:
         held = (f"{t['held_out']} held out of {t['records']} for evaluation ({t['eval_from']})" if "held_out" in t
                 else f"evaluated on {t['eval_from']} ({t.get('eval', '?')} records)")
         row("task", f"{t['name']}: {t['train']} training records; {held}")
-        if "tokens" in t:
-            k = t["tokens"]
-            row("", f"  tokens per training record (prompt + answer): p50 {k['p50']}, p90 {k['p90']}, p99 {k['p99']}, "
-                    f"max {k['max']} vs train.max_seq_len {k['max_seq_len']}: {k['truncated']} of {k['of']} truncated")
+        tokens_row(t)
+    for t in p.get("replay_earlier", []):
+        row("replays", f"{t['name']}: {t['train']} training records (method.replay.earlier: all replayed from, "
+                       f"none held out)")
+        tokens_row(t)
     for ph in p.get("phases", []):
         row("steps", f"{ph['name']}: {ph['samples']} samples -> {ph['steps']} optimizer steps ({ph['steps_per_epoch']} "
                      f"per epoch x {ph['epochs']} epoch(s){', capped by train.max_steps_per_task' if ph['steps'] < ph['steps_per_epoch'] * ph['epochs'] else ''})")

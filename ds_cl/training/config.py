@@ -108,6 +108,11 @@ class OSFTConfig:
 class ReplayConfig:
     # Replayed samples from earlier tasks, as a fraction of the current task's training samples.
     fraction: float = 0.1
+    # Tasks the starting model was trained on before this run (e.g. a safety alignment trained in a run of
+    # its own), with the keys of `tasks:` entries: all their training records (none held out, never
+    # evaluated) join the replay pool of every task, the first included. Empty: replay from the second task
+    # on, from this run's earlier tasks only.
+    earlier: list[TaskConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -490,35 +495,7 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     seen = set()
     for i, task in enumerate(cfg.tasks):
         key = f"tasks.{i}"
-        need(bool(task.name), f"{key}.name", "is required")
-        need(task.name not in seen, f"{key}.name", f"duplicate task name {task.name!r}")
-        need(all(c.isalnum() or c in "-_." for c in task.name), f"{key}.name",
-             f"use letters, digits, - _ . only (it names a folder), got {task.name!r}")
-        seen.add(task.name)
-        need(bool(task.train), f"{key}.train", "is required (a data file, a saved dataset or a dataset name)")
-        holdout = task.eval == HOLDOUT
-        if holdout:
-            task.eval = None
-        for k in ("train", "eval"):
-            v = getattr(task, k)
-            if v and (_is_local_path(v) or os.path.isdir(_resolve(v, base))):
-                v = _resolve(v, base)
-                setattr(task, k, v)
-                need(os.path.exists(v), f"{key}.{k}", f"no such file: {v}")
-        if is_benchmark_task_folder(task.train):
-            use_benchmark_layout(task, f"{src}: {key}.train", holdout=holdout)
-        if task.template is not None:
-            import string
-
-            try:
-                # Exactly these names: `{input.upper}` or `{input[0]}` would format, wrongly, not fail.
-                bad = [f for _, f, _, _ in string.Formatter().parse(task.template)
-                       if f is not None and f not in ("instruction", "options", "input")]
-            except ValueError as e:  # an unmatched brace
-                bad = [str(e)]
-            if bad:
-                raise ConfigError(f"{src}: {key}.template: only {{instruction}}, {{options}}, {{input}} may appear "
-                                  f"(found {{{bad[0]}}}; write a literal brace as {{{{ or }}}})")
+        _check_source(task, key, "task", seen, src, base, need)
         need(task.eval_size >= 1, f"{key}.eval_size", "must be >= 1")
         need(task.max_train_samples is None or task.max_train_samples >= 1, f"{key}.max_train_samples",
              f"must be >= 1 (or null: all), got {task.max_train_samples}")
@@ -533,6 +510,62 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
         if cfg.eval.scoring == "options":
             need(task.metric == "exact_match", f"{key}.metric", f"eval.scoring: options scores the chosen option "
                  f"by equality with the answer, not with {task.metric!r}; use eval.scoring: generate")
+
+    earlier = cfg.method.replay.earlier
+    need(not earlier or cfg.method.name == "replay", "method.replay.earlier",
+         f"only method.name: replay replays; with method.name {cfg.method.name} its {len(earlier)} source(s) would be "
+         f"ignored (remove them, or set method.name: replay)")
+    seen = set()
+    unused = {f.name: f.default for f in dataclasses.fields(TaskConfig) if f.name in EVAL_ONLY}
+    for j, source in enumerate(earlier):
+        key = f"method.replay.earlier.{j}"
+        for k, default in unused.items():
+            need(getattr(source, k) == default, f"{key}.{k}", "is not used: an earlier source's records all join "
+                 "the replay pool, none is held out or evaluated (remove it)")
+        _check_source(source, key, "earlier source", seen, src, base, need, evaluated=False)
+        need(source.max_train_samples is None or source.max_train_samples >= 1, f"{key}.max_train_samples",
+             f"must be >= 1 (or null: all), got {source.max_train_samples}")
+
+
+# The keys of a task that only its evaluation reads: an earlier source (method.replay.earlier) refuses them.
+EVAL_ONLY = ("eval", "eval_split", "eval_size", "max_eval_samples", "metric", "options")
+
+
+def _check_source(task: TaskConfig, key: str, what: str, seen: set, src: str, base: Path, need,
+                  evaluated: bool = True) -> None:
+    """What a `tasks` entry and a `method.replay.earlier` entry (`key`) share: the name (required, unique in
+    `seen`, a folder name), `train` (required) and `eval` as local paths resolved against the config's folder
+    and present, a benchmark task folder's layout (not `evaluated`: without its test file), and the template's
+    fields."""
+    need(bool(task.name), f"{key}.name", "is required")
+    need(task.name not in seen, f"{key}.name", f"duplicate {what} name {task.name!r}")
+    need(all(c.isalnum() or c in "-_." for c in task.name), f"{key}.name",
+         f"use letters, digits, - _ . only (it names a folder), got {task.name!r}")
+    seen.add(task.name)
+    need(bool(task.train), f"{key}.train", "is required (a data file, a saved dataset or a dataset name)")
+    holdout = task.eval == HOLDOUT
+    if holdout:
+        task.eval = None
+    for k in ("train", "eval"):
+        v = getattr(task, k)
+        if v and (_is_local_path(v) or os.path.isdir(_resolve(v, base))):
+            v = _resolve(v, base)
+            setattr(task, k, v)
+            need(os.path.exists(v), f"{key}.{k}", f"no such file: {v}")
+    if is_benchmark_task_folder(task.train):
+        use_benchmark_layout(task, f"{src}: {key}.train", holdout=holdout or not evaluated)
+    if task.template is not None:
+        import string
+
+        try:
+            # Exactly these names: `{input.upper}` or `{input[0]}` would format, wrongly, not fail.
+            bad = [f for _, f, _, _ in string.Formatter().parse(task.template)
+                   if f is not None and f not in ("instruction", "options", "input")]
+        except ValueError as e:  # an unmatched brace
+            bad = [str(e)]
+        if bad:
+            raise ConfigError(f"{src}: {key}.template: only {{instruction}}, {{options}}, {{input}} may appear "
+                              f"(found {{{bad[0]}}}; write a literal brace as {{{{ or }}}})")
 
 
 # ---------------------------------------------------------------------------------------------

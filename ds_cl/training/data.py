@@ -494,6 +494,42 @@ def option_targets(tok, ex: Example, options: list[str]) -> list[list[int]]:
     return [tok.encode_answer(o) + [tok.eos_id] for o in options]
 
 
+def capped_train_rows(task: TaskConfig, rows: list[dict], key: str) -> list[dict]:
+    """The training records kept: the first `max_train_samples`; none is an error."""
+    if task.max_train_samples is not None:
+        rows = rows[: task.max_train_samples]
+    if not rows:
+        raise ValueError(f"{key}.train: no training records in {task.train}")
+    return rows
+
+
+def train_records(task: TaskConfig, rows: list[dict], key: str,
+                  fmt: str | None = None) -> tuple[TaskConfig, list[dict], list[str]]:
+    """The task, its training records in ds-cl's own terms (`normalize_records`) and its labels."""
+    task, rows = normalize_records(task, rows, f"{key}.train", fmt)
+    return task, rows, task_labels(task, rows)
+
+
+def encode_train(tok, task: TaskConfig, rows: list[dict], labels: list[str], key: str, max_len: int) -> list[Encoded]:
+    """Training samples of normalised records (`train_records`), truncated to max_len (counted, warned)."""
+    return encode_all(tok, to_examples(task, rows, labels, f"{key}.train"), max_len, f"{key} train")
+
+
+def earlier_key(index: int, source: TaskConfig) -> str:
+    """How errors name an entry of method.replay.earlier, as `tasks.N (name)` names a task."""
+    return f"method.replay.earlier.{index} ({source.name})"
+
+
+def load_earlier(source: TaskConfig, index: int, tok, max_len: int) -> list[Encoded]:
+    """The training samples of method.replay.earlier's entry `index` (a task the starting model was trained on
+    before this run): all its records (the first max_train_samples), none held out, encoded as load_task
+    encodes a task's training records."""
+    key = earlier_key(index, source)
+    rows = capped_train_rows(source, read_records(source.train, source.train_split, f"{key}.train"), key)
+    source, rows, labels = train_records(source, rows, key)
+    return encode_train(tok, source, rows, labels, key, max_len)
+
+
 def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int, scoring: str = "generate") -> TaskData:
     """scoring "options" (eval.scoring) also fills the options and their target ids per evaluation prompt."""
     key = f"tasks.{index} ({task.name})"
@@ -511,20 +547,16 @@ def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int, scorin
                         "half the records), %d left to train", key, task.eval_size, len(rows), n, len(rows) - n)
         eval_rows = [rows[i] for i in order[:n]]
         rows = [rows[i] for i in order[n:]]
-    if task.max_train_samples is not None:
-        rows = rows[: task.max_train_samples]
-    if not rows:
-        raise ValueError(f"{key}.train: no training records in {task.train}")
+    rows = capped_train_rows(task, rows, key)
     fmt = detect_format(task, rows)  # the training records decide; the evaluation records follow
     _, eval_rows = normalize_records(task, eval_rows, f"{key}.eval", fmt)
-    task, rows = normalize_records(task, rows, f"{key}.train", fmt)
-    labels = task_labels(task, rows)
+    task, rows, labels = train_records(task, rows, key, fmt)
     eval_rows = scorable(task, eval_rows, labels, f"{key}.eval")
     if task.max_eval_samples is not None:
         eval_rows = eval_rows[: task.max_eval_samples]
     if not eval_rows:
         raise ValueError(f"{key}.eval: no evaluation records")
-    train = encode_all(tok, to_examples(task, rows, labels, f"{key}.train"), max_len, f"{key} train")
+    train = encode_train(tok, task, rows, labels, key, max_len)
     evals = to_examples(task, eval_rows, labels, f"{key}.eval")
     prompts = [encode_prompt_for_generation(tok, e.prompt, max_len, e.messages) for e in evals]
     data = TaskData(task.name, train, prompts, [e.answer for e in evals], resolve_metric(task.metric))
@@ -599,7 +631,8 @@ def collate_prompts(prompts: list[list[int]], pad_id: int):
 
 
 def replay_samples(previous: list[list[Encoded]], n: int, seed: int, task_index: int) -> list[Encoded]:
-    """n samples drawn evenly (without replacement where possible) from earlier tasks' training data."""
+    """n samples drawn evenly (without replacement where possible) from earlier tasks' training data (and
+    method.replay.earlier's sources, first in `previous`)."""
     pool = [s for task in previous for s in task]
     if not pool or n <= 0:
         return []

@@ -6,8 +6,8 @@ naming what and where (docs/reliability.md has the table of cases), not after mi
 
 What is checked beyond the run config's own validation (ds_cl/training/config.py): the output folder, the
 tokenizer, the model folder (config, safetensors weights), tokenizer/model vocabulary sizes, every
-task's data files (read and mapped to prompts; tokenisation is left to the trainer) and the
-DeepSpeed config against the run config and the world size.
+task's data files and method.replay.earlier's (read and mapped to prompts; tokenisation is left to the
+trainer) and the DeepSpeed config against the run config and the world size.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ds_cl.training.config import ConfigError, RunConfig
+from ds_cl.training.config import ConfigError, RunConfig, TaskConfig
 
 
 def check_output_dir(cfg: RunConfig, resume: bool, start_ok: bool = False) -> None:
@@ -86,7 +86,10 @@ def check_saved_config(cfg: RunConfig, resume: bool, config_path: str | os.PathL
     if not resume or not isinstance(old, dict):
         return []
     before, now = _flat(old), _flat(to_dict(cfg))
-    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    # A list key ds-cl added since the run started, empty now (method.replay.earlier: []), adds nothing to
+    # what the run trains.
+    added_empty = {k for k in set(now) - set(before) if now[k] == []}
+    changed = sorted(k for k in (set(before) | set(now)) - added_empty if before.get(k) != now.get(k))
     show = lambda k: f"{k} {before.get(k)!r} -> {now.get(k)!r}"  # noqa: E731
     unsafe = [k for k in changed if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_SAFE)]
     if unsafe:
@@ -204,21 +207,30 @@ def check_tokenizer(cfg: RunConfig):
     return tok
 
 
+def read_train(task: TaskConfig, key: str) -> tuple[list[dict], str, TaskConfig, list[str], list]:
+    """A task's (or a method.replay.earlier source's) training records, read and mapped to prompts, as
+    (records, format, the task in ds-cl's terms, labels, examples); ValueError or OSError naming `key`."""
+    from ds_cl.training.data import detect_format, normalize_records, read_records, task_labels, to_examples
+
+    rows = read_records(task.train, task.train_split, f"{key}.train")
+    if not rows:
+        raise ValueError(f"{key}.train: {task.train} holds no records")
+    fmt = detect_format(task, rows)
+    where = f"{key}.train ({task.train})"  # the record errors name the file too
+    plain, norm = normalize_records(task, rows, where, fmt)
+    labels = task_labels(plain, norm)
+    return rows, fmt, plain, labels, to_examples(plain, norm, labels, where)
+
+
 def check_data(cfg: RunConfig) -> None:
-    from ds_cl.training.data import (check_options, detect_format, normalize_records, read_records, scorable,
-                                     scoring_options, task_labels, to_examples)
+    from ds_cl.training.data import (check_options, earlier_key, normalize_records, read_records, scorable,
+                                     scoring_options, to_examples)
 
     for i, task in enumerate(cfg.tasks):
         key = f"tasks.{i} ({task.name})"
         try:
-            rows = read_records(task.train, task.train_split, f"{key}.train")
-            if not rows:
-                raise ValueError(f"{key}.train: {task.train} holds no records")
-            fmt = detect_format(task, rows)
-            where = f"{key}.train ({task.train})"  # the record errors name the file too
-            plain, norm = normalize_records(task, rows, where, fmt)
-            labels = task_labels(plain, norm)
-            answers = [e.answer for e in to_examples(plain, norm, labels, where)]
+            rows, fmt, plain, labels, examples = read_train(task, key)
+            answers = [e.answer for e in examples]
             answers_of = f"{task.train} (the evaluation records are held out of them)"
             if task.eval is not None:
                 ev = read_records(task.eval, task.eval_split, f"{key}.eval")
@@ -257,6 +269,11 @@ def check_data(cfg: RunConfig) -> None:
             if not callable(fn):
                 raise ConfigError(f"{key}.metric: {task.metric!r} is a {type(fn).__name__}, not a function "
                                   f"(prediction, reference) -> float")
+    for j, source in enumerate(cfg.method.replay.earlier):  # all their records train: read them all
+        try:
+            read_train(source, earlier_key(j, source))
+        except (ValueError, OSError) as e:
+            raise ConfigError(str(e).splitlines()[0]) from None
     o = cfg.method.osft
     if cfg.method.name == "osft" and o.first_task_importance_data:
         rows = read_records(o.first_task_importance_data, "train", "method.osft.first_task_importance_data")
