@@ -241,6 +241,11 @@ def alignment_data(safety_dir: Path, base_model: str, al: dict, seed: int, path:
     return path
 
 
+def alignment_task(data: Path) -> dict:
+    """The safety task as the alignment run trains it (and as replay replays it, method.replay.earlier)."""
+    return {"name": "safety", "train": str(data), "format": "alpaca"}
+
+
 def alignment_config(base_model: str, data: Path, al: dict, seed: int, out_dir: Path) -> dict:
     run = merged({
         "deepspeed": {"zero_optimization": {"stage": 3}},
@@ -251,8 +256,7 @@ def alignment_config(base_model: str, data: Path, al: dict, seed: int, out_dir: 
         "eval": {"batch_size": 16, "max_new_tokens": 48},
         "checkpoint": {"keep": 1},
         "output": {"export_each_task": True, "export_dtype": "float32", "plots": False},
-        "tasks": [{"name": "safety", "train": str(data), "format": "alpaca", "eval_size": 16,
-                   "metric": "ds_cl.evaluation.safety:refusal_match"}],
+        "tasks": [{**alignment_task(data), "eval_size": 16, "metric": "ds_cl.evaluation.safety:refusal_match"}],
     }, al["run"])
     run["seed"], run["output_dir"] = seed, str(out_dir)
     return run
@@ -506,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
             rc["model"]["name_or_path"] = str(aligned)
             rc["model"]["chat_template"] = True
             rc.setdefault("output", {}).update({"export_each_task": True, "export_dtype": "float32"})
+            if rc["method"]["name"] == "replay":
+                # The strong baseline for retention replays the alignment's data too: the aligned model was
+                # trained on it in a run of its own, so it is an earlier task this run cannot see otherwise.
+                rc["method"].setdefault("replay", {}).setdefault("earlier", [alignment_task(data_file)])
             _train(rc, sd / f"{method}.yaml", args.nprocs)
             run_dir = Path(rc["output_dir"])
             models = exports(run_dir)
