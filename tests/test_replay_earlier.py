@@ -107,7 +107,7 @@ def test_config_reads_earlier_sources_as_tasks(tmp_path, tok_dir):
     ([{"name": "safety", "train": "data/safety.jsonl", "size": 3}], "replay",
      r"unknown key 'method\.replay\.earlier\.0\.size'"),
     ([{"name": "safety", "train": "data/safety.jsonl"}], "seqft",
-     r"method\.replay\.earlier: only method\.name: replay replays; with method\.name seqft its 1 source\(s\) would "
+     r"method\.replay\.earlier: only method\.name: replay or osft-replay replays; with method\.name seqft its 1 source\(s\) would "
      r"be ignored"),
 ])
 def test_config_refusals_name_the_key(tmp_path, tok_dir, earlier, method, expect):
@@ -168,8 +168,10 @@ def test_plan_without_earlier_is_the_old_draw(tmp_path, tok_dir):
     assert len(phases[0].train) == len(tasks[0].train) and len(phases[1].train) > len(tasks[1].train)
 
 
-def test_plan_with_earlier_replays_into_every_task(tmp_path, tok_dir):
-    cfg, tok, tasks = load(write_run(tmp_path, tok_dir))
+@pytest.mark.parametrize("method", ["replay", "osft-replay"])
+def test_plan_with_earlier_replays_into_every_task(tmp_path, tok_dir, method):
+    """osft-replay plans its data as replay does (its steps go through osft's projector)."""
+    cfg, tok, tasks = load(write_run(tmp_path, tok_dir, method=method))
     safety = load_earlier(cfg.method.replay.earlier[0], 0, tok, cfg.train.max_seq_len)
     phases = build_method(cfg, None, tok).plan(tasks)
     a, b = len(tasks[0].train), len(tasks[1].train)
@@ -210,6 +212,8 @@ def test_phase_sizes_count_the_replay_into_task_0():
     cfg.method.name, cfg.method.replay.fraction = "replay", 0.5
     assert phase_sizes(cfg, [40, 20]) == [("a", 40), ("b", 30)]  # as before
     assert phase_sizes(cfg, [40, 20], [10]) == [("a", 60), ("b", 30)]
+    cfg.method.name = "osft-replay"
+    assert phase_sizes(cfg, [40, 20], [10]) == [("a", 60), ("b", 30)]
     cfg.method.name = "seqft"
     assert phase_sizes(cfg, [40, 20], [10]) == [("a", 40), ("b", 20)]
 
@@ -227,3 +231,18 @@ def test_check_plan_matches_replay_plan(tmp_path, tok_dir):
     phases = build_method(cfg, None, tok).plan(tasks)
     assert [p["samples"] for p in chk.plan["phases"]] == [len(p.train) for p in phases]
     assert chk.plan["phases"][0]["samples"] > len(tasks[0].train)
+
+
+def test_osft_replay_is_osft_with_replays_data(tmp_path, tok_dir):
+    """Every hook but plan() is osft's: the projector's state is checkpointed, the non-target group's
+    learning rate is osft's, the subspace is fitted and extended at task boundaries."""
+    from ds_cl.methods.base import Method
+    from ds_cl.methods.osft import OSFT, OSFTReplay
+    from ds_cl.methods.plain import Replay
+
+    cfg, tok, _ = load(write_run(tmp_path, tok_dir, method="osft-replay"))
+    m = build_method(cfg, None, tok)
+    assert type(m) is OSFTReplay and m.has_state and m.opts is cfg.method.osft
+    assert type(m).plan is Replay.plan
+    for hook in ("bind", "start_task", "group_lrs", "step", "step_metrics", "state_dict", "load_state_dict"):
+        assert getattr(type(m), hook) is getattr(OSFT, hook) is not getattr(Method, hook), hook

@@ -12,10 +12,16 @@ REGISTRY = {
     "osft": "ds_cl.methods.osft:OSFT",
     "seqft": "ds_cl.methods.base:Method",
     "replay": "ds_cl.methods.plain:Replay",
+    "osft-replay": "ds_cl.methods.osft:OSFTReplay",
     "multitask": "ds_cl.methods.plain:Multitask",
     "olora": "ds_cl.methods.lora:OLoRA",
     "inclora": "ds_cl.methods.lora:IncLoRA",
 }
+
+# The methods whose plan() mixes replayed samples into tasks (method.replay: fraction, earlier).
+REPLAYING = ("replay", "osft-replay")
+# The methods that constrain every step with the subspace projector (method.osft).
+PROJECTING = ("osft", "osft-replay")
 
 
 def build_method(cfg, dist, tokenizer) -> Method:
@@ -23,4 +29,4 @@ def build_method(cfg, dist, tokenizer) -> Method:
     return getattr(importlib.import_module(module), cls)(cfg, dist, tokenizer)
 
 
-__all__ = ["REGISTRY", "Method", "Phase", "build_method"]
+__all__ = ["PROJECTING", "REGISTRY", "REPLAYING", "Method", "Phase", "build_method"]

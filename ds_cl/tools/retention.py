@@ -41,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+from ds_cl.methods import REPLAYING
 from ds_cl.tools.benchmark import checked_run_configs, merged
 from ds_cl.tools.local_runs import launch_train
 
@@ -510,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             rc["model"]["name_or_path"] = str(aligned)
             rc["model"]["chat_template"] = True
             rc.setdefault("output", {}).update({"export_each_task": True, "export_dtype": "float32"})
-            if rc["method"]["name"] == "replay":
+            if rc["method"]["name"] in REPLAYING:
                 # The strong baseline for retention replays the alignment's data too: the aligned model was
                 # trained on it in a run of its own, so it is an earlier task this run cannot see otherwise.
                 rc["method"].setdefault("replay", {}).setdefault("earlier", [alignment_task(data_file)])

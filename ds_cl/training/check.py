@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from ds_cl.methods import PROJECTING, REPLAYING
 from ds_cl.training.config import ConfigError, RunConfig
 
 PROG = "ds-cl train --check"
@@ -230,7 +231,7 @@ def phase_sizes(cfg: RunConfig, n_train: list[int], n_earlier: list[int] = ()) -
     names = [t.name for t in cfg.tasks]
     if cfg.method.name == "multitask":
         return [("multitask", sum(n_train))]
-    if cfg.method.name == "replay":
+    if cfg.method.name in REPLAYING:
         f = cfg.method.replay.fraction
         return [(nm, n + (round(f * n) if sum(n_earlier) + sum(n_train[:i]) else 0))
                 for i, (nm, n) in enumerate(zip(names, n_train))]
@@ -388,7 +389,7 @@ def checkpoint_estimate(cfg: RunConfig, model, world: int, stage: int) -> dict:
         optimizer = 12 * trainable
     weights = 0 if stage == 3 else dtype_bytes * n_params
     method_state, ranks_rule = 0, None
-    if m.name == "osft":
+    if m.name in PROJECTING:
         o = m.osft
         names = S.select_targets([n for n, p in params.items() if p.dim() == 2], o.targets)
         first = (lambda s: o.trr * min(s)) if o.rank == "adaptive" else (lambda s: o.ratio * min(s))

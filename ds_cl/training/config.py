@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from ds_cl.methods import REGISTRY
+from ds_cl.methods import REGISTRY, REPLAYING
 from ds_cl.training.ds_config import check_ds_keys, load_ds_config, zero_stage
 from ds_cl.training.errors import ConfigError  # its home is errors.py; everything imports it from here
 
@@ -512,9 +512,9 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
                  f"by equality with the answer, not with {task.metric!r}; use eval.scoring: generate")
 
     earlier = cfg.method.replay.earlier
-    need(not earlier or cfg.method.name == "replay", "method.replay.earlier",
-         f"only method.name: replay replays; with method.name {cfg.method.name} its {len(earlier)} source(s) would be "
-         f"ignored (remove them, or set method.name: replay)")
+    need(not earlier or cfg.method.name in REPLAYING, "method.replay.earlier",
+         f"only method.name: {' or '.join(REPLAYING)} replays; with method.name {cfg.method.name} its "
+         f"{len(earlier)} source(s) would be ignored (remove them, or set method.name: replay)")
     seen = set()
     unused = {f.name: f.default for f in dataclasses.fields(TaskConfig) if f.name in EVAL_ONLY}
     for j, source in enumerate(earlier):

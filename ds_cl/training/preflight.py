@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ds_cl.methods import PROJECTING
 from ds_cl.training.config import ConfigError, RunConfig, TaskConfig
 
 
@@ -275,7 +276,7 @@ def check_data(cfg: RunConfig) -> None:
         except (ValueError, OSError) as e:
             raise ConfigError(str(e).splitlines()[0]) from None
     o = cfg.method.osft
-    if cfg.method.name == "osft" and o.first_task_importance_data:
+    if cfg.method.name in PROJECTING and o.first_task_importance_data:
         rows = read_records(o.first_task_importance_data, "train", "method.osft.first_task_importance_data")
         if not rows or o.first_task_importance_field not in rows[0]:
             raise ConfigError(f"method.osft.first_task_importance_field: {o.first_task_importance_field!r} is not a "
