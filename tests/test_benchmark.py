@@ -119,9 +119,10 @@ def test_shipped_benchmark_configs_validate_for_every_method_and_variant(path, t
     from ds_cl.training.config import read_yaml
 
     base = read_yaml(path)
-    for task in base["tasks"]:
-        write_task(tmp_path / "bench" / task["train"], [{"sentence": f"s{i}", "label": "xy"[i % 2]} for i in range(9)])
     variants = base.get("variants") or {}
+    # a variant may bring its own tasks (a probe's candidates, one variant each)
+    for task in [t for c in (base, *variants.values()) for t in c.get("tasks", [])]:
+        write_task(tmp_path / "bench" / task["train"], [{"sentence": f"s{i}", "label": "xy"[i % 2]} for i in range(9)])
     runs = checked_run_configs(base, tmp_path / "bench", [*REGISTRY, *variants], [0], tmp_path / "out",
                                source=str(path))
     for (label, _), cfg in runs.items():
