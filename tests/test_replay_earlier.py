@@ -246,3 +246,41 @@ def test_osft_replay_is_osft_with_replays_data(tmp_path, tok_dir):
     assert type(m).plan is Replay.plan
     for hook in ("bind", "start_task", "group_lrs", "step", "step_metrics", "state_dict", "load_state_dict"):
         assert getattr(type(m), hook) is getattr(OSFT, hook) is not getattr(Method, hook), hook
+
+
+# ---------------------------------------------------------------------------------------------
+# method.replay.fraction_of: earlier (a fixed buffer of each earlier source)
+
+
+@pytest.mark.parametrize("method", ["replay", "osft-replay"])
+def test_fraction_of_earlier_replays_a_fixed_buffer_of_each_source(tmp_path, tok_dir, method):
+    path = write_run(tmp_path, tok_dir, method=method)
+    cfg, tok, tasks = load(path, "method.replay.fraction_of=earlier")
+    safety = load_earlier(cfg.method.replay.earlier[0], 0, tok, cfg.train.max_seq_len)
+    phases = build_method(cfg, None, tok).plan(tasks)
+    a, b = len(tasks[0].train), len(tasks[1].train)
+    k_safety, k_a = round(0.5 * len(safety)), round(0.5 * a)
+    assert [len(p.train) for p in phases] == [a + k_safety, b + k_safety + k_a]
+    buf0, buf1 = phases[0].train[a:], phases[1].train[b:]
+    # The safety buffer is the same samples in both tasks (drawn once), distinct samples of the source.
+    assert buf1[:k_safety] == buf0 and all(s in safety for s in buf0)
+    assert len({id(s) for s in buf0}) == k_safety
+    assert all(s in tasks[0].train for s in buf1[k_safety:])
+    # Another seed draws another buffer.
+    other = build_method(load(path, "method.replay.fraction_of=earlier", f"seed={cfg.seed + 1}")[0], None,
+                         tok).plan(tasks)
+    assert [s.input_ids for s in other[0].train[a:]] != [s.input_ids for s in buf0]
+
+
+def test_fraction_of_earlier_in_the_check_plan_and_its_refusals(tmp_path, tok_dir):
+    path = write_run(tmp_path, tok_dir)
+    cfg, tok, tasks = load(path, "method.replay.fraction_of=earlier", "method.replay.earlier.0.max_train_samples=15")
+    chk = Check(str(path))
+    check_tasks(cfg, chk, tok)
+    assert not chk.errors, chk.errors
+    phases = build_method(cfg, None, tok).plan(tasks)
+    assert [p["samples"] for p in chk.plan["phases"]] == [len(p.train) for p in phases]
+    with pytest.raises(ConfigError, match=r": method\.replay\.fraction: must be <= 1 with fraction_of: earlier"):
+        load(path, "method.replay.fraction_of=earlier", "method.replay.fraction=1.5")
+    with pytest.raises(ConfigError, match=r"method\.replay\.fraction_of"):
+        load(path, "method.replay.fraction_of=newest")

@@ -227,12 +227,16 @@ def phase_sizes(cfg: RunConfig, n_train: list[int], n_earlier: list[int] = ()) -
     """(phase name, training samples) as the method's plan() makes its phases (ds_cl/methods): one per
     task; replay adds round(fraction x n) replayed samples to a task whose pool has samples: from the second
     task on, from the first with method.replay.earlier's sources (`n_earlier`: their training records, one
-    count each); multitask pools all."""
+    count each); with fraction_of earlier, each earlier source's buffer of round(fraction x its samples)
+    joins every later task; multitask pools all."""
     names = [t.name for t in cfg.tasks]
     if cfg.method.name == "multitask":
         return [("multitask", sum(n_train))]
     if cfg.method.name in REPLAYING:
         f = cfg.method.replay.fraction
+        if cfg.method.replay.fraction_of == "earlier":  # every earlier source's buffer joins each later task
+            buffers = [min(k, round(f * k)) for k in [*n_earlier, *n_train]]
+            return [(nm, n + sum(buffers[:len(n_earlier) + i])) for i, (nm, n) in enumerate(zip(names, n_train))]
         return [(nm, n + (round(f * n) if sum(n_earlier) + sum(n_train[:i]) else 0))
                 for i, (nm, n) in enumerate(zip(names, n_train))]
     return list(zip(names, n_train))

@@ -106,8 +106,13 @@ class OSFTConfig:
 
 @dataclass
 class ReplayConfig:
-    # Replayed samples from earlier tasks, as a fraction of the current task's training samples.
+    # How many samples are replayed. fraction_of "task": task i adds round(fraction x its own training
+    # samples), drawn anew for each task from the pool of every earlier source's samples together (a source
+    # with many samples fills most of the draw). "earlier": a fixed buffer per earlier source, round(fraction
+    # x that source's samples) drawn once, joins every later task: the classic "keep 10 % of each old task"
+    # memory, in which every earlier source is represented in proportion to its size (fraction <= 1).
     fraction: float = 0.1
+    fraction_of: Literal["task", "earlier"] = "task"
     # Tasks the starting model was trained on before this run (e.g. a safety alignment trained in a run of
     # its own), with the keys of `tasks:` entries: all their training records (none held out, never
     # evaluated) join the replay pool of every task, the first included. Empty: replay from the second task
@@ -474,6 +479,10 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     need(lo.lr is None or lo.lr > 0, "method.lora.lr", f"must be > 0 (or null: train.lr), got {lo.lr}")
     r = cfg.method.replay.fraction
     need(0 <= r <= 10, "method.replay.fraction", f"must be in [0, 10], got {r}")
+    need(cfg.method.replay.fraction_of in ("task", "earlier"), "method.replay.fraction_of",
+         f"must be 'task' or 'earlier', got {cfg.method.replay.fraction_of!r}")
+    need(cfg.method.replay.fraction_of == "task" or r <= 1, "method.replay.fraction",
+         f"must be <= 1 with fraction_of: earlier (a buffer of each earlier source's samples), got {r}")
     trackers = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
     report_to = cfg.output.report_to
     report_to = [] if report_to is None else [report_to] if isinstance(report_to, str) else report_to

@@ -630,6 +630,14 @@ def collate_prompts(prompts: list[list[int]], pad_id: int):
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def replay_buffer(source: list[Encoded], fraction: float, seed: int, source_index: int) -> list[Encoded]:
+    """round(fraction x len(source)) of a source's samples, drawn once without replacement: the same buffer
+    for every later task (method.replay.fraction_of: earlier). `source_index` counts method.replay.earlier's
+    sources first, then the run's tasks."""
+    rng = random.Random(f"{seed}-buffer-{source_index}")
+    return rng.sample(source, min(len(source), round(fraction * len(source))))
+
+
 def replay_samples(previous: list[list[Encoded]], n: int, seed: int, task_index: int) -> list[Encoded]:
     """n samples drawn evenly (without replacement where possible) from earlier tasks' training data (and
     method.replay.earlier's sources, first in `previous`)."""
