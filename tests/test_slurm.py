@@ -178,27 +178,44 @@ def test_sbatch_usr1_checkpoints_then_requeues_and_resumes(cluster, run_cfg, tmp
         # what the first attempt left at the requeue.
         while True:
             info = _job(cluster, job)
-            assert proc.poll() is None and time.time() - t_sig < 180, f"not requeued: {info}"
+            assert proc.poll() is None and time.time() - t_sig < 180, f"not requeued: {info}\n{cluster.logs(6000)}"
             if info.get("Restarts", "0") != "0" and info.get("JobState") == "PENDING":
                 break
             time.sleep(0.5)
         requeued_after = time.time() - t_sig
         at_requeue = (ck / "latest").read_text().strip() if (ck / "latest").is_file() else None
         problems = verify_checkpoint(ck / "step_00000002")
-        # SLURM holds a requeued job for a while (its begin time is pushed back); release it.
+        # SLURM holds a requeued job for a while (its begin time is pushed back past its old credentials' lifetime);
+        # release it, but not within the second of the requeue: slurmd revoked the job's credentials when the
+        # requeue killed attempt 1 (at the controller's time of the requeue, whole seconds) and refuses a batch
+        # launch whose credential is not newer ("Job N already killed, do not launch batch job"); the job then
+        # ends at once, unrun, with an exit code that `sbatch --wait` reports as 1. The requeue happened before
+        # the job showed PENDING (both nodes had to finish their part of it), so 2 s from here is always later.
+        time.sleep(2)
         cluster.scontrol("update", f"JobId={job}", "StartTime=now")
-        proc.wait(timeout=300)
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            pass  # asserted below, with the job's state and the daemons' logs
     finally:
+        # The job as sbatch --wait left it (or as the test gave up on it), before MinJobAge (5 s) purges it.
+        state = cluster.scontrol("show", "job", job) if job else None
         if proc.poll() is None:
             if job:
                 subprocess.run(["scancel", job], env=cluster.env)
             proc.kill()
+            proc.wait()
+    sbatch_out = proc.stdout.read()
     text = (work / f"job-{job}.out").read_text()
     logs = {n: (work / "logs" / f"{n}.log").read_text() for n in ("node1", "node2")}
     explain = text + "\n" + logs["node1"][-6000:]
-    assert at_requeue == "step_00000002" and problems == [], f"at the requeue: latest {at_requeue}, {problems}\n{explain}"
-    assert requeued_after > 15, explain  # the save alone took 15 s: the requeue waited for it
-    assert proc.returncode == 0, explain
+    slurm = (f"\n--- sbatch --wait: status {proc.returncode}\n{sbatch_out}"
+             f"\n--- scontrol show job {job}, as sbatch ended\n{(state.stdout + state.stderr) if state else ''}"
+             f"\n--- the test cluster's daemons\n{cluster.logs(6000)}")
+    assert at_requeue == "step_00000002" and problems == [], \
+        f"at the requeue: latest {at_requeue}, {problems}\n{explain}{slurm}"
+    assert requeued_after > 15, explain + slurm  # the save alone took 15 s: the requeue waited for it
+    assert proc.returncode == 0, explain + slurm
 
     # The script's stages, in order, one requeue; the checkpoint named is the one the next attempt resumed from.
     stages = ["USR1: asking the ranks to checkpoint", "the ranks have exited (status 143)",
