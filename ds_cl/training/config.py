@@ -479,8 +479,6 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     need(lo.lr is None or lo.lr > 0, "method.lora.lr", f"must be > 0 (or null: train.lr), got {lo.lr}")
     r = cfg.method.replay.fraction
     need(0 <= r <= 10, "method.replay.fraction", f"must be in [0, 10], got {r}")
-    need(cfg.method.replay.fraction_of in ("task", "earlier"), "method.replay.fraction_of",
-         f"must be 'task' or 'earlier', got {cfg.method.replay.fraction_of!r}")
     need(cfg.method.replay.fraction_of == "task" or r <= 1, "method.replay.fraction",
          f"must be <= 1 with fraction_of: earlier (a buffer of each earlier source's samples), got {r}")
     trackers = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
