@@ -30,9 +30,13 @@ $(STAMP): pyproject.toml $(LOCK)
 demo: model
 	DS_ACCELERATOR=cpu $(VENV)/bin/ds-cl demo
 
-# The suite needs the real model too (the demo's and the real-model tests).
+# The suite needs the real model too (the demo's and the real-model tests). Two test files at a time
+# (pytest-xdist; each file stays on one worker, so its module fixtures run once), heaviest files first:
+# tests/conftest.py orders them, and --no-loadscope-reorder keeps that order (xdist would hand out the
+# files with the most tests first). WORKERS=0 runs the suite in one process, as before.
+WORKERS ?= 2
 test: model
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q --durations=15 tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # The long measurements left out of `make test` (tests marked slow: the demo's contrast over 3 seeds).
 test-slow: model

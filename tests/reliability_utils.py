@@ -24,10 +24,11 @@ def launch_cmd(config: Path, *args: str, nprocs: int = 2) -> list[str]:
             str(free_port()), *TRAIN, str(config), *map(str, args)]
 
 
-def run(config: Path, *args: str, fault: str | None = None, timeout: int = 300, env: dict | None = None,
+def run(config: Path, *args: str, fault: str | None = None, timeout: int = 600, env: dict | None = None,
         **popen) -> subprocess.CompletedProcess:
     """Run `ds-cl train` on 2 CPU ranks; no check of the exit status (the caller asserts it). `env`: more
-    environment variables."""
+    environment variables. The timeout is for a hang, wide enough for a run slowed by the other test worker's
+    ranks on the same cores (`make test` runs two files at a time)."""
     env = cpu_env(**({"DS_CL_FAULT": fault} if fault else {}), **(env or {}))
     return subprocess.run(launch_cmd(config, *args), cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout, **popen)

@@ -9,10 +9,17 @@ at them, so /etc/slurm is not touched. Node names are mapped to 127.0.0.1 in /et
 
 Needs root and apt (to install slurm and munge when missing); `unavailable_reason()` says why
 not when it cannot run.
+
+One cluster at a time per machine: two would share munged (/run/munge, stopped by whichever cluster
+started it), the node names in /etc/hosts, apt's lock, and the master ports the sbatch script derives
+from job ids (both clusters number their jobs from 1). `start()` takes an exclusive lock on LOCK_FILE
+(fcntl.flock, so the kernel drops it when the process dies) and `stop()` releases it: a second cluster,
+from the other pytest-xdist worker or another checkout's tests, waits for the first to stop.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -24,17 +31,20 @@ from pathlib import Path
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "srun", "scontrol", "munged", "munge"]
 MUNGE_SOCKET = Path("/run/munge/munge.socket.2")
+LOCK_FILE = Path("/tmp/ds-cl-test-slurm-cluster.lock")
 
 
 def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
+    """n distinct free ports, by ds_cl's free_port: from this pytest-xdist worker's own range when it has one
+    (DS_CL_PORT_RANGE, tests/conftest.py), where the other worker's ranks cannot take them before the daemons
+    bind them."""
+    from ds_cl.training.environment import free_port
+
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
     return ports
 
 
@@ -88,6 +98,25 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+        self._lock = None  # LOCK_FILE, open and locked from start() to stop()
+
+    # -- one cluster per machine -----------------------------------------------------------------
+    def _acquire(self, log=print) -> None:
+        f = open(LOCK_FILE, "a")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            t0 = time.time()
+            log(f"slurm_cluster: another test SLURM cluster runs on this machine ({LOCK_FILE} is locked): waiting")
+            fcntl.flock(f, fcntl.LOCK_EX)
+            log(f"slurm_cluster: waited {time.time() - t0:.0f}s for the other cluster to stop")
+        self._lock = f
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     # -- configuration ---------------------------------------------------------------------------
     def _write_conf(self) -> None:
@@ -182,6 +211,9 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return all(states.get(n) == "idle" for n in self.nodes)
 
     def start(self) -> "SlurmCluster":
+        if self._lock is None:
+            self._acquire()
+        ensure_installed()  # under the lock: no two apt-get at once (nothing to do once installed)
         self.root.mkdir(parents=True, exist_ok=True)
         self._write_conf()
         ensure_hosts(self.nodes)
@@ -196,16 +228,19 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def stop(self) -> None:
         # Reverse start order: nodes, controller, then munged (only if we started it).
-        for name in reversed(list(self.procs)):
-            p = self.procs[name]
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait(5)
-        self.procs.clear()
+        try:
+            for name in reversed(list(self.procs)):
+                p = self.procs[name]
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGTERM)
+                    try:
+                        p.wait(10)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(p.pid, signal.SIGKILL)
+                        p.wait(5)
+            self.procs.clear()
+        finally:
+            self._release()  # after every daemon (munged included) is gone
 
     def logs(self, tail: int = 3000) -> str:
         out = []

@@ -367,27 +367,5 @@ def test_submit_dry_run_prints_sbatch_with_the_script_defaults(run_cfg):
     assert f"world size  {nodes * gpus} (" in p.stderr
 
 
-@pytest.mark.distributed
-@pytest.mark.skipif(os.environ.get("DS_CL_TEST_SLURM") != "1",
-                    reason="the real SLURM cluster (tests/slurm_cluster.py) changes this machine: DS_CL_TEST_SLURM=1")
-def test_submit_on_the_real_slurm_cluster(run_cfg, tmp_path, request):
-    """submit.sh against tests/slurm_cluster.py: the check for 2 nodes x 1 GPU, then the real sbatch of the
-    probe (one rank per node)."""
-    from tests.slurm_cluster import SlurmCluster, ensure_installed, unavailable_reason
 
-    if unavailable_reason():
-        pytest.skip(unavailable_reason())
-    ensure_installed()
-    cluster = SlurmCluster(tmp_path / "slurm")
-    request.addfinalizer(cluster.stop)
-    cluster.start()
-    out = tmp_path / "out"
-    p = subprocess.run(["bash", str(SUBMIT), "--nodes", "2", "--gpus-per-node", "1", "--wait", "--time=60",
-                        f"--output={tmp_path}/job-%j.out", str(run_cfg), f"output_dir={out}"], cwd=tmp_path,
-                       env=cpu_env(SLURM_CONF=str(cluster.conf), PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"),
-                                   DS_CL_ENTRY=str(LAUNCHERS / "probe_ranks.py")),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr + cluster.logs()
-    assert "world size  2 (2 node(s) x 1 GPU(s) per node (arguments))" in p.stderr
-    info = [json.loads((out / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [(i["rank"], i["world_size"]) for i in info] == [(0, 2), (1, 2)]
+# submit.sh's real sbatch on the test SLURM cluster: tests/test_slurm.py (one cluster for every SLURM test).

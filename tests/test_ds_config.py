@@ -229,6 +229,27 @@ def test_world_size_rules(monkeypatch):
         env.world_size()
 
 
+def test_free_port_from_the_kernel_or_from_a_range(monkeypatch):
+    """free_port: the kernel's pick by default; with DS_CL_PORT_RANGE=LO-HI (each xdist worker of the suite has
+    one, tests/conftest.py) a free port of the range, never a taken one; a malformed range names the variable."""
+    import socket
+
+    monkeypatch.delenv("DS_CL_PORT_RANGE", raising=False)
+    assert 0 < env.free_port() <= 65535
+    with socket.socket() as held:
+        held.bind(("", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        monkeypatch.setenv("DS_CL_PORT_RANGE", f"{port}-{port}")
+        with pytest.raises(OSError, match=f"no free TCP port in DS_CL_PORT_RANGE={port}-{port}"):
+            env.free_port()
+    assert env.free_port() == port  # released: free again
+    for bad in ("10", "20-10", "a-b", "0-5", "60000-70000", "1-2-3"):
+        monkeypatch.setenv("DS_CL_PORT_RANGE", bad)
+        with pytest.raises(ValueError, match=f"DS_CL_PORT_RANGE='{bad}': expected LO-HI"):
+            env.free_port()
+
+
 # -- process group ------------------------------------------------------------------------------------------
 
 

@@ -38,7 +38,7 @@ from ds_cl.training.train import end_process
 start_spinner()
 atexit.register(print, "atexit handler ran")
 print("unflushed line")
-time.sleep(0.3)  # the spinner is inside torch.mm by now
+time.sleep(1.0)  # the spinner is inside torch.mm by now (its thread started even on busy cores)
 {end}
 """
 

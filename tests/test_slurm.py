@@ -1,5 +1,7 @@
 """The real SLURM path: munged, slurmctld and two slurmd virtual nodes on this host (tests/slurm_cluster.py),
-and `sbatch --wait launchers/slurm/llama2_7b.sbatch` on CPU, one process per node.
+and `sbatch --wait launchers/slurm/llama2_7b.sbatch` on CPU, one process per node (also through
+launchers/slurm/submit.sh). One module-scoped cluster for every test here; one cluster per machine at a time
+(a lock: tests/slurm_cluster.py).
 
 Changes this machine (apt packages, /etc/hosts lines for node1/node2), so it runs only with an explicit
 DS_CL_TEST_SLURM=1 (.ci/run sets it; many CI systems set CI=true, which is not consent); it needs root. Everything it starts is stopped by pid in the fixture's finalizer.
@@ -21,6 +23,7 @@ from tests.dist_utils import REPO, cpu_env
 from tests.slurm_cluster import SlurmCluster, ensure_installed, unavailable_reason, write_tiny_run
 
 SBATCH = REPO / "launchers" / "slurm" / "llama2_7b.sbatch"
+SUBMIT = REPO / "launchers" / "slurm" / "submit.sh"
 PROBE = REPO / "launchers" / "probe_ranks.py"
 
 
@@ -92,6 +95,21 @@ def test_sbatch_more_nodes_than_allocated_fails_fast(cluster, run_cfg, tmp_path)
     assert rc == 2, out
     assert "ds-cl launch: error: 2 nodes requested but the allocation has 1: node1" in out
     assert not list(logs.glob("*.log"))  # nothing was launched
+
+
+def test_submit_on_the_real_slurm_cluster(cluster, run_cfg, tmp_path):
+    """launchers/slurm/submit.sh (its other cases: tests/test_check.py): the check for 2 nodes x 1 GPU, then the
+    real sbatch of the probe (one rank per node)."""
+    out = tmp_path / "out"
+    p = subprocess.run(["bash", str(SUBMIT), "--nodes", "2", "--gpus-per-node", "1", "--wait", "--time=60",
+                        f"--output={tmp_path}/job-%j.out", str(run_cfg), f"output_dir={out}"], cwd=tmp_path,
+                       env=cpu_env(SLURM_CONF=str(cluster.conf), PYTHON=sys.executable, LOG_DIR=str(tmp_path / "logs"),
+                                   DS_CL_ENTRY=str(PROBE)),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr + cluster.logs()
+    assert "world size  2 (2 node(s) x 1 GPU(s) per node (arguments))" in p.stderr
+    info = [json.loads((out / "probe" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(i["rank"], i["world_size"]) for i in info] == [(0, 2), (1, 2)]
 
 
 def test_sbatch_dry_run_and_requeue_resume(cluster, run_cfg, tmp_path):

@@ -207,11 +207,41 @@ def use_deterministic_algorithms() -> None:
 # Process group start-up
 
 
+PORT_RANGE_ENV = "DS_CL_PORT_RANGE"
+
+
 def free_port() -> int:
-    """A TCP port free on this machine now, for a master_port of a local launch."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free on this machine now, for a master_port of a local launch.
+
+    By default the kernel picks it, from its ephemeral range. With $DS_CL_PORT_RANGE=LO-HI it is a free
+    port of LO..HI, tried from a random start. The test suite's parallel workers each get a range of their
+    own below the ephemeral one (tests/conftest.py): between this pick and the launch's bind (seconds: the
+    ranks import torch first) the kernel can hand a port of its range to another process's bind(0) (the
+    other worker's gloo ranks listen on such ports); below that range it hands out none."""
+    spec = os.environ.get(PORT_RANGE_ENV, "").strip()
+    if not spec:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    try:
+        lo, hi = (int(x) for x in spec.split("-"))
+    except ValueError:
+        lo, hi = 0, -1
+    if not 1 <= lo <= hi <= 65535:
+        raise ValueError(f"{PORT_RANGE_ENV}={spec!r}: expected LO-HI, two TCP ports with LO <= HI")
+    import secrets  # not `random`: a seeded run would pick the same ports as every other seeded run
+
+    n = hi - lo + 1
+    start = secrets.randbelow(n)
+    for i in range(n):
+        port = lo + (start + i) % n
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # every address, as the launch's store binds it
+            except OSError:
+                continue
+            return port
+    raise OSError(f"no free TCP port in {PORT_RANGE_ENV}={spec}")
 
 
 def init_distributed(backend: str | None = None, timeout_minutes: float | None = None) -> None:
