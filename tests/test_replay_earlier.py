@@ -218,13 +218,20 @@ def test_phase_sizes_count_the_replay_into_task_0():
     assert phase_sizes(cfg, [40, 20], [10]) == [("a", 40), ("b", 20)]
 
 
-def test_check_plan_matches_replay_plan(tmp_path, tok_dir):
+def test_check_plan_matches_replay_plan(tmp_path, tok_dir, monkeypatch):
     """The --check plan's records and samples per phase are what Replay.plan trains on."""
+    import ds_cl.training.data as D
+
     path = write_run(tmp_path, tok_dir)
     cfg, tok, tasks = load(path, "method.replay.earlier.0.max_train_samples=15")
     chk = Check(str(path))
+    reads, read_records = [], D.read_records
+    monkeypatch.setattr(D, "read_records", lambda source, *a, **k: reads.append(source) or read_records(source, *a, **k))
     check_tasks(cfg, chk, tok)
+    monkeypatch.undo()
     assert not chk.errors, chk.errors
+    # each training file read once, counted and tokenised from the same records
+    assert sorted(reads) == sorted([t.train for t in cfg.tasks] + [s.train for s in cfg.method.replay.earlier])
     assert chk.plan["replay_earlier"] == [{"name": "safety", "records": N_SAFETY, "train": 15,
                                            "tokens": chk.plan["replay_earlier"][0]["tokens"]}]
     assert chk.plan["replay_earlier"][0]["tokens"]["of"] == 15

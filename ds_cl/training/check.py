@@ -266,14 +266,16 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
     from ds_cl.training.data import earlier_key, load_earlier, load_task, read_records, steps_per_epoch
 
     t = cfg.train
-    tasks, n_train = [], []
+    # each training file read once: counted here, tokenised below from the same records
+    tasks, n_train, task_rows = [], [], []
     for i, task in enumerate(cfg.tasks):
         key = f"tasks.{i} ({task.name})"
         try:
-            rows = len(read_records(task.train, task.train_split, f"{key}.train"))
+            task_rows.append(read_records(task.train, task.train_split, f"{key}.train"))
         except (ValueError, OSError) as e:
             chk.error(e)
             return
+        rows = len(task_rows[-1])
         held = holdout(task, rows)
         n = rows - held
         if task.max_train_samples is not None:
@@ -290,14 +292,16 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
             entry["eval_from"] = task.eval
         tasks.append(entry)
         n_train.append(n)
-    earlier, n_earlier = [], []  # method.replay.earlier: every record trains (replayed), none is held out
+    # method.replay.earlier: every record trains (replayed), none is held out
+    earlier, n_earlier, earlier_rows = [], [], []
     for j, source in enumerate(cfg.method.replay.earlier):
         key = earlier_key(j, source)
         try:
-            rows = len(read_records(source.train, source.train_split, f"{key}.train"))
+            earlier_rows.append(read_records(source.train, source.train_split, f"{key}.train"))
         except (ValueError, OSError) as e:
             chk.error(e)
             return
+        rows = len(earlier_rows[-1])
         n = rows if source.max_train_samples is None else min(rows, source.max_train_samples)
         earlier.append({"name": source.name, "records": rows, "train": n})
         n_earlier.append(n)
@@ -329,9 +333,9 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
     data_log.addHandler(handler)
     data_log.propagate = False
     try:
-        for i, (task, entry) in enumerate(zip(cfg.tasks, tasks)):
+        for i, (task, entry, rows) in enumerate(zip(cfg.tasks, tasks, task_rows)):
             try:
-                td = load_task(task, i, tok, HUGE, cfg.seed)
+                td = load_task(task, i, tok, HUGE, cfg.seed, rows=rows)
             except (ValueError, OSError) as e:
                 chk.error(e)
                 continue
@@ -342,9 +346,9 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
                 chk.warn(f"tasks.{i} ({task.name}): {k['truncated']} of {k['of']} training records are longer than "
                          f"train.max_seq_len={t.max_seq_len} tokens (longest {k['max']}) and get truncated "
                          f"(their prompt's start is cut)")
-        for j, (source, entry) in enumerate(zip(cfg.method.replay.earlier, earlier)):
+        for j, (source, entry, rows) in enumerate(zip(cfg.method.replay.earlier, earlier, earlier_rows)):
             try:
-                k = entry["tokens"] = token_lengths(load_earlier(source, j, tok, HUGE), t.max_seq_len)
+                k = entry["tokens"] = token_lengths(load_earlier(source, j, tok, HUGE, rows), t.max_seq_len)
             except (ValueError, OSError) as e:
                 chk.error(e)
                 continue

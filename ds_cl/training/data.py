@@ -520,20 +520,25 @@ def earlier_key(index: int, source: TaskConfig) -> str:
     return f"method.replay.earlier.{index} ({source.name})"
 
 
-def load_earlier(source: TaskConfig, index: int, tok, max_len: int) -> list[Encoded]:
+def load_earlier(source: TaskConfig, index: int, tok, max_len: int, rows: list[dict] | None = None) -> list[Encoded]:
     """The training samples of method.replay.earlier's entry `index` (a task the starting model was trained on
     before this run): all its records (the first max_train_samples), none held out, encoded as load_task
-    encodes a task's training records."""
+    encodes a task's training records. `rows`: the source's records when the caller has read them already."""
     key = earlier_key(index, source)
-    rows = capped_train_rows(source, read_records(source.train, source.train_split, f"{key}.train"), key)
+    if rows is None:
+        rows = read_records(source.train, source.train_split, f"{key}.train")
+    rows = capped_train_rows(source, rows, key)
     source, rows, labels = train_records(source, rows, key)
     return encode_train(tok, source, rows, labels, key, max_len)
 
 
-def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int, scoring: str = "generate") -> TaskData:
-    """scoring "options" (eval.scoring) also fills the options and their target ids per evaluation prompt."""
+def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int, scoring: str = "generate",
+              rows: list[dict] | None = None) -> TaskData:
+    """scoring "options" (eval.scoring) also fills the options and their target ids per evaluation prompt.
+    `rows`: the task's training file's records when the caller has read them already."""
     key = f"tasks.{index} ({task.name})"
-    rows = read_records(task.train, task.train_split, f"{key}.train")
+    if rows is None:
+        rows = read_records(task.train, task.train_split, f"{key}.train")
     given, all_rows = task, rows
     if task.eval is not None:
         eval_rows = read_records(task.eval, task.eval_split, f"{key}.eval")
