@@ -38,19 +38,17 @@ set_program() {
     fi
 }
 
-# Split "CONFIG [overrides...] [--resume | --resume-or-start]" into CONFIG, PASS (all, in order) and OVERRIDES (key=value only).
+# Check "CONFIG [overrides...] [--resume | --resume-or-start]" and keep it: CONFIG, PASS (all, in order).
 set_run_args() {
     [[ $# -ge 1 ]] || die "missing run config: usage: $USAGE"
     CONFIG=$1; shift
     [[ $CONFIG != -* ]] || die "expected the run config, got option $CONFIG: usage: $USAGE"
     [[ -f $CONFIG ]] || die "run config $CONFIG does not exist"
     PASS=("$CONFIG" "$@")
-    OVERRIDES=()
     local a
     for a in "$@"; do
         case $a in
-            --resume|--resume-or-start) ;;
-            *=*) OVERRIDES+=("$a") ;;
+            --resume|--resume-or-start|*=*) ;;
             *) die "unexpected argument '$a' after the run config (overrides look like key.sub=value; flags: --resume, --resume-or-start)" ;;
         esac
     done
@@ -88,4 +86,13 @@ gpu_count() {
 run_check() {
     "$PYTHON" -m ds_cl.cli train "${PASS[@]}" --check "$@" >&2 ||
         die "ds-cl train --check failed (the lines above); nothing was launched"
+}
+
+# What single_node.sh and multi_node.sh run before deepspeed, in one process (one interpreter and torch start-up):
+# `python -m ds_cl.tools.launch_checks check`, the preflight (its `preflight ok: ...` line, or one line
+# `ds-cl launch: error: ...`) and then run_check's `ds-cl train CONFIG ... --check` at the same world size, its plan
+# on stderr too ($@: --world-size N, or --nodes N --gpus-per-node G [--hostfile H]). Either failing stops the
+# launch with exit status 2 (a failed plan after the line run_check ends with).
+run_preflight_and_check() {
+    "$PYTHON" -m ds_cl.tools.launch_checks check "$@" -- "${PASS[@]}" >&2
 }

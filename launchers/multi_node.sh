@@ -10,7 +10,8 @@
 # --launcher pdsh|openmpi|mvapich|impi (ssh mode), --entry SCRIPT, --dry-run.
 # --dry-run prints the command of every node (in --no-ssh mode without --node-rank: all of them).
 # Before deepspeed starts: the preflight checks and `ds-cl train CONFIG ... --check` at world nodes x GPUs
-# per node (the run's plan on stderr; a failed check stops here).
+# per node, in one process (`python -m ds_cl.tools.launch_checks check`; the run's plan on stderr; a failed
+# check stops here).
 # With CUDA_VISIBLE_DEVICES set (nodes shared with other jobs) the ranks run on those GPU indices, given to
 # deepspeed as --include HOST:IDS@...: in --no-ssh mode each node's own variable; in ssh mode the first
 # node's, on every node (the hostfile says how many GPUs a node has, not which). --gpus-per-node, if
@@ -59,9 +60,7 @@ if [[ -n $NODE_RANK ]]; then
 fi
 (( NO_SSH && ! DRY_RUN )) && [[ -z $NODE_RANK ]] && die "--no-ssh needs --node-rank (this node's index in the hostfile)"
 
-"$PYTHON" -m ds_cl.tools.launch_checks preflight --config "$CONFIG" --nodes "$NODES" --gpus-per-node "$GPUS" \
-    --hostfile "$HOSTFILE" -- "${OVERRIDES[@]}"
-run_check --nodes "$NODES" --gpus-per-node "$GPUS"
+run_preflight_and_check --nodes "$NODES" --gpus-per-node "$GPUS" --hostfile "$HOSTFILE"
 
 BASE=("$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" "${RESOURCES[@]}"
       --master_addr "$ADDR" --master_port "$PORT")

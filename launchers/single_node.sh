@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One machine, one process per GPU:
 #   launchers/single_node.sh [--gpus N] [--port P] [--entry SCRIPT] [--dry-run] CONFIG [key.sub=value ...] [--resume | --resume-or-start]
-# runs `deepspeed --num_gpus N --module ds_cl.cli train CONFIG ...` after the preflight checks
-# (ds_cl.tools.launch_checks) and `ds-cl train CONFIG ... --check --world-size N` (the run's plan, on
-# stderr; a failed check stops here). --dry-run prints the command instead of running it.
+# runs `deepspeed --num_gpus N --module ds_cl.cli train CONFIG ...` after the preflight checks and
+# `ds-cl train CONFIG ... --check --world-size N` (the run's plan, on stderr; a failed check stops here),
+# both in one process (`python -m ds_cl.tools.launch_checks check`). --dry-run prints the command instead
+# of running it.
 # With CUDA_VISIBLE_DEVICES set (a node shared with other jobs) the ranks run on those GPUs:
 # `deepspeed --include localhost:IDS`, N = their number (--gpus, if given, must agree).
 set -euo pipefail
@@ -31,8 +32,7 @@ set_gpus "$GPUS"
 [[ -n $GPUS ]] || GPUS=$(gpu_count)
 [[ ${#RESOURCES[@]} -gt 0 ]] || RESOURCES=(--num_gpus "$GPUS")
 
-"$PYTHON" -m ds_cl.tools.launch_checks preflight --config "$CONFIG" --nodes 1 --gpus-per-node "$GPUS" -- "${OVERRIDES[@]}"
-run_check --world-size "$GPUS"
+run_preflight_and_check --world-size "$GPUS"
 
 # Under --include the runner must not see CUDA_VISIBLE_DEVICES: it would count only the visible GPUs and
 # refuse the indices past that count (its launcher gives each rank CUDA_VISIBLE_DEVICES=IDS itself).

@@ -142,6 +142,25 @@ def test_preflight_reads_run_config(run_cfg):
         lc.preflight(run_cfg, ["deepspeed.zero_optimization.stage=1"], nodes=1, gpus_per_node=2)
 
 
+def test_check_runs_the_preflight_then_the_plan_in_one_process(run_cfg, capsys):
+    """`launch_checks check`, what the launchers run: the preflight's line, then `ds-cl train --check`'s plan at the
+    same world size, given as the launcher gives it; the plan is not run when the preflight fails."""
+    assert lc.main(["check", "--world-size", "2", "--", str(run_cfg), "--resume-or-start"]) == 0
+    out, err = capsys.readouterr()
+    assert "preflight ok: world 2 = 1 node(s) x 2" in err
+    assert "world size  2 (--world-size)" in out and out.rstrip().endswith("ds-cl train --check: ok")
+    assert lc.main(["check", "--nodes", "2", "--gpus-per-node", "1", "--", str(run_cfg)]) == 0
+    out, err = capsys.readouterr()
+    assert "preflight ok: world 2 = 2 node(s) x 1" in err and "world size  2 (2 node(s) x 1 GPU(s) per node" in out
+    assert lc.main(["check", "--world-size", "4", "--", str(run_cfg), "train.global_batch_size=6"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("ds-cl launch: error: ") and "does not fit world size 4" in err
+    assert len(err.strip().splitlines()) == 1
+    assert lc.main(["check", "--world-size", "2", "--nodes", "1", "--", str(run_cfg)]) == 2
+    assert capsys.readouterr().err.strip() == ("ds-cl launch: error: give --world-size N or --nodes N --gpus-per-node G, "
+                                               "not both")
+
+
 def test_single_node_dry_run_prints_command(run_cfg):
     # --resume-or-start, not --resume: the launcher's `ds-cl train --check` refuses a --resume of an output_dir
     # that holds no run (as the job would), and this one holds none.

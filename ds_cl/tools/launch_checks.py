@@ -7,6 +7,10 @@ ds_cl/training/ds_config.py's, SLURM node-list expansion is ds_cl/training/envir
 
     python -m ds_cl.tools.launch_checks preflight --config RUN.yaml --nodes N --gpus-per-node G \
         [--hostfile H] [--allocated-nodes M] [-- key.sub=value ...]
+    python -m ds_cl.tools.launch_checks check (--world-size N | --nodes N --gpus-per-node G) [--hostfile H] \
+        -- RUN.yaml [key.sub=value ...] [--resume | --resume-or-start]
+        # what single_node.sh / multi_node.sh run: the preflight, then `ds-cl train ... --check` at the same
+        # world size, in one process (--world-size N: one node of N)
     python -m ds_cl.tools.launch_checks hostfile --out FILE --slots G [--nodes N]   # from the SLURM allocation
     python -m ds_cl.tools.launch_checks port [--job-id ID]                          # master port from the job id
     python -m ds_cl.tools.launch_checks master [--hostfile H]                       # first host of a hostfile
@@ -212,6 +216,31 @@ def preflight(config: str | Path, overrides: list[str], nodes: int, gpus_per_nod
             f"method {cfg.method.name}")
 
 
+def preflight_and_check(run: list[str], world_size: int | None = None, nodes: int | None = None,
+                        gpus_per_node: int | None = None, hostfile: str | None = None) -> int:
+    """The launchers' checks in one process: `preflight` (its line on stderr; LaunchError when it fails), then
+    `ds-cl train RUN --check` (ds_cl/training/check.py) at the same world size, given as the launcher gives
+    it (--world-size N: one node of N; or --nodes N --gpus-per-node G), its plan on stdout. 2 when the check
+    fails, after a line saying that nothing was launched."""
+    from ds_cl.training import train
+
+    if world_size is not None:
+        if nodes is not None or gpus_per_node is not None:
+            raise LaunchError("give --world-size N or --nodes N --gpus-per-node G, not both")
+        nodes, gpus_per_node, world = 1, world_size, ["--world-size", str(world_size)]
+    elif nodes is not None and gpus_per_node is not None:
+        world = ["--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node)]
+    else:
+        raise LaunchError("the launch's world size: --world-size N, or --nodes N --gpus-per-node G")
+    args = train.parse_args(list(run))
+    print(preflight(args.config, args.overrides, nodes, gpus_per_node, hostfile), file=sys.stderr, flush=True)
+    if train.main([*run, "--check", *world]) != 0:
+        print("ds-cl launch: error: ds-cl train --check failed (the lines above); nothing was launched",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------
 # Command line
 
@@ -227,6 +256,13 @@ def _parser() -> argparse.ArgumentParser:
     pf.add_argument("--allocated-nodes", help="comma-separated hosts of the allocation (default: none)")
     pf.add_argument("--slurm", action="store_true", help="read the allocation from SLURM_JOB_NODELIST")
     pf.add_argument("overrides", nargs="*")
+    ck = sub.add_parser("check", help="the preflight, then `ds-cl train RUN --check` at the same world size")
+    ck.add_argument("--world-size", type=int, help="one node of this many processes")
+    ck.add_argument("--nodes", type=int)
+    ck.add_argument("--gpus-per-node", type=int)
+    ck.add_argument("--hostfile")
+    ck.add_argument("run", nargs="+", help="`ds-cl train`'s arguments: RUN.yaml [key.sub=value ...] [--resume | "
+                                            "--resume-or-start]")
     hf = sub.add_parser("hostfile", help="write a DeepSpeed hostfile from the SLURM allocation")
     hf.add_argument("--out", required=True)
     hf.add_argument("--slots", type=int, required=True)
@@ -253,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                 allocated = slurm_hostnames()
             print(preflight(args.config, args.overrides, args.nodes, args.gpus_per_node, args.hostfile, allocated),
                   file=sys.stderr)
+        elif args.cmd == "check":
+            return preflight_and_check(args.run, args.world_size, args.nodes, args.gpus_per_node, args.hostfile)
         elif args.cmd == "hostfile":
             hosts = slurm_hostnames(args.nodelist)
             check_unique(hosts, "the allocation")
