@@ -143,6 +143,11 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, capsys):
     assert R.main(args) == 2
     err = capsys.readouterr().err
     assert "no I-Alpaca.json" in err and len(err.strip().splitlines()) == 1 and not out.exists()
+    safety_dir(tmp_path / "s")
+    assert R.main(args + ["--quick"]) == 2  # --quick's 60 reporting prompts, of a 15-prompt file's half
+    err = capsys.readouterr().err
+    assert "retention.report_prompts: 60 prompts asked of the reporting half" in err, err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
 def test_rescore_reads_saved_answers_with_todays_patterns(tmp_path):
@@ -208,3 +213,25 @@ def test_study_end_to_end_on_two_ranks_then_read_not_redone(tmp_path):
     evals = sorted(str(p.parent.relative_to(out)) for p in out.rglob("eval.json") if "eval_tune" in str(p))
     assert evals == ["base/eval_tune", "seed0/aligned/eval_tune", "seed0/seqft_seed0/eval_tune_task_0_a"]
     assert json.loads((out / "retention.json").read_text())["table"] == result["table"]
+
+
+def test_quick_leaves_the_base_model_out(tmp_path, capsys, monkeypatch):
+    """--quick does not evaluate the base model (its long answers cost 2-3 minutes of a study meant to fit in
+    30): with no seeds or methods, the quick study writes its prompts and an empty table, and nothing under
+    base/. (QUICK's prompt counts shrunk to what the small fixture files hold.)"""
+    monkeypatch.setattr(R, "QUICK", {"report_prompts": 3, "harmful_per_set": 1, "benign_per_set": 1})
+    tiny = make_tiny_model(tmp_path / "tiny")
+    cfg = {"deepspeed": {"zero_optimization": {"stage": 3}},
+           "model": {"name_or_path": str(tiny), "dtype": "float32", "chat_template": True},
+           "train": {"lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 4, "max_seq_len": 96},
+           "tasks": [{"name": "a", "train": "unused.jsonl"}],
+           "retention": {"report_prompts": 4, "tune_prompts": 4, "harmful_per_set": 1, "benign_per_set": 1}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    rc = R.main([str(tmp_path / "study.yaml"), "--ifeval", str(eval_dir() / "ifeval" / "prompts.jsonl"),
+                 "--safety", str(safety_dir(tmp_path / "safety")), "--methods", "", "--seeds", "", "--quick",
+                 "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert "--quick: the base model is not evaluated on the report suite" in capsys.readouterr().out
+    assert (out / "prompts").is_dir() and not (out / "base").exists()
+    assert json.loads((out / "retention.json").read_text())["table"] == {}

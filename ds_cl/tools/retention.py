@@ -97,6 +97,18 @@ def _sample_set(path: Path, n: int, seed: int, exclude: set[str] = frozenset()) 
             for i in picked]
 
 
+def check_ifeval_counts(ifeval: Path, ev: dict) -> None:
+    """The subsets fit in the halves: a short IFEval file is one line before anything is written."""
+    from ds_cl.evaluation.ifeval import read_ifeval_prompts
+    from ds_cl.evaluation.splits import stratified_split
+
+    tuning, reporting = stratified_split(read_ifeval_prompts(ifeval), seed=0)
+    for key, half, name in (("report_prompts", reporting, "reporting"), ("tune_prompts", tuning, "tuning")):
+        if not 0 < ev[key] <= len(half):
+            raise StudyError(f"retention.{key}: {ev[key]} prompts asked of the {name} half of {ifeval}, which "
+                             f"holds {len(half)}")
+
+
 def prepare_prompts(ifeval: Path, safety_dir: Path, out: Path, ev: dict) -> dict:
     """Write OUT/prompts/ (once): the IFEval split, subsets and the safety samples, and two suites."""
     from ds_cl.evaluation.ifeval import read_ifeval_prompts
@@ -449,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0", help="comma-separated (default 0)")
     p.add_argument("--out", type=Path, required=True, help="the study's folder (a stage done there is read, not redone)")
     p.add_argument("--nprocs", type=int, default=2, help="ranks per training run (default 2)")
-    p.add_argument("--quick", action="store_true", help=f"fewer prompts ({QUICK})")
+    p.add_argument("--quick", action="store_true", help=f"fewer prompts ({QUICK}), and no evaluation of the base model")
     p.add_argument("--each", action="store_true", help="evaluate after every task (the figure), not only the last")
     p.add_argument("--tuning", action="store_true",
                    help="evaluate on the tuning suite too (an ablation chooses there): OUT/retention_tune.md")
@@ -469,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise StudyError(f"{what}: no such file: {f}")
         for s in HARMFUL_SETS + BENIGN_SETS + (SAFETY_TRAIN.removesuffix(".json"),):
             _safety_file(args.safety, s)
+        if not (args.out / "prompts" / "report_suite.yaml").is_file():
+            check_ifeval_counts(args.ifeval, ev)
         seeds = [int(s) for s in args.seeds.split(",") if s]
         methods = [m for m in args.methods.split(",") if m]
         base = {k: v for k, v in cfg.items() if k not in ("alignment", "retention")}
@@ -488,9 +502,14 @@ def main(argv: list[str] | None = None) -> int:
     evals = ["tune"] if args.tuning_only else ["report"] + (["tune"] if args.tuning else [])
     # The base model, once: what the alignment itself costs (the reference every method must keep is the
     # aligned model, per seed). rows[suite][label]: one entry per seed.
+    # --quick leaves it out (2-3 min of long answers; the table's reference is the aligned model) unless a
+    # full study already evaluated it in OUT.
     rows: dict = {k: {} for k in evals}
     for k in evals:
         base_dir = out / "base" / f"eval_{k}"
+        if args.quick and not (base_dir / "eval.json").is_file():
+            log(f"--quick: the base model is not evaluated on the {k} suite (the full study does)")
+            continue
         rows[k]["base"] = [{"seed": "-", "eval": evaluate(Path(base_model), suites[k], base_dir, ev, args.nprocs),
                             "summary": None, "dir": base_dir}]
     curves: dict = {}
