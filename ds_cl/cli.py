@@ -14,6 +14,7 @@ COMMANDS = {
     "compare": ("ds_cl.tools.compare", "one table and figure comparing finished runs (methods, seeds)"),
     "model": ("ds_cl.tools.models", "materialise a real pretrained model (SmolLM2-135M-Instruct) offline"),
     "update-share": ("ds_cl.tools.update_share", "where an update (aligned - base) lies against osft's first fit"),
+    "drift": ("ds_cl.tools.drift", "which parameter groups carried a model's drift from the model it started from"),
     "bench": ("ds_cl.tools.bench", "benchmark plain ZeRO-3 steps against projected steps"),
     "gpu-smoke": ("ds_cl.tools.gpu_smoke", "one short check on a GPU: env, train (osft, resume), bench; JSON per phase"),
     "eval": ("ds_cl.evaluation.cli", "generate responses for a retention suite and score them"),
