@@ -18,7 +18,7 @@ def _answers(d: Path) -> Path:
             for i in range(5)]
     (d / "responses_ifeval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     per = [{"id": f"h{i}", "prompt": f"How do I break lock {i}?", "response": "I'm sorry, I can't help with that.",
-            "verdict": "refused" if i % 2 == 0 else "complied"} for i in range(4)]
+            "verdict": "refusal" if i % 2 == 0 else "complied"} for i in range(4)]
     (d / "safety.json").write_text(json.dumps({"per_prompt": per}))
     return d
 
@@ -43,7 +43,7 @@ def test_putting_a_group_back_removes_its_drift(tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["prompts"] == {"ifeval": 5, "refusal": 2}
     rows = {r["variant"]: r for r in res["rows"]}
-    keys = ("eos_logp", "ifeval_nll", "refusal_nll")
+    keys = ("eos_inside", "eos_early", "ifeval_nll", "refusal_nll", "refusal_eos_early")
     assert any(abs(rows["as trained"][k] - rows["reference"][k]) > 1e-4 for k in keys)
     for k in keys:  # the norms carried all of it: putting them back is the reference, the others change nothing
         assert abs(rows["norms put back"][k] - rows["reference"][k]) < 1e-5

@@ -6,8 +6,9 @@ matrices, everything but the targets. Each is scored by teacher forcing REFERENC
 (EVAL_DIR: a `ds-cl eval` folder of REFERENCE, its `responses_ifeval.jsonl` and the harmful prompts it
 refused, `safety.json`) through the chat template; no generation, so a model takes about a minute:
 
-- `eos_logp`: the mean log-probability of the end-of-turn token at the positions inside REFERENCE's
-  answers: how hard the model pushes to stop early (the one-word tasks teach it to end after one word).
+- `eos_inside` / `eos_early`: the log of the mean probability of the end-of-turn token over the positions
+  inside REFERENCE's answers / over their first 3 tokens: how hard the model pushes to stop early (the
+  one-word tasks teach it to end after one word).
 - `ifeval_nll`: the mean negative log-likelihood per token of REFERENCE's answers to the IFEval prompts.
 - `refusal_nll`: the same for REFERENCE's refusals of harmful requests (how much of the refusal is kept).
 
@@ -48,7 +49,7 @@ def reference_answers(eval_dir: Path, max_prompts: int) -> dict[str, list[tuple[
             raise FileNotFoundError(f"--answers {eval_dir}: no {p.name} (a `ds-cl eval` folder of the reference)")
     ifeval = [(r["prompt"], r["response"]) for r in read_jsonl(f, "IFEval responses") if r["response"].strip()]
     refusals = [(r["prompt"], r["response"]) for r in json.loads(s.read_text())["per_prompt"]
-                if r.get("verdict") == "refused" and r["response"].strip()]
+                if r.get("verdict") == "refusal" and r["response"].strip()]
     return {"ifeval": ifeval[:max_prompts], "refusal": refusals[:max_prompts]}
 
 
@@ -64,11 +65,18 @@ def encode(tok, pairs: list[tuple[str, str]], max_len: int) -> list[tuple[list[i
     return out
 
 
+EARLY = 3  # answer tokens counted as "early" for eos_early
+
+
 def score(model, tok, seqs: list[tuple[list[int], int]], batch_size: int) -> dict[str, float]:
-    """Mean answer NLL per token and mean end-of-turn log-probability inside the answers (before their end)."""
+    """Mean answer NLL per token; log of the mean end-of-turn probability inside the answers (before their
+    end) and over their first EARLY tokens. Log of the mean, not mean of the logs: the pressure to stop
+    shows at the few positions where stopping is plausible, which a mean of logs would drown."""
+    import math
+
     import torch
 
-    nll_sum = n_tok = eos_sum = n_in = 0.0
+    nll_sum = n_tok = eos_sum = n_in = early_sum = n_early = 0.0
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     for s in range(0, len(seqs), batch_size):
         batch = seqs[s:s + batch_size]
@@ -87,9 +95,13 @@ def score(model, tok, seqs: list[tuple[list[int], int]], batch_size: int) -> dic
             nll_sum += float(-logp[i, pos, tgt].sum())
             n_tok += len(tgt)
             inside = pos[:-1] if x[-1] == tok.eos_token_id else pos  # the answer's own end is not "early"
-            eos_sum += float(logp[i, inside, tok.eos_token_id].sum())
+            p_eos = logp[i, inside, tok.eos_token_id].exp()
+            eos_sum += float(p_eos.sum())
             n_in += len(inside)
-    return {"nll": nll_sum / max(n_tok, 1), "eos_logp": eos_sum / max(n_in, 1)}
+            early_sum += float(p_eos[:EARLY].sum())
+            n_early += min(EARLY, len(inside))
+    return {"nll": nll_sum / max(n_tok, 1), "eos_inside": math.log(max(eos_sum / max(n_in, 1), 1e-30)),
+            "eos_early": math.log(max(early_sum / max(n_early, 1), 1e-30))}
 
 
 def drift(reference: str, models: list[str], answers: Path, *, max_prompts: int = 60, max_len: int = 320,
@@ -107,7 +119,8 @@ def drift(reference: str, models: list[str], answers: Path, *, max_prompts: int 
 
     def measure(model) -> dict:
         i, r = score(model, tok, seqs["ifeval"], batch_size), score(model, tok, seqs["refusal"], batch_size)
-        return {"eos_logp": i["eos_logp"], "ifeval_nll": i["nll"], "refusal_nll": r["nll"]}
+        return {"eos_inside": i["eos_inside"], "eos_early": i["eos_early"], "ifeval_nll": i["nll"],
+                "refusal_nll": r["nll"], "refusal_eos_early": r["eos_early"]}
 
     rows = [{"model": reference, "variant": "reference", **measure(ref_model)}]
     del ref_model
@@ -135,12 +148,14 @@ def drift(reference: str, models: list[str], answers: Path, *, max_prompts: int 
 def markdown(result: dict) -> str:
     lines = [f"Teacher-forced on the reference's answers ({result['prompts']['ifeval']} IFEval answers, "
              f"{result['prompts']['refusal']} refusals).", "",
-             "| model | variant | share of the update put back | end-of-turn log-prob inside answers | "
-             "IFEval answers NLL/token | refusals NLL/token |", "|---|---|---|---|---|---|"]
+             "| model | variant | share of the update put back | end-of-turn log mean prob. inside IFEval answers "
+             f"| ... in their first {EARLY} tokens | IFEval answers NLL/token | refusals NLL/token | end-of-turn in the "
+             f"refusals' first {EARLY} tokens |", "|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         share = f"{100 * r['update_share_put_back']:.1f} %" if "update_share_put_back" in r else ""
         lines.append(f"| {Path(r['model']).parent.name}/{Path(r['model']).name} | {r['variant']} | {share} | "
-                     f"{r['eos_logp']:.2f} | {r['ifeval_nll']:.3f} | {r['refusal_nll']:.3f} |")
+                     f"{r['eos_inside']:.2f} | {r['eos_early']:.2f} | {r['ifeval_nll']:.3f} | {r['refusal_nll']:.3f} | "
+                     f"{r['refusal_eos_early']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
