@@ -4,7 +4,9 @@ started from REFERENCE, the aligned model), the model as trained and with one gr
 back to REFERENCE's values in turn: the embeddings (tied to `lm_head` in SmolLM2), the norms, osft's target
 matrices, everything but the targets. Each is scored by teacher forcing REFERENCE's own answers
 (EVAL_DIR: a `ds-cl eval` folder of REFERENCE, its `responses_ifeval.jsonl` and the harmful prompts it
-refused, `safety.json`) through the chat template; no generation, so a model takes about a minute:
+refused, `safety.json`) through the chat template; no generation, so a model takes about a minute.
+
+Scores:
 
 - `eos_inside` / `eos_early`: the log of the mean probability of the end-of-turn token over the positions
   inside REFERENCE's answers / over their first 3 tokens: how hard the model pushes to stop early (the
