@@ -106,17 +106,15 @@ def score(model, tok, seqs: list[tuple[list[int], int]], batch_size: int) -> dic
             "eos_early": math.log(max(early_sum / max(n_early, 1), 1e-30))}
 
 
-def drift(reference: str, models: list[str], answers: Path, *, max_prompts: int = 60, max_len: int = 320,
+def drift(reference: str, models: list[str], pairs: dict[str, list[tuple[str, str]]], *, max_len: int = 320,
           batch_size: int = 8, log=print) -> dict:
-    import torch
-
+    """pairs: reference_answers' (prompt, answer) pairs, read by the caller before any model is loaded."""
     from ds_cl.core import subspace as S
     from ds_cl.evaluation.generate import load_model
 
     ref_model, tok = load_model(reference, "cpu", "float32")
     ref_sd = {k: v.detach().clone() for k, v in ref_model.state_dict().items()}
     targets = set(S.select_targets(list(ref_sd)))
-    pairs = reference_answers(answers, max_prompts)
     seqs = {k: encode(tok, v, max_len) for k, v in pairs.items()}
 
     def measure(model) -> dict:
@@ -133,18 +131,18 @@ def drift(reference: str, models: list[str], answers: Path, *, max_prompts: int 
         if set(trained) != set(ref_sd):
             raise ValueError(f"{path}: its parameters are not {reference}'s (a different architecture?)")
         kinds = {k: group_of(k, targets) for k in trained}
+        moved = {k: float((trained[k] - ref_sd[k]).pow(2).sum()) for k in trained}  # each tensor's |dW|^2
+        total = sum(moved.values())
         for variant in ("as trained",) + GROUPS:
             put_back = {k for k, g in kinds.items()
                         if variant == g or (variant == "non-targets" and g != "targets")}
             model.load_state_dict({k: ref_sd[k] if k in put_back else trained[k] for k in trained})
-            moved = sum(float((trained[k] - ref_sd[k]).pow(2).sum()) for k in put_back)
-            total = sum(float((trained[k] - ref_sd[k]).pow(2).sum()) for k in trained)
+            share = sum(moved[k] for k in put_back) / total if total else 0.0
             rows.append({"model": path, "variant": variant if variant == "as trained" else f"{variant} put back",
-                         "update_share_put_back": moved / total if total else 0.0, **measure(model)})
+                         "update_share_put_back": share, **measure(model)})
         log(f"[drift] {path}: {time.time() - t0:.0f}s")
         del model
-    return {"reference": reference, "answers": str(answers), "prompts": {k: len(v) for k, v in pairs.items()},
-            "rows": rows}
+    return {"reference": reference, "prompts": {k: len(v) for k, v in pairs.items()}, "rows": rows}
 
 
 def markdown(result: dict) -> str:
@@ -176,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ds-cl drift: {m}: not a model folder (no config.json)", file=sys.stderr)
             return 2
     try:
-        reference_answers(args.answers, args.max_prompts)  # before any model is loaded
-        result = drift(args.reference, args.models, args.answers, max_prompts=args.max_prompts)
+        pairs = reference_answers(args.answers, args.max_prompts)  # before any model is loaded
+        result = drift(args.reference, args.models, pairs)
+        result["answers"] = str(args.answers)
     except (FileNotFoundError, ValueError) as e:
         print(f"ds-cl drift: {e}", file=sys.stderr)
         return 2
