@@ -61,10 +61,12 @@ def pytest_configure(config):
         return
     import torch
 
+    from ds_cl.training.environment import PORT_RANGE_ENV
+
     torch.set_num_threads(1)
     n = int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
     lo = PORTS_BASE + PORTS_PER_WORKER * (n % 10)
-    os.environ.setdefault("DS_CL_PORT_RANGE", f"{lo}-{lo + PORTS_PER_WORKER - 1}")
+    os.environ.setdefault(PORT_RANGE_ENV, f"{lo}-{lo + PORTS_PER_WORKER - 1}")
 
 
 def pytest_collection_modifyitems(session, config, items):
