@@ -35,7 +35,7 @@ from tiny_tasks import EOS, PAD, TASKS, encode, tiny_llama  # noqa: E402
 from ds_cl import SubspaceProjector  # noqa: E402
 from ds_cl.core.projector import prepare_ds_config  # noqa: E402  (bf16: sets fp32 gradient accumulation)
 from ds_cl.core.subspace import FixedRank  # noqa: E402
-from ds_cl.training.environment import init_distributed  # noqa: E402
+from ds_cl.training.environment import end_distributed, init_distributed  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--model", help="a small LLaMA-style HF causal LM folder (default: a tiny random LLaMA)")
@@ -172,4 +172,7 @@ weights = {n: safe_get_full_fp32_param(q).cpu() for n, q in engine.module.named_
 if rank == 0:
     torch.save(weights, Path(args.out) / "weights.pt")
     print(f"weights: {Path(args.out) / 'weights.pt'}", flush=True)
-dist.barrier()  # rank 0's file is written before any rank exits
+# A barrier (rank 0's file is written before any rank exits), the process group destroyed, and the end of
+# the process without interpreter finalization: ZeRO-3 keeps the gloo groups' threads alive past the
+# destroy, and a plain exit can abort a rank with SIGABRT after its work is done.
+end_distributed()

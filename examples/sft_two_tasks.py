@@ -34,7 +34,7 @@ from tiny_tasks import PAD, TASKS, byte_tokenizer, encode, tiny_llama  # noqa: E
 
 from ds_cl.core.projector import prepare_ds_config  # noqa: E402
 from ds_cl.core.subspace import FixedRank  # noqa: E402
-from ds_cl.training.environment import init_distributed  # noqa: E402
+from ds_cl.training.environment import end_distributed, init_distributed  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--trainer", choices=["sft", "hf", "loop"], default="sft")
@@ -226,3 +226,4 @@ def train_in_a_loop() -> None:
 
 os.makedirs(args.out, exist_ok=True)
 train_in_a_loop() if args.trainer == "loop" else train_with_trainer()
+end_distributed()  # not a plain exit: ZeRO-3's gloo threads can abort it after the work is done

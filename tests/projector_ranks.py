@@ -22,7 +22,7 @@ from deepspeed.utils import safe_get_full_fp32_param
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds_cl import SubspaceProjector  # noqa: E402
-from ds_cl.training.environment import init_distributed  # noqa: E402
+from ds_cl.training.environment import end_distributed, init_distributed  # noqa: E402
 from ds_cl.core.subspace import AdaptiveRank, FixedRank  # noqa: E402
 from tests.reference import (EPS, GAS, LR, MICRO_BS, STEPS, WEIGHT_DECAY, CLIP, global_batches,  # noqa: E402
                              tiny_llama)
@@ -257,8 +257,7 @@ def main() -> None:
         traceback.print_exc()
         sys.stdout.flush()
         sys.exit(1)
-    dist.barrier()
-    dist.destroy_process_group()
+    end_distributed()  # barrier, destroy, and no interpreter finalization (a plain exit can abort a rank)
 
 
 if __name__ == "__main__":

@@ -185,17 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             from .report import build_report
             build_report(out / "base", [("model", out / "model")], out)
             print(f"wrote {out / 'report.md'}")
+        rc = 0
     except EvalInputError as e:
         print(f"ds-cl eval: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if created:
-            import torch.distributed as dist
-
-            from ds_cl.core import collectives
-            collectives.barrier()
-            dist.destroy_process_group()
-    return 0
+        rc = 2
+    if created:  # under a launcher: the rank ends here; a plain return can abort it after its work is done
+        from ds_cl.training.environment import end_distributed
+        end_distributed(rc)
+    return rc
 
 
 if __name__ == "__main__":

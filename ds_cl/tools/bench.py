@@ -288,7 +288,7 @@ def memory_worker(args) -> None:
     from ds_cl.core.projector import DEFAULT_BUCKET_NUMEL_PER_RANK
     from ds_cl.core.projector_memory import projector_memory
     from ds_cl.core.subspace import FixedRank
-    from ds_cl.training.environment import init_distributed
+    from ds_cl.training.environment import end_distributed, init_distributed
 
     init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -364,8 +364,7 @@ def memory_worker(args) -> None:
     if rank == 0:
         Path(args.result).write_text(json.dumps({"world": world, "buckets": len(proj.buckets), "ranks": per_rank}))
     engine.destroy()
-    collectives.barrier()
-    dist.destroy_process_group()
+    end_distributed(0)  # a plain return can abort the rank after its result is written (end_process)
 
 
 def worker(args) -> None:
@@ -374,7 +373,7 @@ def worker(args) -> None:
 
     from ds_cl import SubspaceProjector
     from ds_cl.core import collectives
-    from ds_cl.training.environment import init_distributed
+    from ds_cl.training.environment import end_distributed, init_distributed
     from ds_cl.core.projector import matrix_cost
     from ds_cl.core.subspace import FixedRank
 
@@ -452,8 +451,7 @@ def worker(args) -> None:
     if rank == 0:
         Path(args.result).write_text(json.dumps(result))
     engine.destroy()
-    collectives.barrier()
-    dist.destroy_process_group()
+    end_distributed(0)  # a plain return can abort the rank after its result is written (end_process)
 
 
 # ---------------------------------------------------------------------------------------- launcher

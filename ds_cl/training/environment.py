@@ -26,6 +26,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -286,3 +287,57 @@ def release_cpu_shm() -> None:
     name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
             f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
     Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def exit_now(rc: int) -> None:
+    """Flush stdout and stderr, then end the process with `rc` at once (`os._exit`): no exit handlers, no
+    interpreter finalization (see `end_process`)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+            pass
+    os._exit(rc)
+
+
+def end_process(rc: int) -> None:
+    """End a rank whose run is over (its outputs written and closed, its process group destroyed): the
+    non-daemon threads joined and Python's exit handlers run, as a normal exit does them, then `os._exit`,
+    without interpreter finalization or C++ static destructors.
+
+    Why not return to `sys.exit`: `dist.destroy_process_group()` only drops torch's own references. ZeRO-3's
+    partitioned parameters, its optimizer and DeepSpeed's groups module keep both gloo groups (the world and
+    DeepSpeed's clone of it) alive, and the parameters are held from C++ (autograd hooks) where Python's
+    collector cannot free them: measured at the end of `main`, both ranks still run each group's two worker
+    threads and its TCP loop thread (rank 0 also torch's TCPStore server thread). A native thread that takes
+    the GIL back (a pybind11 `gil_scoped_release` ending, a tensor released from C++) once Python 3.11 has
+    started finalizing is ended by `pthread_exit`; the unwind reaches a noexcept destructor and the process
+    aborts with "terminate called without an active exception" (SIGABRT) after the run had finished and
+    printed its results: a 20-task soak rank did, once (tests/test_shutdown.py shows the mechanism). Nothing
+    is left to finalize here: files are closed, stdout/stderr are flushed below, and the sockets and shared
+    memory go with the process, as they would after a normal exit."""
+    import atexit
+    import threading
+
+    # The order of a normal exit: non-daemon threads first (threading._shutdown), then the atexit
+    # handlers (logging.shutdown, tempfile and weakref finalizers, W&B, coverage), interpreter alive.
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    exit_now(rc)
+
+
+def end_distributed(rc: int = 0) -> None:
+    """The end of a rank that ran ZeRO-3 (`ds-cl train`, `eval`, `bench`, your own loop): a barrier (every
+    rank's outputs are written), the process group destroyed, then `end_process(rc)`; it does not return.
+    Call it where the script would otherwise return to the interpreter's exit: ending there can abort the
+    rank with SIGABRT after its work is done (`end_process` says why; examples/own_loop.py did, in CI)."""
+    import torch.distributed as dist
+
+    from ds_cl.core import collectives
+
+    if dist.is_initialized():
+        collectives.barrier()
+        dist.destroy_process_group()
+    end_process(rc)

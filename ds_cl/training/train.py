@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from ds_cl.training.config import ConfigError, RunConfig, load_config, save_config
+from ds_cl.training.environment import end_distributed, exit_now
 from ds_cl.training.outputs import log_line
 
 if TYPE_CHECKING:
@@ -347,7 +348,7 @@ class Trainer:
                     print("\n" + log_line(f"rank {self.dist.rank}: second SIGINT: exiting now, without a checkpoint "
                                            f"(the last one is {self.checkpoints.latest() or 'none'})"),
                           file=sys.stderr, flush=True)
-                    _exit_now(130)
+                    exit_now(130)
                 return
             self.signalled, self.stop_signal = True, name
             print("\n" + log_line(f"rank {self.dist.rank}: {name}: checkpointing after the current step, then "
@@ -430,43 +431,6 @@ def _raised_by_ds_cl(e: BaseException) -> bool:
     return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(pkg)
 
 
-def _exit_now(rc: int) -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
-            pass
-    os._exit(rc)
-
-
-def end_process(rc: int) -> None:
-    """End a rank whose run is over (its outputs written and closed, its process group destroyed): the
-    non-daemon threads joined and Python's exit handlers run, as a normal exit does them, then `os._exit`,
-    without interpreter finalization or C++ static destructors.
-
-    Why not return to `sys.exit`: `dist.destroy_process_group()` only drops torch's own references. ZeRO-3's
-    partitioned parameters, its optimizer and DeepSpeed's groups module keep both gloo groups (the world and
-    DeepSpeed's clone of it) alive, and the parameters are held from C++ (autograd hooks) where Python's
-    collector cannot free them: measured at the end of `main`, both ranks still run each group's two worker
-    threads and its TCP loop thread (rank 0 also torch's TCPStore server thread). A native thread that takes
-    the GIL back (a pybind11 `gil_scoped_release` ending, a tensor released from C++) once Python 3.11 has
-    started finalizing is ended by `pthread_exit`; the unwind reaches a noexcept destructor and the process
-    aborts with "terminate called without an active exception" (SIGABRT) after the run had finished and
-    printed its results: a 20-task soak rank did, once (tests/test_shutdown.py shows the mechanism). Nothing
-    is left to finalize here: files are closed, stdout/stderr are flushed below, and the sockets and shared
-    memory go with the process, as they would after a normal exit."""
-    import atexit
-    import threading
-
-    # The order of a normal exit: non-daemon threads first (threading._shutdown), then the atexit
-    # handlers (logging.shutdown, tempfile and weakref finalizers, W&B, coverage), interpreter alive.
-    for t in threading.enumerate():
-        if t is not threading.main_thread() and not t.daemon:
-            t.join()
-    atexit._run_exitfuncs()
-    _exit_now(rc)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="ds-cl train", description=__doc__.splitlines()[0])
     p.add_argument("config", help="run config YAML")
@@ -525,8 +489,6 @@ def main(argv: list[str] | None = None) -> int:
     from ds_cl.training.environment import build_distributed
 
     info = build_distributed(timeout_minutes=cfg.train.dist_timeout_minutes, deterministic=cfg.train.deterministic)
-    import torch.distributed as dist
-
     if info.rank != 0:  # one copy of each warning (truncation counts are the same on every rank)
         logging.getLogger().setLevel(logging.ERROR)
     try:
@@ -553,11 +515,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ds-cl train: {'' if isinstance(e, ConfigError) else f'rank {info.rank}: '}{e}", file=sys.stderr)
         rc = 2
         if not isinstance(e, ConfigError):
-            _exit_now(rc)
+            exit_now(rc)
     except KeyboardInterrupt:  # Ctrl-C before the trainer's handler was installed (model loading, set-up)
         print(f"\nds-cl train: rank {info.rank}: interrupted (SIGINT) before training started; nothing to "
               f"checkpoint", file=sys.stderr)
-        _exit_now(130)
+        exit_now(130)
     except Exception as e:
         from ds_cl.training.checkpoint import CheckpointError
 
@@ -566,14 +528,10 @@ def main(argv: list[str] | None = None) -> int:
         # One line, from every rank that failed; no barrier (the other ranks may be inside a collective:
         # the launcher ends them when this process exits).
         print(f"\nds-cl train: rank {info.rank}: {e}", file=sys.stderr)  # \n: after a progress bar
-        _exit_now(3 if isinstance(e, NonFiniteError) else 1)
-    from ds_cl.core import collectives
-
-    collectives.barrier()
-    dist.destroy_process_group()
+        exit_now(3 if isinstance(e, NonFiniteError) else 1)
     # Not `return rc`: the groups' native threads outlive the destroy, and a normal interpreter exit can
-    # abort this rank after its work is done (end_process says how); the process ends here.
-    end_process(rc)
+    # abort this rank after its work is done (environment.end_process says how); the process ends here.
+    end_distributed(rc)
     return rc  # not reached
 
 
