@@ -10,7 +10,9 @@ an ablation is one benchmark. A run already complete there is read, not redone, 
 an interrupted benchmark continues where it stopped. Then:
 
     DIR/comparison.md     per method: final accuracy per task, AA, BWT, mean of the matrix diagonal
-                          (how well each task was learnt when it was trained), mean +- std over seeds
+                          (how well each task was learnt when it was trained), mean +- std over seeds; with
+                          eval.tuning_size, the tuning AA too (records held out of train: the column an
+                          lr sweep selects by, the others scoring the test items)
     DIR/comparison.json   the same numbers and every run's matrix
     DIR/comparison.png    final accuracy per task and AA/BWT per method, with the spread over seeds
 """
@@ -89,7 +91,10 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 
 
 def compare(summaries: dict) -> dict:
-    """summaries: (method, seed) -> summary.json of a complete run. Per method, mean and std over seeds."""
+    """summaries: (method, seed) -> summary.json of a complete run. Per method, mean and std over seeds; where
+    every run of a method has a tuning split (eval.tuning_size), its `tuning_AA` and `tuning_matrices` too."""
+    from ds_cl.evaluation.cl_metrics import average_accuracy
+
     table = {}
     for method in dict.fromkeys(m for m, _ in summaries):
         runs = [s for (m, _), s in summaries.items() if m == method]
@@ -103,19 +108,36 @@ def compare(summaries: dict) -> dict:
             "learnt": _mean_std([100 * v for v in diag]),
             "matrices": [s["matrix"] for s in runs],
         }
+        if all(s.get("tuning_matrix") for s in runs):
+            table[method]["tuning_AA"] = _mean_std([100 * average_accuracy(s["tuning_matrix"]) for s in runs])
+            table[method]["tuning_matrices"] = [s["tuning_matrix"] for s in runs]
     return table
+
+
+TUNING_NOTE = ("The `tuning AA` column scores records held out of each task's training data (eval.tuning_size): "
+               "pick each method's learning rate by it. Every other column scores the test items.")
+
+
+def comparison_json(table: dict, tasks: list[str]) -> dict:
+    """comparison.json: the tasks and the table; with a tuning split, the note saying which column selects."""
+    out = {"tasks": tasks, "methods": table}
+    if any("tuning_AA" in r for r in table.values()):
+        out["note"] = TUNING_NOTE
+    return out
 
 
 def markdown(table: dict, tasks: list[str]) -> str:
     def cell(ms):
         return f"{ms[0]:.1f} ± {ms[1]:.1f}"
 
-    head = ["method", *tasks, "AA", "BWT", "learnt (diag.)", "seeds"]
+    tuning = any("tuning_AA" in r for r in table.values())
+    head = ["method", *tasks, "AA", *(["tuning AA"] if tuning else []), "BWT", "learnt (diag.)", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, r in table.items():
-        lines.append("| " + " | ".join([f"`{method}`", *map(cell, r["final"]), cell(r["AA"]), cell(r["BWT"]),
-                                        cell(r["learnt"]), ",".join(map(str, r["seeds"]))]) + " |")
-    return "\n".join(lines) + "\n"
+        tuning_cell = [cell(r["tuning_AA"]) if "tuning_AA" in r else "–"] if tuning else []
+        lines.append("| " + " | ".join([f"`{method}`", *map(cell, r["final"]), cell(r["AA"]), *tuning_cell,
+                                        cell(r["BWT"]), cell(r["learnt"]), ",".join(map(str, r["seeds"]))]) + " |")
+    return "\n".join(lines) + "\n" + (f"\n{TUNING_NOTE}\n" if tuning else "")
 
 
 def figure(table: dict, tasks: list[str], path: Path, title: str) -> None:
@@ -208,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     table = compare(summaries)
     (out / "comparison.md").write_text(markdown(table, tasks))
-    (out / "comparison.json").write_text(json.dumps({"tasks": tasks, "methods": table}, indent=1))
+    (out / "comparison.json").write_text(json.dumps(comparison_json(table, tasks), indent=1))
     figure(table, tasks, out / "comparison.png", f"{' -> '.join(tasks)}; mean ± std over seeds")
     print("\n" + markdown(table, tasks) + f"\n{out}/comparison.md, comparison.json, comparison.png")
     return 0

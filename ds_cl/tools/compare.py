@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-from ds_cl.tools.benchmark import compare, figure, markdown
+from ds_cl.tools.benchmark import compare, comparison_json, figure, markdown
 
 
 def seed_and_method(run: Path) -> tuple[int, str]:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     table = compare(summaries)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "comparison.md").write_text(markdown(table, tasks))
-    (args.out / "comparison.json").write_text(json.dumps({"tasks": tasks, "methods": table}, indent=1))
+    (args.out / "comparison.json").write_text(json.dumps(comparison_json(table, tasks), indent=1))
     figure(table, tasks, args.out / "comparison.png",
            args.title or f"{' -> '.join(tasks)}; mean ± std over seeds")
     print(markdown(table, tasks) + f"\n{args.out}/comparison.md, comparison.json, comparison.png")

@@ -277,17 +277,22 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
             return
         rows = len(task_rows[-1])
         held = holdout(task, rows)
-        n = rows - held
+        # eval.tuning_size: held out too, after the evaluation records (data.split_indices; check_data has
+        # refused a task it leaves without a training record)
+        tuning = cfg.eval.tuning_size
+        n = rows - held - tuning
         if task.max_train_samples is not None:
             n = min(n, task.max_train_samples)
         entry = {"name": task.name, "records": rows, "train": n}
+        if tuning:
+            entry["tuning"] = tuning
         if task.eval is None:
             entry["held_out"] = held
             entry["eval"] = min(held, task.max_eval_samples) if task.max_eval_samples is not None else held
             entry["eval_from"] = f"eval_size {task.eval_size}, at most half the records"
             if held < task.eval_size:
                 chk.warn(f"{key}: eval_size {task.eval_size} is more than half of its {rows} records: {held} held "
-                         f"out for evaluation (the cap: half the records), {rows - held} left to train")
+                         f"out for evaluation (the cap: half the records), {rows - held - tuning} left to train")
         else:
             entry["eval_from"] = task.eval
         tasks.append(entry)
@@ -335,12 +340,14 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
     try:
         for i, (task, entry, rows) in enumerate(zip(cfg.tasks, tasks, task_rows)):
             try:
-                td = load_task(task, i, tok, HUGE, cfg.seed, rows=rows)
+                td = load_task(task, i, tok, HUGE, cfg.seed, rows=rows, tuning_size=cfg.eval.tuning_size)
             except (ValueError, OSError) as e:
                 chk.error(e)
                 continue
             k = entry["tokens"] = token_lengths(td.train, t.max_seq_len)
             entry["eval"] = len(td.eval_prompts)
+            if td.tuning is not None:
+                entry["tuning"] = len(td.tuning.eval_prompts)
             entry["eval_prompts_over_max_seq_len"] = sum(len(p) > t.max_seq_len for p in td.eval_prompts)
             if k["truncated"]:
                 chk.warn(f"tasks.{i} ({task.name}): {k['truncated']} of {k['of']} training records are longer than "
@@ -614,7 +621,8 @@ def format_plan(chk: Check) -> str:
     for t in p.get("tasks", []):
         held = (f"{t['held_out']} held out of {t['records']} for evaluation ({t['eval_from']})" if "held_out" in t
                 else f"evaluated on {t['eval_from']} ({t.get('eval', '?')} records)")
-        row("task", f"{t['name']}: {t['train']} training records; {held}")
+        tuning = f"; {t['tuning']} held out for tuning (eval.tuning_size)" if t.get("tuning") else ""
+        row("task", f"{t['name']}: {t['train']} training records; {held}{tuning}")
         tokens_row(t)
     for t in p.get("replay_earlier", []):
         row("replays", f"{t['name']}: {t['train']} training records (method.replay.earlier: all replayed from, "

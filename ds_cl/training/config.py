@@ -194,6 +194,11 @@ class EvalConfig:
     # writes them, are the most likely continuation of the prompt; exact option == answer). options needs
     # fixed-option tasks: every evaluation answer among the task's options (tasks.*.options).
     scoring: Literal["generate", "options"] = "generate"
+    # A tuning split: > 0 holds out this many of each task's training records (before max_train_samples caps
+    # the rest; drawn by seed and task name) and scores them after each phase beside the evaluation set, the
+    # same way (eval.scoring), into `tuning_matrix` (summary.json). An lr sweep picks its learning rate by the
+    # tuning AA, and the chosen run's `matrix` (the test items) serves as a seed. 0: none, and no cost.
+    tuning_size: int = 0
 
 
 @dataclass
@@ -440,6 +445,8 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     need(0 < t.dist_timeout_minutes <= MAX_TIMEOUT_MINUTES, "train.dist_timeout_minutes",
          f"must be > 0 and at most {MAX_TIMEOUT_MINUTES} (minutes), got {t.dist_timeout_minutes}")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(cfg.eval.tuning_size >= 0, "eval.tuning_size",
+         f"must be >= 0 (0: no tuning split), got {cfg.eval.tuning_size}")
     need(cfg.eval.max_new_tokens is None or cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens",
          f"must be >= 1 (or null: from the longest answer), got {cfg.eval.max_new_tokens}")
     need(cfg.checkpoint.stop_after_steps is None or cfg.checkpoint.stop_after_steps >= 1,

@@ -398,6 +398,9 @@ class TaskData:
     # (`option_targets`), in the options' order.
     options: Optional[list[str]] = None
     eval_option_ids: Optional[list[list[list[int]]]] = None
+    # eval.tuning_size > 0: the tuning records held out of the training records, as a TaskData of their own
+    # (no training samples; eval_* are the tuning items), scored as the evaluation records are.
+    tuning: Optional["TaskData"] = None
 
 
 def normalize_answer(s: str) -> str:
@@ -436,6 +439,30 @@ def holdout_size(eval_size: int, n_records: int) -> int:
     """Records a task without `eval` holds out of its training records for evaluation: eval_size, at most
     half of them (the rest train)."""
     return min(eval_size, n_records // 2)
+
+
+def split_indices(task: TaskConfig, n_records: int, seed: int, tuning_size: int = 0,
+                  key: str = "") -> tuple[list[int], list[int], list[int]]:
+    """(evaluation, tuning, training) indices of a task's `n_records` training records. One shuffle by seed and
+    task name: a task without `eval` holds out its first holdout_size records for evaluation, the next
+    `tuning_size` (eval.tuning_size) are the tuning split, the rest train: in the shuffle's order when some are
+    held out for evaluation, else in the file's (as without a tuning split). The tuning records leave the
+    pool before max_train_samples caps it. ValueError (naming `key`) when a tuning split leaves no training
+    record."""
+    order = list(range(n_records))
+    random.Random(f"{seed}-holdout-{task.name}").shuffle(order)
+    n = 0 if task.eval is not None else holdout_size(task.eval_size, n_records)
+    held, tuning = order[:n], order[n:n + tuning_size]
+    if tuning_size and n_records - n - tuning_size < 1:
+        raise ValueError(f"{key}.train: {n_records} records leave no training record beside eval.tuning_size "
+                         f"{tuning_size}{f' and {n} held out for evaluation' if n else ''}: a tuning split needs "
+                         f"at least {n + tuning_size + 1} records; lower eval.tuning_size")
+    if task.eval is None:
+        train = order[n + tuning_size:]
+    else:
+        skip = set(tuning)
+        train = [i for i in range(n_records) if i not in skip]
+    return held, tuning, train
 
 
 # eval.scoring: options, options inferred from the records (no tasks.*.options or labels): more distinct
@@ -532,42 +559,16 @@ def load_earlier(source: TaskConfig, index: int, tok, max_len: int, rows: list[d
     return encode_train(tok, source, rows, labels, key, max_len)
 
 
-def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int, scoring: str = "generate",
-              rows: list[dict] | None = None) -> TaskData:
-    """scoring "options" (eval.scoring) also fills the options and their target ids per evaluation prompt.
-    `rows`: the task's training file's records when the caller has read them already."""
-    key = f"tasks.{index} ({task.name})"
-    if rows is None:
-        rows = read_records(task.train, task.train_split, f"{key}.train")
-    given, all_rows = task, rows
-    if task.eval is not None:
-        eval_rows = read_records(task.eval, task.eval_split, f"{key}.eval")
-    else:
-        # Hold out a deterministic slice of the training records for evaluation.
-        order = list(range(len(rows)))
-        random.Random(f"{seed}-holdout-{task.name}").shuffle(order)
-        n = holdout_size(task.eval_size, len(rows))
-        if n < task.eval_size:
-            log.warning("%s: eval_size %d is more than half of its %d records: %d held out for evaluation (the cap: "
-                        "half the records), %d left to train", key, task.eval_size, len(rows), n, len(rows) - n)
-        eval_rows = [rows[i] for i in order[:n]]
-        rows = [rows[i] for i in order[n:]]
-    rows = capped_train_rows(task, rows, key)
-    fmt = detect_format(task, rows)  # the training records decide; the evaluation records follow
-    _, eval_rows = normalize_records(task, eval_rows, f"{key}.eval", fmt)
-    task, rows, labels = train_records(task, rows, key, fmt)
-    eval_rows = scorable(task, eval_rows, labels, f"{key}.eval")
-    if task.max_eval_samples is not None:
-        eval_rows = eval_rows[: task.max_eval_samples]
-    if not eval_rows:
-        raise ValueError(f"{key}.eval: no evaluation records")
-    train = encode_train(tok, task, rows, labels, key, max_len)
-    evals = to_examples(task, eval_rows, labels, f"{key}.eval")
+def scored_items(tok, task: TaskConfig, rows: list[dict], labels: list[str], key: str, part: str, max_len: int,
+                 metric: Callable[[str, str], float], options: list[str] | None, what: str) -> TaskData:
+    """A TaskData of normalised records to score (no training samples): their prompts and answers and, with
+    `options` (eval.scoring: options), each prompt's option target ids. Errors name `key`.`part` (the task and
+    "eval" or "tuning"); the options check names `what`."""
+    evals = to_examples(task, rows, labels, f"{key}.{part}")
     prompts = [encode_prompt_for_generation(tok, e.prompt, max_len, e.messages) for e in evals]
-    data = TaskData(task.name, train, prompts, [e.answer for e in evals], resolve_metric(task.metric))
-    if scoring == "options":
-        options = scoring_options(given, all_rows, f"{key}.train")
-        check_options(options, data.eval_answers, key, "its evaluation records")
+    data = TaskData(task.name, [], prompts, [e.answer for e in evals], metric)
+    if options is not None:
+        check_options(options, data.eval_answers, key, what)
         shared = None  # without a rendered chat record, every prompt's options have the same targets
         data.options, data.eval_option_ids = options, []
         for e in evals:
@@ -576,6 +577,50 @@ def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int, scorin
             else:
                 shared = shared or option_targets(tok, e, options)
                 data.eval_option_ids.append(shared)
+    return data
+
+
+def load_task(task: TaskConfig, index: int, tok, max_len: int, seed: int, scoring: str = "generate",
+              rows: list[dict] | None = None, tuning_size: int = 0) -> TaskData:
+    """scoring "options" (eval.scoring) also fills the options and their target ids per evaluation prompt.
+    `rows`: the task's training file's records when the caller has read them already. `tuning_size`
+    (eval.tuning_size): that many training records are held out (split_indices) as `TaskData.tuning`."""
+    key = f"tasks.{index} ({task.name})"
+    if rows is None:
+        rows = read_records(task.train, task.train_split, f"{key}.train")
+    given, all_rows = task, rows
+    # A deterministic slice of the training records held out for evaluation (without `eval`) and for tuning.
+    held, tuning_idx, train_idx = split_indices(task, len(rows), seed, tuning_size, key)
+    if task.eval is not None:
+        eval_rows = read_records(task.eval, task.eval_split, f"{key}.eval")
+    else:
+        n = len(held)
+        if n < task.eval_size:
+            log.warning("%s: eval_size %d is more than half of its %d records: %d held out for evaluation (the cap: "
+                        "half the records), %d left to train", key, task.eval_size, len(rows), n, len(train_idx))
+        eval_rows = [rows[i] for i in held]
+    tuning_rows = [rows[i] for i in tuning_idx]
+    rows = capped_train_rows(task, [rows[i] for i in train_idx], key)
+    fmt = detect_format(task, rows)  # the training records decide; the evaluation records follow
+    _, eval_rows = normalize_records(task, eval_rows, f"{key}.eval", fmt)
+    _, tuning_rows = normalize_records(task, tuning_rows, f"{key}.tuning", fmt)
+    task, rows, labels = train_records(task, rows, key, fmt)
+    eval_rows = scorable(task, eval_rows, labels, f"{key}.eval")
+    if task.max_eval_samples is not None:
+        eval_rows = eval_rows[: task.max_eval_samples]
+    if not eval_rows:
+        raise ValueError(f"{key}.eval: no evaluation records")
+    train = encode_train(tok, task, rows, labels, key, max_len)
+    options = scoring_options(given, all_rows, f"{key}.train") if scoring == "options" else None
+    metric = resolve_metric(task.metric)
+    data = scored_items(tok, task, eval_rows, labels, key, "eval", max_len, metric, options, "its evaluation records")
+    data.train = train
+    if tuning_size:
+        tuning_rows = scorable(task, tuning_rows, labels, f"{key}.tuning")
+        if not tuning_rows:
+            raise ValueError(f"{key}.tuning: no tuning record has an answer among the task's labels")
+        data.tuning = scored_items(tok, task, tuning_rows, labels, key, "tuning", max_len, metric, options,
+                                   "its tuning records (eval.tuning_size)")
     return data
 
 

@@ -110,15 +110,19 @@ class MetricsLog:
         self._scalars({f"train/{k}": v for k, v in rec.items() if isinstance(v, (int, float))
                        and not isinstance(v, bool) and k not in ("step", "task")}, rec.get("step", 0))
 
-    def write_matrix_row(self, names: list[str], matrix: list, step: int) -> None:
-        """The trackers' view of the accuracy matrix after a task: its last row, and AA/BWT so far."""
+    def write_matrix_row(self, names: list[str], matrix: list, step: int, tuning_matrix: list | None = None) -> None:
+        """The trackers' view of the accuracy matrix after a task: its last row, and AA/BWT so far; with a
+        tuning split (eval.tuning_size), its matrix's last row under `tuning/<task>` and `cl/tuning_AA`."""
         if self.rank != 0 or (self.tb is None and self.wandb is None):
             return
-        from ds_cl.evaluation.cl_metrics import summarize
+        from ds_cl.evaluation.cl_metrics import average_accuracy, summarize
 
         values = {f"eval/{name}": v for name, v in zip(names, matrix[-1]) if v is not None}
         summ = summarize(matrix, names[: len(matrix)])
         values.update({f"cl/{k}": summ[k] for k in ("AA", "BWT") if summ.get(k) is not None})
+        if tuning_matrix:
+            values.update({f"tuning/{name}": v for name, v in zip(names, tuning_matrix[-1]) if v is not None})
+            values["cl/tuning_AA"] = average_accuracy(tuning_matrix)
         self._scalars(values, step)
 
     def truncate_after(self, step: int) -> None:
@@ -155,16 +159,20 @@ class MetricsLog:
 
 
 def write_results(out: Path, method: str, task_names: list[str], matrix: list, baseline, losses: list,
-                  boundaries: list, complete: bool, plots: bool) -> None:
-    """cl_matrix.json, summary.json (AA, BWT, FWT), and the heatmap and loss curve PNGs."""
-    from ds_cl.evaluation.cl_metrics import summarize
+                  boundaries: list, complete: bool, plots: bool, tuning_matrix: list | None = None) -> None:
+    """cl_matrix.json, summary.json (AA, BWT, FWT), and the heatmap and loss curve PNGs. `tuning_matrix`
+    (eval.tuning_size > 0): the tuning split's rows, in both files, and its AA (summary.json `tuning_AA`)."""
+    from ds_cl.evaluation.cl_metrics import average_accuracy, summarize
 
     summ = summarize(matrix, task_names[: len(matrix)], baseline=baseline)
     summ["method"] = method
     summ["complete"] = complete
+    cl_matrix = {"tasks": task_names, "matrix": matrix, "baseline": baseline}
+    if tuning_matrix is not None:
+        cl_matrix["tuning_matrix"] = summ["tuning_matrix"] = [list(row) for row in tuning_matrix]
+        summ["tuning_AA"] = average_accuracy(tuning_matrix) if tuning_matrix else None
     # Atomically: a reader (a dashboard, `ds-cl compare`) or a crash never sees half a file.
-    for name, data in (("cl_matrix.json", {"tasks": task_names, "matrix": matrix, "baseline": baseline}),
-                       ("summary.json", summ)):
+    for name, data in (("cl_matrix.json", cl_matrix), ("summary.json", summ)):
         tmp = out / f"{name}.tmp"
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, out / name)

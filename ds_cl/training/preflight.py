@@ -225,7 +225,7 @@ def read_train(task: TaskConfig, key: str) -> tuple[list[dict], str, TaskConfig,
 
 def check_data(cfg: RunConfig) -> None:
     from ds_cl.training.data import (check_options, earlier_key, normalize_records, read_records, scorable,
-                                     scoring_options, to_examples)
+                                     scoring_options, split_indices, to_examples)
 
     for i, task in enumerate(cfg.tasks):
         key = f"tasks.{i} ({task.name})"
@@ -245,9 +245,15 @@ def check_data(cfg: RunConfig) -> None:
             elif len(rows) < 2:
                 raise ValueError(f"{key}.train: {task.train} has {len(rows)} record; holding out evaluation "
                                  "samples needs at least 2 (or set tasks.*.eval)")
+            # eval.tuning_size: too few records is an error here (split_indices), before any training
+            held, tuning, _ = split_indices(task, len(rows), cfg.seed, cfg.eval.tuning_size, key)
             if cfg.eval.scoring == "options":  # every answer it may be evaluated on is an option
-                check_options(scoring_options(task, rows, f"{key}.train"), answers, key, answers_of)
-            held_out = 0 if task.eval is not None else min(task.eval_size, len(rows) // 2)
+                options = scoring_options(task, rows, f"{key}.train")
+                check_options(options, answers, key, answers_of)
+                if tuning:  # the tuning records are scored the same way
+                    check_options(options, [examples[j].answer for j in tuning], key,
+                                  f"{task.train} (its tuning records, eval.tuning_size)")
+            held_out = len(held) + len(tuning)
             n_train = len(rows) - held_out
             if task.max_train_samples is not None:
                 n_train = min(n_train, task.max_train_samples)

@@ -40,6 +40,7 @@ class RunState:
     step_in_phase: int = 0  # optimizer steps done in that phase
     global_step: int = 0
     matrix: list = field(default_factory=list)  # accuracy rows, one per finished phase
+    tuning_matrix: list = field(default_factory=list)  # the same on the tuning split (eval.tuning_size > 0)
     baseline: Optional[list] = None  # scores of the untrained model (eval.before_training)
     losses: list = field(default_factory=list)  # mean loss per optimizer step (the loss curve)
     boundaries: list = field(default_factory=list)  # global steps where phases ended
@@ -122,8 +123,8 @@ class Trainer:
         self.grad_accum = self.ds_config["gradient_accumulation_steps"]
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path, cfg.model.chat_template)
         self.method = build_method(cfg, dist_info, self.tokenizer)
-        self.tasks = [load_task(tc, i, self.tokenizer, t.max_seq_len, cfg.seed, cfg.eval.scoring)
-                      for i, tc in enumerate(cfg.tasks)]
+        self.tasks = [load_task(tc, i, self.tokenizer, t.max_seq_len, cfg.seed, cfg.eval.scoring,
+                                tuning_size=cfg.eval.tuning_size) for i, tc in enumerate(cfg.tasks)]
         self.phases = schedule_phases(self.method.plan(self.tasks), t.global_batch_size, t.epochs,
                                       t.max_steps_per_task)
         self.model, self.hf_ds_config = build_model(cfg.model, self.ds_config, cfg.seed)
@@ -246,11 +247,17 @@ class Trainer:
         cfg, st, ph = self.cfg, self.state, self.phases[phase]
         scores = self.evaluate(ph.eval_upto, f"task_{phase}")
         self.method.record(st.matrix, scores)
+        if cfg.eval.tuning_size:  # the tuning split, scored beside the evaluation set
+            tuning = self.evaluate(ph.eval_upto, f"task_{phase}_tuning", tuning=True)
+            self.method.record(st.tuning_matrix, tuning)
         st.boundaries.append(st.global_step)
-        self.metrics.write_matrix_row([t.name for t in self.tasks], st.matrix, st.global_step)
+        self.metrics.write_matrix_row([t.name for t in self.tasks], st.matrix, st.global_step,
+                                      st.tuning_matrix if cfg.eval.tuning_size else None)
         from ds_cl.training.outputs import fmt_row
 
         self.log(f"after task {phase} ({ph.name}): {fmt_row(scores)}")
+        if cfg.eval.tuning_size:
+            self.log(f"after task {phase} ({ph.name}), tuning split: {fmt_row(tuning)}")
         export_dir = self.out / f"task_{phase}_{ph.name}"
         if cfg.output.export_each_task:
             from ds_cl.training.export import export_hf
@@ -272,10 +279,12 @@ class Trainer:
         self.write_results()
         self.save_checkpoint()
 
-    def evaluate(self, upto: int, tag: str) -> list[float]:
+    def evaluate(self, upto: int, tag: str, tuning: bool = False) -> list[float]:
+        """Scores of tasks[:upto] on their evaluation records, or (`tuning`) on their tuning split."""
         from ds_cl.training.task_eval import evaluate_tasks
 
-        return evaluate_tasks(self.engine, self.tokenizer, self.tasks[:upto], self.cfg.eval, self.dist, self.out, tag)
+        tasks = [t.tuning if tuning else t for t in self.tasks[:upto]]
+        return evaluate_tasks(self.engine, self.tokenizer, tasks, self.cfg.eval, self.dist, self.out, tag)
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -329,7 +338,8 @@ class Trainer:
 
         st = self.state
         write_results(self.out, self.cfg.method.name, [t.name for t in self.tasks], st.matrix, st.baseline,
-                      st.losses, st.boundaries, st.done, self.cfg.output.plots)
+                      st.losses, st.boundaries, st.done, self.cfg.output.plots,
+                      tuning_matrix=st.tuning_matrix if self.cfg.eval.tuning_size else None)
 
     # -- reliability: preemption, stop requests, non-finite steps (docs/reliability.md) -------------
 
@@ -505,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
             from ds_cl.training.outputs import format_matrix
 
             summ = json.loads((out / "summary.json").read_text())
-            print(log_line(f"{cfg.method.name}: AA={100 * summ['AA']:.1f} BWT={100 * summ['BWT']:+.1f}\n")
+            tuning = f" tuning AA={100 * summ['tuning_AA']:.1f}" if "tuning_AA" in summ else ""
+            print(log_line(f"{cfg.method.name}: AA={100 * summ['AA']:.1f} BWT={100 * summ['BWT']:+.1f}{tuning}\n")
                   + format_matrix(trainer.state.matrix, [t.name for t in trainer.tasks]), flush=True)
             print(log_line(f"outputs in {out}"), flush=True)
     except (ConfigError, ValueError) as e:
