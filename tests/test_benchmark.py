@@ -62,6 +62,31 @@ def test_compare_mean_and_spread_over_seeds():
     assert "| `seqft` | 30.0 ± 14.1 | 80.0 ± 14.1 | 55.0 ± 14.1 | -40.0 ± 0.0 | 75.0 ± 14.1 | 0,1 |" in md
 
 
+def test_compare_reports_the_tuning_aa_that_selects_the_lr():
+    """Runs with a tuning split (eval.tuning_size): a `tuning AA` column (mean over seeds), said to select the
+    learning rate; a method without one gets a dash, and a table without any is the one before."""
+    from ds_cl.tools.benchmark import TUNING_NOTE, comparison_json
+
+    def tuned(matrix, tuning):
+        return {**summary(matrix), "tuning_matrix": tuning}
+
+    s = {("osft-lr1", 0): tuned([[0.8], [0.8, 0.6]], [[0.9], [0.7, 0.5]]),
+         ("osft-lr1", 1): tuned([[0.8], [0.6, 0.6]], [[0.9], [0.5, 0.5]]),
+         ("seqft", 0): summary([[0.8], [0.4, 0.9]])}
+    t = compare(s)
+    assert t["osft-lr1"]["tuning_AA"] == pytest.approx((55.0, 7.071), abs=1e-3)  # 60 and 50
+    assert t["osft-lr1"]["tuning_matrices"] == [[[0.9], [0.7, 0.5]], [[0.9], [0.5, 0.5]]]
+    assert t["osft-lr1"]["AA"][0] == pytest.approx(65.0) and "tuning_AA" not in t["seqft"]
+    md = markdown(t, ["a", "b"])
+    assert "| method | a | b | AA | tuning AA | BWT | learnt (diag.) | seeds |" in md
+    assert "| `osft-lr1` | 70.0 ± 14.1 | 60.0 ± 0.0 | 65.0 ± 7.1 | 55.0 ± 7.1 | -10.0 ± 14.1 | 70.0 ± 0.0 | 0,1 |" in md
+    assert "| `seqft` | 40.0 ± 0.0 | 90.0 ± 0.0 | 65.0 ± 0.0 | – | -40.0 ± 0.0 | 85.0 ± 0.0 | 0 |" in md
+    assert md.rstrip().endswith(TUNING_NOTE) and "pick each method's learning rate by it" in TUNING_NOTE
+    assert comparison_json(t, ["a", "b"])["note"] == TUNING_NOTE
+    plain = compare({k: v for k, v in s.items() if k[0] == "seqft"})
+    assert "tuning" not in markdown(plain, ["a", "b"]) and "note" not in comparison_json(plain, ["a", "b"])
+
+
 @pytest.mark.distributed
 def test_benchmark_end_to_end_two_methods(tmp_path):
     root = tmp_path / "bench"
@@ -109,6 +134,74 @@ def test_benchmark_end_to_end_two_methods(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert late.returncode == 2 and "train.lr" in late.stderr, late.stderr[-2000:]
     assert not (tmp_path / "o3").exists()
+
+
+@pytest.mark.distributed
+def test_tuning_split_scored_beside_the_test_items_and_kept_across_a_resume(tmp_path):
+    """eval.tuning_size on task folders with a test.json: a tiny run on 2 CPU ranks, stopped after task 0 and
+    resumed, writes `matrix` (the test items) and `tuning_matrix` (records held out of train.json), one row per
+    task each, the resumed run keeping the row of task 0; the tuning records are not among what it trained on;
+    `ds-cl benchmark --report-only` reports the tuning AA."""
+    from ds_cl.training.config import load_config
+    from ds_cl.training.data import IGNORE_INDEX, load_task, load_tokenizer
+    from tests.reliability_utils import explain, run
+
+    root = tmp_path / "bench"
+    rows = [json.loads(line) for line in open(REPO / "tests" / "fixtures" / "task_a.jsonl")]
+    for group, task, words in (("SC", "toy-a", None), ("TC", "toy-b", ("alpha", "beta"))):
+        write_task(root / group / task, [{"sentence": r["input"], "label": r["output"] if words is None else words[i % 2]}
+                                         for i, r in enumerate(rows[:42])], n_test=6)  # 36 train, 6 test
+    train_sentencepiece(tmp_path / "tok.model")
+    base = {"deepspeed": {"zero_optimization": {"stage": 3}},
+            "model": {"config": dict(TINY_LLAMA), "tokenizer": str(tmp_path / "tok.model"), "dtype": "float32"},
+            "train": {"lr": 3e-3, "micro_batch_size": 2, "global_batch_size": 8, "max_seq_len": 96,
+                      "max_steps_per_task": 2},
+            "eval": {"batch_size": 8, "max_new_tokens": 3, "tuning_size": 4},
+            "output": {"export_each_task": False, "plots": False},
+            "tasks": [{"name": "a", "train": "SC/toy-a"}, {"name": "b", "train": "TC/toy-b"}]}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    out = tmp_path / "out"
+    cfg = run_configs(base, root, ["seqft"], [0], out)[("seqft", 0)]  # the folder `ds-cl benchmark` would use
+    cfg["checkpoint"] = {"stop_after_steps": 3}  # task 0's 2 steps, then 1 of task 1
+    config = tmp_path / "seqft_seed0.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run_dir = Path(cfg["output_dir"])
+    first = run(config)
+    assert first.returncode == 0, explain(first)
+    assert "task 0 (a): 32 samples" in first.stdout, explain(first)  # 36 records of train.json - 4 for tuning
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    assert not stopped["complete"] and len(stopped["matrix"]) == len(stopped["tuning_matrix"]) == 1
+    second = run(config, "--resume", "checkpoint.stop_after_steps=null")
+    assert second.returncode == 0, explain(second)
+    summ = json.loads((run_dir / "summary.json").read_text())
+    assert summ["complete"] and [len(r) for r in summ["matrix"]] == [len(r) for r in summ["tuning_matrix"]] == [1, 2]
+    assert summ["tuning_matrix"][0] == stopped["tuning_matrix"][0]  # the resumed run kept task 0's row
+    assert summ["tuning_AA"] == pytest.approx(sum(summ["tuning_matrix"][1]) / 2)
+    assert json.loads((run_dir / "cl_matrix.json").read_text())["tuning_matrix"] == summ["tuning_matrix"]
+    assert "tuning AA=" in second.stdout, explain(second)
+    # Scored on the items each is about (rank 0's share of 2 ranks): 6 test items, 4 tuning records per task.
+    preds = [json.loads(line) for line in (run_dir / "predictions_task_1.jsonl").read_text().splitlines()]
+    tuning = [json.loads(line) for line in (run_dir / "predictions_task_1_tuning.jsonl").read_text().splitlines()]
+    assert [p["task"] for p in preds] == ["a"] * 3 + ["b"] * 3 and [p["task"] for p in tuning] == ["a"] * 2 + ["b"] * 2
+    # What the run trained on (its resolved config, loaded as the trainer loads it) leaves the tuning records out.
+    run_cfg = load_config(run_dir / "config.yaml")
+    tok = load_tokenizer(run_cfg.model.tokenizer)
+    for i, tc in enumerate(run_cfg.tasks):
+        td = load_task(tc, i, tok, run_cfg.train.max_seq_len, run_cfg.seed, run_cfg.eval.scoring,
+                       tuning_size=run_cfg.eval.tuning_size)
+        trained = {tuple(t for t, lab in zip(s.input_ids, s.labels) if lab == IGNORE_INDEX) for s in td.train}
+        held = {tuple(p) for p in td.tuning.eval_prompts}
+        assert (len(td.train), len(held), len(td.eval_prompts)) == (32, 4, 6) and not trained & held
+        assert not held & {tuple(p) for p in td.eval_prompts}
+    # The comparison: a tuning AA column, which selects.
+    rep = subprocess.run([sys.executable, "-m", "ds_cl.cli", "benchmark", str(tmp_path / "base.yaml"), "--data",
+                          str(root), "--methods", "seqft", "--seeds", "0", "--out", str(out), "--report-only"],
+                         cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stdout[-2000:] + rep.stderr[-2000:]
+    md = (out / "comparison.md").read_text()
+    assert "| tuning AA |" in md and "pick each method's learning rate by it" in md
+    res = json.loads((out / "comparison.json").read_text())["methods"]["seqft"]
+    assert res["tuning_AA"] == pytest.approx([100 * summ["tuning_AA"], 0.0])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "benchmark").glob("*.yaml")), ids=lambda p: p.stem)

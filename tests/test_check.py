@@ -129,6 +129,23 @@ def test_every_error_is_reported_not_only_the_first(run_cfg, tmp_path):
     assert "12 training records (16 - 4 held out) are fewer than train.global_batch_size 24" in chk.errors[1]
 
 
+def test_tuning_records_are_listed_per_task_and_too_many_refused(run_cfg):
+    """eval.tuning_size: the plan lists each task's tuning records (held out beside the evaluation's) and
+    trains on the rest; a split that leaves a task no training record is one error line."""
+    chk = run_check(str(run_cfg), ["eval.tuning_size=2"], world_size=1)
+    assert not chk.errors, chk.errors
+    assert [(t["records"], t["held_out"], t["tuning"], t["train"]) for t in chk.plan["tasks"]] == [(16, 4, 2, 10)] * 2
+    assert [ph["samples"] for ph in chk.plan["phases"]] == [10, 10]
+    p = check_cli(run_cfg, "--world-size", "2", "eval.tuning_size=2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "colors: 10 training records; 4 held out of 16 for evaluation (eval_size 4, at most half the records); " \
+           "2 held out for tuning (eval.tuning_size)" in p.stdout
+    assert "tuning" not in check_cli(run_cfg, "--world-size", "2").stdout  # off by default
+    chk = run_check(str(run_cfg), ["eval.tuning_size=12"], world_size=1)
+    assert chk.errors == ["tasks.0 (colors).train: 16 records leave no training record beside eval.tuning_size 12 and "
+                          "4 held out for evaluation: a tuning split needs at least 17 records; lower eval.tuning_size"]
+
+
 def test_eval_size_cap_is_stated_and_warned(run_cfg):
     chk = run_check(str(run_cfg), ["tasks.0.eval_size=100"], world_size=1)
     assert not chk.errors, chk.errors

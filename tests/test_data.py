@@ -97,6 +97,84 @@ def test_load_task_holdout_is_disjoint_and_deterministic(spm_file):
     assert not train_prompts & {tuple(p) for p in a.eval_prompts}  # held-out records are not trained on
 
 
+def train_prompts(td) -> set:
+    """The prompts (ids up to the answer) of a TaskData's training samples."""
+    return {tuple(i for i, lab in zip(s.input_ids, s.labels) if lab == IGNORE_INDEX) for s in td.train}
+
+
+def test_tuning_split_leaves_train_before_the_cap_and_the_evaluation_alone(spm_file, tmp_path):
+    """eval.tuning_size: that many training records are held out (by seed and task name) before
+    max_train_samples caps the rest, disjoint from the evaluation records, which stay what they are without it;
+    scored the same way (eval.scoring: options: the same options)."""
+    import dataclasses
+
+    task = TaskConfig(name="b", train=str(FIXTURES / "task_b.csv"), input_field="text", output_field="label",
+                      eval_size=8)
+    tok = load_tokenizer(str(spm_file))  # at 512 tokens nothing is truncated: prompts compare whole
+    plain = load_task(task, 0, tok, 512, seed=3)
+    a, again = load_task(task, 0, tok, 512, seed=3, tuning_size=5), load_task(task, 0, tok, 512, seed=3, tuning_size=5)
+    assert plain.tuning is None
+    assert (len(a.train), len(a.tuning.eval_prompts), a.tuning.train) == (35, 5, [])
+    assert a.eval_prompts == plain.eval_prompts and a.tuning.eval_prompts == again.tuning.eval_prompts
+    tuning = {tuple(p) for p in a.tuning.eval_prompts}
+    assert not tuning & train_prompts(a) and not tuning & {tuple(p) for p in a.eval_prompts}
+    assert train_prompts(a) | tuning == train_prompts(plain)  # every other record still trains
+    assert load_task(task, 0, tok, 512, seed=4, tuning_size=5).tuning.eval_prompts != a.tuning.eval_prompts
+    capped = load_task(dataclasses.replace(task, max_train_samples=10), 0, tok, 512, seed=3, tuning_size=5)
+    assert len(capped.train) == 10 and not train_prompts(capped) & tuning
+    # A task with its own evaluation file: the tuning records still come out of train, the rest in file order.
+    rows = read_records(task.train, "train")
+    (tmp_path / "test.json").write_text(json.dumps(rows[:6]))
+    own = dataclasses.replace(task, eval=str(tmp_path / "test.json"))
+    base, tuned = load_task(own, 0, tok, 512, seed=3), load_task(own, 0, tok, 512, seed=3, tuning_size=5)
+    assert (len(base.train), len(tuned.train), tuned.eval_prompts) == (48, 43, base.eval_prompts)
+    kept = [s.input_ids for s in base.train if tuple(i for i, lab in zip(s.input_ids, s.labels)
+                                                       if lab == IGNORE_INDEX) not in {tuple(p) for p in tuned.tuning.eval_prompts}]
+    assert [s.input_ids for s in tuned.train] == kept
+    options = load_task(task, 0, tok, 512, seed=3, scoring="options", tuning_size=5)
+    assert options.tuning.options == options.options and len(options.tuning.eval_option_ids) == 5
+    assert options.tuning.eval_option_ids[0] == options.eval_option_ids[0]
+    with pytest.raises(ValueError, match=r"^tasks.0 \(b\).train: 48 records leave no training record beside "
+                                         r"eval.tuning_size 40 and 8 held out for evaluation"):
+        load_task(task, 0, tok, 512, seed=3, tuning_size=40)
+
+
+def test_tuning_size_is_checked_before_training(tmp_path):
+    """A negative eval.tuning_size is a config error; a task left without a training record by it is refused by
+    the preflight (one line, before any training), as is a tuning answer that eval.scoring: options cannot
+    choose."""
+    from ds_cl.training.config import ConfigError, load_config
+    from ds_cl.training.preflight import check_data
+
+    (tmp_path / "t.model").write_bytes(b"x")
+    data = {"output_dir": str(tmp_path / "out"), "model": {"config": {"model_type": "llama"},
+                                                            "tokenizer": str(tmp_path / "t.model")},
+            "train": {"global_batch_size": 4},
+            "tasks": [{"name": "b", "train": str(FIXTURES / "task_b.csv"), "input_field": "text",
+                       "output_field": "label", "eval_size": 8}]}
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["eval.tuning_size=-1"], data=data)
+    assert str(e.value) == "config: eval.tuning_size: must be >= 0 (0: no tuning split), got -1"
+    check_data(load_config(None, ["eval.tuning_size=36"], data=data))  # 48 - 8 - 36 = 4: one step
+    with pytest.raises(ConfigError) as e:
+        check_data(load_config(None, ["eval.tuning_size=40"], data=data))
+    assert str(e.value) == ("tasks.0 (b).train: 48 records leave no training record beside eval.tuning_size 40 and "
+                            "8 held out for evaluation: a tuning split needs at least 49 records; lower "
+                            "eval.tuning_size")
+    with pytest.raises(ConfigError, match=r"records \(48 - 45 held out\) are fewer than train.global_batch_size 4"):
+        check_data(load_config(None, ["eval.tuning_size=37"], data=data))
+    # Evaluated on a file of its own whose answers are options: the tuning records' answers must be too.
+    rows = read_records(str(FIXTURES / "task_b.csv"), "train")
+    (tmp_path / "test.json").write_text(json.dumps([r for r in rows if r["label"] != "food"][:6]))
+    cfg = load_config(None, ["eval.scoring=options", "eval.tuning_size=30", f"tasks.0.eval={tmp_path / 'test.json'}",
+                             "tasks.0.options=[music, science, sports]"], data=data)
+    with pytest.raises(ConfigError, match=r"answers of .*task_b.csv \(its tuning records, eval.tuning_size\) are "
+                                          r"not among the task's 3 options"):
+        check_data(cfg)
+    check_data(load_config(None, ["eval.scoring=options", f"tasks.0.eval={tmp_path / 'test.json'}",
+                                  "tasks.0.options=[music, science, sports]"], data=data))  # without: fine
+
+
 def test_sharding_partitions_each_global_batch():
     order = epoch_order(64, seed=1, task_index=0, epoch=0)
     assert order == epoch_order(64, 1, 0, 0) and order != epoch_order(64, 1, 0, 1) and sorted(order) == list(range(64))
