@@ -12,16 +12,61 @@ subspace follows the sequence:
 
 The optimizer has two parameter groups: the targets, and the rest (embeddings, norms, lm_head), whose
 learning rate is scaled by `method.osft.non_target_lr_scale` while the constraint is on.
+
+Each fit and each extend appends one JSON line to `<output_dir>/protected.jsonl` on rank 0 (`protected_record`
+says what it holds) and, with `output.plots`, redraws `protected.png` from the file: the protected share per
+layer after every boundary.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from pathlib import Path
 
 from ds_cl.methods.base import Method
 from ds_cl.methods.plain import Replay
 from ds_cl.tools.faults import fault_point
 from ds_cl.training.outputs import log_line
+
+PROTECTED_FILE = "protected.jsonl"
+OTHER_LAYER = "other"  # the `layers` key of targets outside any decoder layer
+
+
+def mean_share(ranks: dict[str, int], shapes: dict) -> float:
+    """Mean over the matrices of rank / min(shape): the share of directions protected (or added)."""
+    return sum(ranks[n] / min(shapes[n]) for n in ranks) / len(ranks)
+
+
+def protected_record(phase: int, task: str, event: str, ranks: dict[str, int], shapes: dict,
+                     added: dict[str, int] | None = None) -> dict:
+    """One line of protected.jsonl: `phase` (the phase about to train), `task` (its name), `event` (`fit` or
+    `extend`), `share` (mean over the target matrices of protected rank / min(shape): the log line's number),
+    `added` (extend: the same mean of the directions this event added; fit: null), `layers` ({layer, e.g.
+    `model.layers.3`: mean share of its target matrices}; targets outside any layer under `other`) and
+    `matrices` ({parameter name: protected rank / min(shape)})."""
+    from ds_cl.core.subspace import layer_of
+
+    matrices = {n: ranks[n] / min(shapes[n]) for n in ranks}
+    by_layer: dict[str, list[float]] = {}
+    for n, v in matrices.items():
+        by_layer.setdefault(layer_of(n) or OTHER_LAYER, []).append(v)
+    return {"phase": phase, "task": task, "event": event, "share": mean_share(ranks, shapes),
+            "added": None if added is None else mean_share(added, shapes),
+            "layers": {k: sum(v) / len(v) for k, v in by_layer.items()}, "matrices": matrices}
+
+
+def read_protected(path: Path) -> list[dict]:
+    """protected.jsonl's records (a torn last line of a killed run skipped)."""
+    recs = []
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                recs.append(json.loads(line))
+            except ValueError:
+                continue
+    return recs
 
 
 class OSFT(Method):
@@ -32,6 +77,8 @@ class OSFT(Method):
         super().__init__(cfg, dist, tokenizer)
         self.opts = cfg.method.osft
         self.projector = None  # ds_cl.core.projector.SubspaceProjector, from bind()
+        self.protected_path = Path(cfg.output_dir) / PROTECTED_FILE
+        self.started = False  # start_task has run in this process (protected.jsonl trimmed)
 
     @classmethod
     def check_model(cls, cfg, model):
@@ -85,6 +132,12 @@ class OSFT(Method):
         return phase > 0 or self.opts.fit_before_first_task or bool(self.opts.protect_update_from)
 
     def start_task(self, phase, phases, fresh):
+        if not self.started:
+            self.started = True
+            # The first task of this process: lines of the phases it will redo go (a resume at a boundary
+            # refits or extends again; a new run in the same folder starts at phase 0: all of them). Inside
+            # a phase (not fresh) the checkpoint kept that phase's subspace: its lines stay.
+            self.trim_protected(phase if fresh else phase + 1)
         if not fresh:  # resumed inside the task: the checkpoint restored the subspace
             return
         if self.opts.subspace == "refit":
@@ -119,10 +172,10 @@ class OSFT(Method):
             raise ValueError(f"task {phase} ({phases[phase].name}): protecting {what} refused on rank "
                              f"{self.dist.rank}: {e}") from None
         if self.dist.rank == 0:
-            shapes = self.projector.shapes
-            share = lambda r: sum(r[n] / min(shapes[n]) for n in r) / len(r)  # noqa: E731
+            share = lambda r: mean_share(r, self.projector.shapes)  # noqa: E731
             print(log_line(f"phase {phase}: protected {what} (+{100 * share(added):.1f}% of directions, now "
                            f"{100 * share(self.projector.ranks):.1f}%) in {time.time() - t0:.1f}s"), flush=True)
+            self.record_protected(phase, phases, "extend", added)
         fault_point("fit", self.dist.rank, phase=phase)
 
     def fit(self, phase, phases) -> None:
@@ -138,9 +191,32 @@ class OSFT(Method):
             raise ValueError(f"task {phase} ({phases[phase].name}): subspace fit refused on rank "
                              f"{self.dist.rank}: {e}") from None
         if self.dist.rank == 0:
-            print(log_line(f"phase {phase}: subspace fitted ({type(policy).__name__}) in {time.time() - t0:.1f}s"),
-                  flush=True)
+            share = mean_share(self.projector.ranks, self.projector.shapes)
+            print(log_line(f"phase {phase}: subspace fitted ({type(policy).__name__}, {100 * share:.1f}% of "
+                           f"directions) in {time.time() - t0:.1f}s"), flush=True)
+            self.record_protected(phase, phases, "fit")
         fault_point("fit", self.dist.rank, phase=phase)
+
+    def trim_protected(self, first_phase: int) -> None:
+        """Rank 0: drop protected.jsonl's lines of phases >= first_phase (atomically, as metrics.jsonl's)."""
+        if self.dist.rank != 0 or not self.protected_path.is_file():
+            return
+        keep = [r for r in read_protected(self.protected_path) if r.get("phase", 0) < first_phase]
+        tmp = self.protected_path.with_name(PROTECTED_FILE + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.protected_path)
+
+    def record_protected(self, phase, phases, event: str, added: dict[str, int] | None = None) -> None:
+        """Rank 0, after a fit or an extend: a line of protected.jsonl, and protected.png redrawn."""
+        rec = protected_record(phase, phases[phase].name, event, self.projector.ranks, self.projector.shapes,
+                               added)
+        with open(self.protected_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.cfg.output.plots:
+            from ds_cl.training.plots import protected_share
+
+            protected_share(read_protected(self.protected_path), self.protected_path.with_suffix(".png"),
+                            title=f"{self.cfg.method.name}: protected share per layer")
 
     def importance_batches(self, phase, phases) -> list[dict] | None:
         """Inputs for the adaptive rank's layer importance: the previous task's data (same count on

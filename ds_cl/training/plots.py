@@ -1,5 +1,6 @@
-"""The two run figures, drawn with matplotlib (Agg, headless; no pyplot, so no global figure state):
-the accuracy-matrix heatmap (cl_matrix.png) and the training-loss curve (loss.png)."""
+"""The run figures, drawn with matplotlib (Agg, headless; no pyplot, so no global figure state): the
+accuracy-matrix heatmap (cl_matrix.png), the training-loss curve (loss.png) and, for osft, the protected
+share per layer at each boundary (protected.png)."""
 
 from __future__ import annotations
 
@@ -134,5 +135,48 @@ def loss_curve(losses: Sequence[float], boundaries: Sequence[int], path: str | o
     ax.set_xlim(0.5, n + 0.5)
     (lax or ax).xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.legend(fontsize=8, loc="outside lower center", ncols=min(6, len(spans) + 1), frameon=False)
+    _save(fig, path)
+    return fig
+
+
+def _layer_order(name: str) -> tuple:
+    """Decoder layers by their index (`model.layers.10` after `model.layers.9`), anything else after them."""
+    last = name.rsplit(".", 1)[-1]
+    return (0, int(last), name) if last.isdigit() else (1, 0, name)
+
+
+def protected_share(records: Sequence[dict], path: str | os.PathLike,
+                    title: str = "Protected share per layer") -> Figure:
+    """osft's protected.jsonl records (ds_cl.methods.osft.protected_record): one line per record (a fit or an
+    extend, in order, later ones darker), the layers on the x axis (by index; `other` last), each layer's
+    mean share of protected directions x 100 on the y axis; the legend names each line's phase, task, event
+    and overall share."""
+    import matplotlib
+
+    fig = Figure(figsize=(8.0, 4.2), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_ylabel("protected directions (% of min(m, n))")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    layers = sorted({k for r in records for k in r.get("layers", {})}, key=_layer_order)
+    if not layers:
+        ax.text(0.5, 0.5, "no subspace fitted yet", transform=ax.transAxes, ha="center", va="center")
+        _save(fig, path)
+        return fig
+    x = range(len(layers))
+    cmap = matplotlib.colormaps["viridis"]
+    n = len(records)
+    for i, r in enumerate(records):
+        y = [100 * r["layers"][k] if k in r["layers"] else math.nan for k in layers]
+        label = f"phase {r['phase']} ({r['task']}) {r['event']}: {100 * r['share']:.1f}%"
+        # At most 12 legend entries: the first and last five, the rest unnamed.
+        ax.plot(x, y, color=cmap(0.85 * (1 - i / max(n - 1, 1))), lw=1.5, marker="o" if len(layers) <= 40 else None,
+                ms=3, label=label if n <= 12 or i < 5 or i >= n - 5 else None)
+    labels = [k.rsplit(".", 1)[-1] if _layer_order(k)[0] == 0 else k for k in layers]
+    step = max(1, len(layers) // 32)
+    ax.set_xticks(list(x)[::step], labels[::step], fontsize=8)
+    ax.set_xlabel("layer" + (f" ({layers[0].rsplit('.', 1)[0]}.N)" if _layer_order(layers[0])[0] == 0 else ""))
+    ax.legend(fontsize=7, loc="best")
     _save(fig, path)
     return fig
