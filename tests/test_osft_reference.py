@@ -2,6 +2,8 @@
 low-rank update (as an alignment makes a chat model from its base) is trained one task with osft, and the
 task's update leaves that known update's directions untouched, on both sides, in every target matrix."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -55,6 +57,10 @@ def test_the_update_that_made_the_starting_model_is_protected(tmp_path, first_fi
         "tasks": tiny_run_config(tmp_path, out)["tasks"][:1]})
     proc = launch(TRAIN, 2, str(write_run_config(cfg)), timeout=600)
     assert f"phase 0: protected the update from {tmp_path / 'ref'}" in proc.stdout, proc.stdout[-3000:]
+    # protected.jsonl: the reference's update is an extend before task 0 (after the first fit, if any).
+    recs = [json.loads(line) for line in (out / "protected.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["task"], r["event"]) for r in recs] == [(0, "a", "fit")] * first_fit + [(0, "a", "extend")]
+    assert recs[-1]["added"] > 0 and recs[-1]["share"] == pytest.approx(0.25 * first_fit + recs[-1]["added"])
 
     start = load_file(tmp_path / "start" / "model.safetensors")
     final = load_file(out / "task_0_a" / "model.safetensors")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from ds_cl.training.plots import heatmap, loss_curve
+from ds_cl.training.plots import heatmap, loss_curve, protected_share
 
 GREY = (0xDD, 0xDD, 0xDD)  # cells not evaluated
 
@@ -88,3 +88,25 @@ def test_loss_curve_with_osft_leak_panel_and_named_heatmap(tmp_path):
 def test_loss_curve_without_steps(tmp_path):
     loss_curve([], [], tmp_path / "loss.png")
     read(tmp_path / "loss.png")
+
+
+def test_protected_share_per_layer(tmp_path):
+    """osft's protected.png: layers in index order on x (10 after 9, targets outside layers last), one line
+    per protected.jsonl record with its share x 100 per layer."""
+    from ds_cl.methods.osft import protected_record
+
+    shapes = {f"model.layers.{i}.mlp.up_proj.weight": (64, 32) for i in range(11)}
+    shapes["lm_head.weight"] = (400, 32)
+    recs = [protected_record(0, "a", "fit", {n: 16 for n in shapes}, shapes),
+            protected_record(1, "b", "extend", {n: 16 + i for i, n in enumerate(shapes)}, shapes,
+                             {n: i for i, n in enumerate(shapes)})]
+    assert recs[1]["layers"]["model.layers.10"] == 26 / 32 and recs[1]["layers"]["other"] == 27 / 32
+    fig = protected_share(recs, tmp_path / "protected.png")
+    read(tmp_path / "protected.png")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [str(i) for i in range(11)] + ["other"]
+    lines = ax.get_lines()
+    assert len(lines) == 2 and list(lines[1].get_ydata()) == pytest.approx([100 * (16 + i) / 32 for i in range(12)])
+    assert "extend" in lines[1].get_label() and "50.0%" in lines[0].get_label()
+    protected_share([], tmp_path / "empty.png")
+    read(tmp_path / "empty.png")

@@ -55,6 +55,10 @@ def assert_same_run(ref: Path, out: Path) -> None:
     assert ra["matrix"] == rb["matrix"] and len(ra["matrix"]) == 2
     losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert losses(ref) == losses(out)
+    # osft's protected.jsonl: a line per fit/extend, none repeated by a resume that redid a boundary.
+    protected = lambda d: [json.loads(l) for l in (d / "protected.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["event"]) for r in protected(ref)] == [(0, "fit"), (1, "extend")]
+    assert protected(ref) == protected(out)
 
 
 def test_kill_at_boundary_and_mid_save_then_damaged_checkpoint_resume_equals_uninterrupted(tmp, reference):

@@ -23,6 +23,34 @@ def train(config, *args, env=None):
     return launch(TRAIN, 2, str(config), *args, timeout=600, env=env)
 
 
+def protected_lines(out):
+    return [json.loads(line) for line in (out / "protected.jsonl").read_text().splitlines()]
+
+
+def check_protected(out, stdout):
+    """osft's protected.jsonl (ds_cl/methods/osft.py protected_record): the fit before task a, the extend by
+    task a's update before task b; shares in [0, 1], the overall share the mean over the target matrices
+    and the log line's number, each layer's the mean over its matrices."""
+    import re
+
+    recs = protected_lines(out)
+    assert [(r["phase"], r["task"], r["event"]) for r in recs] == [(0, "a", "fit"), (1, "b", "extend")], recs
+    for r in recs:
+        m = r["matrices"]
+        assert len(m) == 14 and all(0 <= v <= 1 for v in m.values()), m  # 7 Linear weights x 2 layers
+        assert set(r["layers"]) == {"model.layers.0", "model.layers.1"}, r["layers"]
+        assert r["share"] == pytest.approx(sum(m.values()) / len(m)) and 0 <= r["share"] <= 1
+        for layer, v in r["layers"].items():
+            mine = [m[n] for n in m if n.startswith(layer + ".")]
+            assert len(mine) == 7 and v == pytest.approx(sum(mine) / 7), layer
+    fit, ext = recs
+    assert fit["added"] is None and fit["share"] == pytest.approx(0.5)  # method.osft.ratio: 0.5
+    assert 0 < ext["added"] <= 1 and ext["share"] == pytest.approx(fit["share"] + ext["added"])
+    logged = re.search(r"phase 1: protected the update of a \(\+([\d.]+)% of directions, now ([\d.]+)%\)", stdout)
+    assert logged and [float(g) for g in logged.groups()] == [round(100 * ext["added"], 1),
+                                                             round(100 * ext["share"], 1)], stdout[-3000:]
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
@@ -52,9 +80,11 @@ def test_two_task_run_writes_every_output(full_run):
         audited = [r for r in recs if "leak" in r]
         assert [(r["task"], r["task_step"]) for r in audited] == [("a", 1), ("b", 1)], audited
         assert all(r["leak"] < 1e-4 for r in audited)
+        check_protected(out, proc.stdout)
     from matplotlib.image import imread
 
-    for png in ("cl_matrix.png", "loss.png"):  # real images of a readable size (ds_cl/training/plots.py)
+    # Real images of a readable size (ds_cl/training/plots.py).
+    for png in ("cl_matrix.png", "loss.png") + (("protected.png",) if METHOD == "osft" else ()):
         h, w = imread(out / png).shape[:2]
         assert 200 <= h <= 2000 and 300 <= w <= 2500, (png, h, w)
     assert "AA=" in proc.stdout and "outputs in" in proc.stdout
@@ -123,6 +153,8 @@ def test_resume_at_boundary_and_mid_task_equals_uninterrupted(full_run):
     assert full_sum["matrix"] == res_sum["matrix"]
     losses = lambda d: [json.loads(l)["loss"] for l in (d / "metrics.jsonl").read_text().splitlines()]
     assert losses(full) == losses(out)
+    if METHOD == "osft":  # the extend of the 2nd run kept by the mid-task resume, no phase twice
+        assert protected_lines(out) == protected_lines(full)
 
 
 def test_retention_suite_scores_each_exported_model(full_run):
