@@ -21,14 +21,13 @@ layer after every boundary.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 from ds_cl.methods.base import Method
 from ds_cl.methods.plain import Replay
 from ds_cl.tools.faults import fault_point
-from ds_cl.training.outputs import log_line
+from ds_cl.training.outputs import keep_records, log_line
 
 PROTECTED_FILE = "protected.jsonl"
 OTHER_LAYER = "other"  # the `layers` key of targets outside any decoder layer
@@ -199,12 +198,8 @@ class OSFT(Method):
 
     def trim_protected(self, first_phase: int) -> None:
         """Rank 0: drop protected.jsonl's lines of phases >= first_phase (atomically, as metrics.jsonl's)."""
-        if self.dist.rank != 0 or not self.protected_path.is_file():
-            return
-        keep = [r for r in read_protected(self.protected_path) if r.get("phase", 0) < first_phase]
-        tmp = self.protected_path.with_name(PROTECTED_FILE + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.protected_path)
+        if self.dist.rank == 0:
+            keep_records(self.protected_path, lambda r: r.get("phase", 0) < first_phase)
 
     def record_protected(self, phase, phases, event: str, added: dict[str, int] | None = None) -> None:
         """Rank 0, after a fit or an extend: a line of protected.jsonl, and protected.png redrawn."""

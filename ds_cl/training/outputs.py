@@ -65,6 +65,25 @@ class Progress:
             self.bar.close()
 
 
+def keep_records(path: Path, keep) -> None:
+    """Rewrite a JSON-lines file with only the records `keep(record)` accepts (a resume drops what it redoes);
+    a torn last line of a killed run goes too. Atomically: a second kill while rewriting must not lose the
+    records before the checkpoint."""
+    if not path.is_file():
+        return
+    lines = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:  # the torn last line of a killed run
+            continue
+        if keep(rec):
+            lines.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
 class MetricsLog:
     """metrics.jsonl on rank 0, and the same scalars to the trackers of `output.report_to` (HF style):
     TensorBoard event files in `<output_dir>/tensorboard/`, a Weights & Biases run in `<output_dir>/wandb/`
@@ -127,20 +146,8 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (a resume redoes them)."""
-        if self.rank != 0 or not self.path.is_file():
-            return
-        keep = []
-        for line in self.path.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:  # the torn last line of a killed run
-                continue
-            if rec.get("step", 0) <= step:
-                keep.append(line)
-        # Atomically: a second kill while rewriting must not lose the records before the checkpoint.
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        if self.rank == 0:
+            keep_records(self.path, lambda rec: rec.get("step", 0) <= step)
 
     def close(self) -> None:
         if self.tb is not None:
