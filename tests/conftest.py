@@ -32,6 +32,7 @@ HEAVY_FIRST = [
     "test_soak.py",               # one 20-task run (estimated)
     "test_projector_zero.py",     # 54 s of fixture, then 9 one-process reference runs
     "test_gpu_smoke.py",          # 50 s (docs)
+    "test_drift.py",              # 55-80 s on one core (a real-model drift, a 1-rank run)
     "test_examples.py",           # 40 s of fixture
     "test_check.py",
     "test_benchmark.py",          # 36 s

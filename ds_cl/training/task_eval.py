@@ -71,7 +71,7 @@ def evaluate_tasks(engine, tokenizer, tasks: list, eval_cfg, dist, out: Path, ta
     options. Rank 0 writes predictions_<tag>.jsonl (its first 200 predictions, each marked with the scoring)."""
     from ds_cl.core import collectives
 
-    score = _options if eval_cfg.scoring == "options" else _generate
+    score = scorer(eval_cfg)
     model = engine.module
     model.eval()
     scores, preds_out = [], []
@@ -85,6 +85,25 @@ def evaluate_tasks(engine, tokenizer, tasks: list, eval_cfg, dist, out: Path, ta
             for p in preds_out:
                 f.write(json.dumps(p) + "\n")
     return scores
+
+
+def scorer(eval_cfg):
+    """The per-task scorer of eval_cfg.scoring: `_options` (rank classification) or `_generate`."""
+    return _options if eval_cfg.scoring == "options" else _generate
+
+
+def score_whole(model, tokenizer, task, eval_cfg, device="cpu") -> tuple[float, list[dict]]:
+    """One process, no process group, a whole model (`ds-cl drift`): the task's score over all its items by
+    the scorer evaluate_tasks uses for eval_cfg.scoring, and its predictions (the first 200), as
+    predictions_<tag>.jsonl writes them."""
+    from types import SimpleNamespace
+
+    model.eval()
+    preds: list[dict] = []
+    total, count = scorer(eval_cfg)(SimpleNamespace(module=model, device=device), tokenizer, task,
+                                    list(range(len(task.eval_prompts))), eval_cfg, SimpleNamespace(rank=0, world=1),
+                                    preds)
+    return total / count, preds
 
 
 def _generate(engine, tokenizer, task, idx: list[int], eval_cfg, dist, preds_out: list) -> tuple[float, int]:
