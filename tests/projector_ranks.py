@@ -122,7 +122,7 @@ def run_training(name: str, out_dir: Path, rank: int, world: int) -> None:
 def run_fit(out_dir: Path, rank: int, world: int) -> None:
     """fit() end to end: bases from the gathered fp32 weights, fixed and adaptive policies."""
     engine = make_engine(CASES["z3"][0], world)
-    proj = SubspaceProjector(engine, bucket_numel_per_rank=1000)
+    proj = SubspaceProjector(engine)
     ranks_fixed = proj.fit(FixedRank(0.5))
     bases_fixed = {n: tuple(t.cpu() for t in b) for n, b in proj.bases.items()}
     bucketed = SubspaceProjector(engine, bucket_numel_per_rank=1000)
@@ -160,7 +160,7 @@ def run_fit(out_dir: Path, rank: int, world: int) -> None:
 def run_accumulate(out_dir: Path, rank: int, world: int) -> None:
     """fit -> mark -> train -> extend -> train: the subspace grows by the first task's update."""
     engine = make_engine(CASES["z3"][0], world)
-    proj = SubspaceProjector(engine, bucket_numel_per_rank=1000)
+    proj = SubspaceProjector(engine)
     batches = global_batches()
 
     def train(steps):
@@ -265,7 +265,7 @@ def run_errors(out_dir: Path, rank: int, world: int) -> None:
     record("bad_bucket", lambda: SubspaceProjector(engine, bucket_numel_per_rank=0))
     record("bad_pre_step_copy", lambda: SubspaceProjector(engine, pre_step_copy="gpu"))
     record("bad_audit_every", lambda: SubspaceProjector(engine, audit_every=0))
-    proj = SubspaceProjector(engine, bucket_numel_per_rank=1000)
+    proj = SubspaceProjector(engine)
     q = "model.layers.0.self_attn.q_proj.weight"
     m, n = proj.shapes[q]
     u, _ = torch.linalg.qr(torch.randn(m, 4))
