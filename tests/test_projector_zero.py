@@ -206,6 +206,9 @@ def test_fit_matches_one_process_svd_and_importance(runs):
     ("adaptive_without_batches", ["importance_batches"]),
     ("bad_policy", ["sometimes"]),
     ("extend_without_mark", ["mark()"]),
+    ("inputs_no_batches", ["boundary batches: none given"]),
+    ("inputs_uneven_batches", ["boundary batches differ in number across ranks (this rank", "max 2, min 1"]),
+    ("inputs_not_linear", ["model.embed_tokens.weight is not the weight of a torch.nn.Linear"]),
     ("zero_stage_1", ["ZeRO stage 1"]),
     ("bf16_without_fp32_accum", ["grad_accum_dtype"]),
 ])

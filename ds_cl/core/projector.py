@@ -664,7 +664,7 @@ class SubspaceProjector:
         missing = [n for n in names if n not in leader]
         if missing:
             raise ValueError(f"{missing[0]} saw no input in the boundary batches")
-        # Every rank must have grouped the same way: the sums travel in one buffer laid out by the groups.
+        # Every rank must have grouped the same way, or the sums' all-reduces would not pair up.
         order = torch.tensor([[names.index(leader[n]), -names.index(leader[n])] for n in names],
                              dtype=torch.float64, device=self.device).reshape(-1)
         agreed = order.clone()
@@ -672,22 +672,16 @@ class SubspaceProjector:
             collectives.all_reduce_(agreed, "max", group=self.group)
         if not torch.equal(agreed, order):
             raise RuntimeError("ranks grouped the target modules' shared inputs differently")
-        leaders = [n for n in names if leader[n] == n]
-        for n in leaders:
+        for n in [n for n in names if leader[n] == n]:
             k = self.shapes[n][1]
-            if n not in sums:  # every token masked on this rank: nothing to add, but the buffer needs its place
+            if n not in sums:  # every token masked on this rank: nothing to add, but the sum is collective
                 sums[n] = torch.zeros(k, k, dtype=torch.float64, device=self.device)
             if tuple(sums[n].shape) != (k, k):
                 raise ValueError(f"{n}: inputs of size {sums[n].shape[0]}, but the weight has {k} columns")
-        flat = torch.cat([sums.pop(n).reshape(-1) for n in leaders]) if leaders else None
-        if flat is not None and self.world > 1:
-            collectives.all_reduce_(flat, group=self.group)
-        out, offset = {}, 0
-        for n in leaders:
-            k = self.shapes[n][1]
-            out[n] = flat[offset:offset + k * k].view(k, k)
-            offset += k * k
-        return {n: out[leader[n]] for n in self.owned(names)}
+            # One all-reduce per sum, in place: a single buffer of them all would hold the bucket's sums twice.
+            if self.world > 1:
+                collectives.all_reduce_(sums[n], group=self.group)
+        return {n: sums[leader[n]] for n in self.owned(names)}
 
     def _same_batches(self, batches, what: str) -> list:
         """`batches` as a list, after checking that every rank has as many (ZeRO-3 forwards are collective)."""
