@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ds_cl import SubspaceProjector  # noqa: E402
 from ds_cl.training.environment import end_distributed, init_distributed  # noqa: E402
 from ds_cl.core.subspace import AdaptiveRank, FixedRank  # noqa: E402
-from tests.reference import (EPS, GAS, LR, MICRO_BS, STEPS, WEIGHT_DECAY, CLIP, global_batches,  # noqa: E402
-                             tiny_llama)
+from tests.reference import (EPS, GAS, LR, MICRO_BS, STEPS, WEIGHT_DECAY, CLIP, boundary_batches,  # noqa: E402
+                             global_batches, tiny_llama)
 
 # case name -> (ds_config overrides, projector kwargs)
 BASE_ZERO3 = {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
@@ -195,6 +195,58 @@ def run_accumulate(out_dir: Path, rank: int, world: int) -> None:
     engine.destroy()
 
 
+# The inputs boundary's settings, read by the test too.
+INPUTS = {"fit_ratio": 0.25, "energy": 0.9, "max_ratio": 0.9, "steps_a": 2, "steps_b": 3}
+
+
+def run_inputs(out_dir: Path, rank: int, world: int) -> None:
+    """fit -> train task A -> extend_inputs with A's batches -> train task B (other sequences), in buckets
+    of one or two matrices (a forward pass per bucket); and the same boundary in one bucket (q/k/v and
+    gate/up sharing their inputs' covariance) by a second projector, for comparison."""
+    engine = make_engine(CASES["z3"][0], world)
+    proj = SubspaceProjector(engine, bucket_numel_per_rank=1000)
+    s = INPUTS
+
+    def train(batches, steps):
+        leaks = []
+        for step in range(steps):
+            for micro in range(GAS):
+                ids = batches[step][micro][rank].to(engine.device)
+                engine.backward(engine(input_ids=ids, labels=ids).loss)
+                proj.step()
+            leaks.append(proj.audit())
+        return leaks
+
+    proj.fit(FixedRank(s["fit_ratio"]))
+    train(global_batches(), s["steps_a"])
+    before = {n: tuple(t.cpu() for t in b) for n, b in proj.bases.items()}
+    ranks_before = dict(proj.ranks)
+    w1 = gather_weights(engine)
+    batches = [{k: t.to(engine.device) for k, t in b.items()} for b in boundary_batches(rank)]
+    full_before, gathered = {}, [None] * world
+    dist.all_gather_object(gathered, before)
+    for part in gathered:
+        full_before.update(part)
+    one_bucket = SubspaceProjector(engine)
+    one_bucket.set_bases(full_before)
+    added_one_bucket = one_bucket.extend_inputs(batches, s["energy"], s["max_ratio"])
+    after_one_bucket = {n: tuple(t.cpu() for t in b) for n, b in one_bucket.bases.items()}
+    buckets_one = len(one_bucket.buckets)
+    del one_bucket
+    added = proj.extend_inputs(batches, s["energy"], s["max_ratio"])
+    after = {n: tuple(t.cpu() for t in b) for n, b in proj.bases.items()}
+    leaks = train(global_batches(seed=7), s["steps_b"])
+    w2 = gather_weights(engine)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, {"before": before, "after": after, "ranks": dict(proj.ranks), "added": added,
+                                      "buckets": (len(proj.buckets), buckets_one), "added_one_bucket": added_one_bucket,
+                                      "after_one_bucket": after_one_bucket})
+    if rank == 0:
+        torch.save({"w1": w1, "w2": w2, "leaks": leaks, "ranks_before": ranks_before, "per_rank": everyone},
+                   out_dir / "inputs.pt")
+    engine.destroy()
+
+
 def run_errors(out_dir: Path, rank: int, world: int) -> None:
     """Bad input: each case records the error message (or 'no error')."""
     results = {}
@@ -226,6 +278,11 @@ def run_errors(out_dir: Path, rank: int, world: int) -> None:
     record("adaptive_without_batches", lambda: proj.fit("adaptive"))
     record("bad_policy", lambda: proj.fit("sometimes"))
     record("extend_without_mark", lambda: proj.extend(0.9, 0.9))
+    batches = boundary_batches(rank)
+    record("inputs_no_batches", lambda: proj.extend_inputs([], 0.9, 0.9))
+    record("inputs_uneven_batches", lambda: proj.extend_inputs(batches[:1 + rank], 0.9, 0.9))
+    embed = SubspaceProjector(engine, targets=[r"q_proj\.weight$", r"embed_tokens\.weight$"])
+    record("inputs_not_linear", lambda: embed.extend_inputs(batches, 0.9, 0.9))
     engine.destroy()
     engine = make_engine({"zero_optimization": {"stage": 1}}, world)
     record("zero_stage_1", lambda: SubspaceProjector(engine))
@@ -249,6 +306,8 @@ def main() -> None:
                 run_fit(out_dir, rank, world)
             elif case == "accumulate":
                 run_accumulate(out_dir, rank, world)
+            elif case == "inputs":
+                run_inputs(out_dir, rank, world)
             elif case == "errors":
                 run_errors(out_dir, rank, world)
             else:

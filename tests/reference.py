@@ -27,14 +27,27 @@ def tiny_llama(seed: int = 1234) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg)
 
 
-def global_batches(world: int = MAX_WORLD):
+def global_batches(world: int = MAX_WORLD, seed: int = 42):
     """batches[step][micro][rank] -> (MICRO_BS, SEQ) token ids, independent of the world size.
 
     Every step sees the same sequences, so a model that learns through the constraint shows a falling loss.
+    Another seed: another task's sequences.
     """
-    g = torch.Generator().manual_seed(42)
+    g = torch.Generator().manual_seed(seed)
     data = [[torch.randint(0, VOCAB, (MICRO_BS, SEQ), generator=g) for _ in range(world)] for _ in range(GAS)]
     return [data for _ in range(STEPS)]
+
+
+def boundary_batches(rank: int) -> list[dict[str, torch.Tensor]]:
+    """The inputs boundary's batches of one rank: task A's (global_batches()) micro batches of that rank, the
+    last 3 tokens of the second one masked (masked tokens must not count)."""
+    out = []
+    for micro, ids in enumerate(global_batches()[0][m][rank] for m in range(GAS)):
+        mask = torch.ones_like(ids)
+        if micro == 1:
+            mask[:, -3:] = 0
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
 
 
 def fixed_bases(model: torch.nn.Module, ratio: float = 0.5) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -104,6 +104,10 @@ def test_checkpoint_estimate_counts_the_model_and_osft_state(run_cfg):
     assert c["parameters"] == n_params == 41120
     state = 4 * cfg["layers"] * sum(bases_numel(s, int(0.9 * min(s)), "two_sided") + s[0] * s[1] for s in shapes)
     assert c["method_state_bytes"] == state
+    # The inputs boundary keeps no anchor (the task-start weights only the update boundary diffs against).
+    inputs = run_check(str(run_cfg), ["method.osft.boundary=inputs"], world_size=1).plan["checkpoint"]
+    assert inputs["method_state_bytes"] == state - 4 * cfg["layers"] * sum(s[0] * s[1] for s in shapes)
+    assert "anchor" not in inputs["method_state"] and "anchor" in c["method_state"]
     # checkpoint.keep saves beyond any disk: a warning, not an error.
     chk = run_check(str(run_cfg), ["checkpoint.keep=100000000"], world_size=1)
     assert not chk.errors

@@ -107,6 +107,21 @@ def test_range_checks(tmp_path):
     assert cfg.train.dist_timeout_minutes == 0.5
 
 
+def test_osft_boundary_keys(tmp_path):
+    """method.osft.boundary / input_energy: defaults, accepted values, and one-line errors for bad ones."""
+    o = load_config(write(tmp_path, base(tmp_path))).method.osft
+    assert (o.boundary, o.input_energy) == ("update", 0.99)
+    o = load_config(write(tmp_path, base(tmp_path)), ["method.osft.boundary=inputs", "method.osft.input_energy=1"]).method.osft
+    assert (o.boundary, o.input_energy) == ("inputs", 1.0)
+    assert "method.osft.boundary: must be one of 'update', 'inputs', got 'outputs'" in err(
+        tmp_path, base(tmp_path), ["method.osft.boundary=outputs"])
+    for bad in ("0", "-0.5", "1.01", ".nan"):
+        assert "method.osft.input_energy: must be in (0, 1]" in err(tmp_path, base(tmp_path),
+                                                                    [f"method.osft.input_energy={bad}"])
+    msg = err(tmp_path, base(tmp_path), ["method.osft.boundary=inputs", "method.osft.subspace=refit"])
+    assert "method.osft.boundary: inputs needs method.osft.subspace: accumulate" in msg, msg
+
+
 def test_gradient_checkpointing_key_reaches_the_model(tmp_path):
     """model.gradient_checkpointing (YAML or override) switches HF gradient checkpointing on in build_model."""
     from ds_cl.training.modeling import build_model

@@ -85,6 +85,23 @@ def test_update_directions_and_extend_keep_the_data_device():
         assert_cpu(z_u, z_v)
 
 
+def test_input_and_output_directions_keep_the_data_device():
+    x = rand(50, 24, seed=8)
+    w = rand(30, 24, seed=9)
+    with meta():
+        u, v = S.svd_bases(w, 6)
+        v_d = S.input_directions(x.T @ x, v, 0.99, 10)
+        u_d = S.output_directions(w, u, v_d)
+        assert_cpu(u_d, v_d)
+        assert u_d.shape == (30, 10) and v_d.shape == (24, 10)
+        S.check_bases("w", w.shape, *S.extend_bases(u, v, u_d, v_d))
+        # Rank-deficient outputs: the completion's random directions made on the data's device too.
+        assert_cpu(S.output_directions(torch.zeros(30, 24, device=w.device), u, v_d))
+        z = S.input_directions(torch.zeros(24, 24, device=w.device), v, 0.99, 10)
+        assert z.shape == (24, 0)
+        assert_cpu(z)
+
+
 def test_check_bases_keeps_the_data_device():
     u, v = S.svd_bases(rand(12, 9, seed=7), 4)
     with meta():
@@ -149,7 +166,7 @@ class _Engine:
 
 
 def test_projector_keeps_the_engine_device():
-    """fit (adaptive, with the importance forward) / mark / step / audit / extend / set_bases /
+    """fit (adaptive, with the importance forward) / mark / step / audit / extend / extend_inputs / set_bases /
     load_state_dict of a one-process projector; only the projector's calls run under the meta default."""
     from ds_cl.core.projector import SubspaceProjector
 
@@ -177,6 +194,10 @@ def test_projector_keeps_the_engine_device():
     train(2)
     with meta():
         added = proj.extend(0.9, 0.75)
+    assert sum(added.values()) > 0
+    train(1)
+    with meta():  # the inputs boundary: hooks, covariances (q_proj and up_proj share one), new directions
+        added = proj.extend_inputs([{"input_ids": ids, "attention_mask": mask}], 0.9, 0.9)
     assert sum(added.values()) > 0
     train(1)
     bases = {n: tuple(t.clone() for t in b) for n, b in proj.bases.items()}

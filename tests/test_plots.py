@@ -99,7 +99,7 @@ def test_protected_share_per_layer(tmp_path):
     shapes["lm_head.weight"] = (400, 32)
     recs = [protected_record(0, "a", "fit", {n: 16 for n in shapes}, shapes),
             protected_record(1, "b", "extend", {n: 16 + i for i, n in enumerate(shapes)}, shapes,
-                             {n: i for i, n in enumerate(shapes)})]
+                             {n: i for i, n in enumerate(shapes)}, "inputs")]
     assert recs[1]["layers"]["model.layers.10"] == 26 / 32 and recs[1]["layers"]["other"] == 27 / 32
     fig = protected_share(recs, tmp_path / "protected.png")
     read(tmp_path / "protected.png")
@@ -107,6 +107,7 @@ def test_protected_share_per_layer(tmp_path):
     assert [t.get_text() for t in ax.get_xticklabels()] == [str(i) for i in range(11)] + ["other"]
     lines = ax.get_lines()
     assert len(lines) == 2 and list(lines[1].get_ydata()) == pytest.approx([100 * (16 + i) / 32 for i in range(12)])
-    assert "extend" in lines[1].get_label() and "50.0%" in lines[0].get_label()
+    assert "extend (inputs)" in lines[1].get_label() and "fit: 50.0%" in lines[0].get_label()
+    assert recs[0]["kind"] is None and recs[1]["kind"] == "inputs"
     protected_share([], tmp_path / "empty.png")
     read(tmp_path / "empty.png")

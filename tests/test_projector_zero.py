@@ -9,7 +9,7 @@ import torch
 
 from ds_cl.core import subspace as S
 from tests.dist_utils import REPO, launch
-from tests.reference import STEPS, GAS, fixed_bases, global_batches, reference_run, tiny_llama
+from tests.reference import STEPS, GAS, boundary_batches, fixed_bases, global_batches, reference_run, tiny_llama
 
 pytestmark = pytest.mark.distributed
 SCRIPT = REPO / "tests" / "projector_ranks.py"
@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("projector")
     torch.save(fixed_bases(tiny_llama()), out / "bases.pt")
     launch(SCRIPT, 2, out, "z3", "z3_offload", "z3_cpuadam", "z3_paper", "z3_noupdate", "z3_bf16", "z2", "z3_audit2", "fit",
-           "accumulate", "errors")
+           "accumulate", "inputs", "errors")
     launch(SCRIPT, 3, out, "z3_nooverlap", "z3_buckets", "z3_host")
     launch(SCRIPT, 1, out, "z0")
     return out
@@ -206,6 +206,9 @@ def test_fit_matches_one_process_svd_and_importance(runs):
     ("adaptive_without_batches", ["importance_batches"]),
     ("bad_policy", ["sometimes"]),
     ("extend_without_mark", ["mark()"]),
+    ("inputs_no_batches", ["boundary batches: none given"]),
+    ("inputs_uneven_batches", ["boundary batches differ in number across ranks (this rank", "max 2, min 1"]),
+    ("inputs_not_linear", ["model.embed_tokens.weight is not the weight of a torch.nn.Linear"]),
     ("zero_stage_1", ["ZeRO stage 1"]),
     ("bf16_without_fp32_accum", ["grad_accum_dtype"]),
 ])
@@ -254,3 +257,85 @@ def test_accumulate_protects_the_finished_tasks_update(runs):
         dw2 = (acc["w2"][n] - acc["w1"][n]).double()
         assert S.leak(dw2, u, v) < 1e-5, f"{n}: the second task's update leaks into the grown subspace"
     assert grew == len(names), f"only {grew} of {len(names)} targets gained directions"
+
+
+def hooked_inputs(weights, names):
+    """{target: the inputs (tokens x n, float64) task A's boundary batches of both ranks fed it}, in one
+    process with the boundary's weights; masked tokens left out."""
+    model = tiny_llama()
+    model.load_state_dict(weights)
+    model.eval()
+    xs, state = {n: [] for n in names}, {}
+
+    def hook(n):
+        def fn(module, args, output):
+            x = args[0]
+            xs[n].append(x.reshape(-1, x.shape[-1])[state["mask"].reshape(-1).bool()].double())
+        return fn
+
+    for n in names:
+        model.get_submodule(n.rpartition(".")[0]).register_forward_hook(hook(n))
+    with torch.no_grad():
+        for rank in range(2):
+            for batch in boundary_batches(rank):
+                state["mask"] = batch["attention_mask"]
+                model(**batch)
+    return {n: torch.cat(x) for n, x in xs.items()}
+
+
+def test_inputs_boundary_protects_the_finished_tasks_inputs(runs):
+    """extend_inputs() on 2 ZeRO-3 ranks: the added right directions are the ones a one-process covariance of
+    task A's (masked) inputs gives, the added left ones span the outputs those inputs produce, the same in one
+    bucket as in twelve; then task B's update leaks <= 1e-5 and maps A's protected inputs to ~0."""
+    from tests.projector_ranks import INPUTS
+
+    res = load(runs, "inputs")
+    per_rank = res["per_rank"]
+    assert per_rank[0]["ranks"] == per_rank[1]["ranks"] and per_rank[0]["added"] == per_rank[1]["added"]
+    assert per_rank[0]["added_one_bucket"] == per_rank[0]["added"]
+    assert per_rank[0]["buckets"][0] > 4 and per_rank[0]["buckets"][1] == 1, per_rank[0]["buckets"]
+    before = {n: b for r in per_rank for n, b in r["before"].items()}
+    after = {n: b for r in per_rank for n, b in r["after"].items()}
+    one_bucket = {n: b for r in per_rank for n, b in r["after_one_bucket"].items()}
+    added, w1, w2 = per_rank[0]["added"], res["w1"], res["w2"]
+    names = S.select_targets(w1)
+    xs = hooked_inputs(w1, names)
+    capped = 0
+    for n in names:
+        x = xs[n]
+        c = x.T @ x
+        u0, v0 = (t.double() for t in before[n])
+        u, v = (t.double() for t in after[n])
+        r0, k = u0.shape[1], added[n]
+        assert k > 0 and u.shape[1] == v.shape[1] == r0 + k == per_rank[0]["ranks"][n], n
+        for b in (u, v):
+            assert torch.allclose(b.T @ b, torch.eye(r0 + k, dtype=torch.float64), atol=1e-6), n
+        assert torch.allclose(u[:, :r0] @ u[:, :r0].T, u0 @ u0.T, atol=1e-6), f"{n}: the old subspace moved"
+        assert torch.allclose(v[:, :r0] @ v[:, :r0].T, v0 @ v0.T, atol=1e-6), f"{n}: the old subspace moved"
+        for b, ob in zip((u, v), one_bucket[n]):
+            assert torch.allclose(b @ b.T, ob.double() @ ob.double().T, atol=1e-5), f"{n}: one bucket differs"
+        u_d, v_d = u[:, r0:], v[:, r0:]
+        # As many directions as the one-process covariance asks, and the most energy outside V_h that k can hold.
+        room = S.max_protected_rank(w1[n].shape, INPUTS["max_ratio"]) - r0
+        assert k == S.input_directions(c, v0, INPUTS["energy"], room).shape[1], n
+        rest = c - v0 @ (v0.T @ c)
+        rest = rest - (rest @ v0) @ v0.T
+        evals = torch.linalg.eigvalsh(rest).flip(0)
+        held = torch.trace(v_d.T @ c @ v_d)
+        assert held >= evals[:k].sum() * (1 - 1e-5), n
+        if k < room:
+            assert held >= INPUTS["energy"] * evals.sum() * (1 - 1e-6), n
+        capped += k == room
+        # The left side: the outputs of the protected inputs, outside U_h.
+        y = w1[n].double() @ v_d
+        y = y - u0 @ (u0.T @ y)
+        assert (y - u_d @ (u_d.T @ y)).norm() <= 1e-6 * y.norm(), n
+        # Task B: trained, exact, and blind to A's protected inputs.
+        dw = (w2[n] - w1[n]).double()
+        assert dw.norm() > 1e-3 * w1[n].norm(), f"{n} did not train in task B"
+        assert S.leak(dw, u, v) <= TOL, n
+        assert (dw @ v_d).norm() <= TOL * dw.norm(), n
+        protected = x @ v_d @ v_d.T
+        assert (dw @ protected.T).norm() <= TOL * dw.norm() * protected.norm(), n
+    assert 0 < capped < len(names), capped  # both cases met: the energy reached, and the cap
+    assert max(max(step.values()) for step in res["leaks"]) <= TOL

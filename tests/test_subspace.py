@@ -190,6 +190,103 @@ def test_extend_bases_keeps_the_old_directions_and_stays_orthonormal():
     assert S.extend_bases(u_h, v_h, torch.zeros(20, 0), torch.zeros(16, 0))[0] is u_h
 
 
+def inputs(tokens, n, scales, seed):
+    """tokens x n inputs whose covariance has eigenvalues ~ scales^2 (len(scales) <= n: that rank)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(tokens, len(scales), generator=g, dtype=torch.float64)
+    return (z * torch.tensor(scales, dtype=torch.float64)) @ orthonormal(n, len(scales), seed + 1).T
+
+
+def residual_eigenvalues(c, v_h):
+    p = torch.eye(c.shape[0], dtype=torch.float64) - v_h @ v_h.T
+    return torch.linalg.eigvalsh(p @ c @ p).flip(0)
+
+
+@pytest.mark.parametrize("energy", [0.5, 0.9, 0.99])
+def test_input_directions_hold_the_asked_share_of_the_inputs_outside_v_h(energy):
+    x = inputs(300, 30, [2.0 ** -i for i in range(30)], seed=3)
+    c = x.T @ x
+    v_h = orthonormal(30, 8, 4)
+    v_d = S.input_directions(c, v_h, energy, max_rank=30)
+    k = v_d.shape[1]
+    assert 0 < k <= 22
+    assert torch.allclose(v_d.T @ v_d, torch.eye(k, dtype=torch.float64), atol=1e-12)
+    assert (v_h.T @ v_d).abs().max() < 1e-12
+    evals = residual_eigenvalues(c, v_h)
+    held = torch.trace(v_d.T @ c @ v_d)
+    assert held >= energy * evals.sum() * (1 - 1e-12)  # the asked share of what V_h leaves ...
+    assert evals[:k - 1].sum() < energy * evals.sum()  # ... with the fewest directions ...
+    assert held >= evals[:k].sum() * (1 - 1e-10)  # ... the top ones
+    # What the next task may not touch: an update projected with the grown basis maps these inputs to 0.
+    u_h = orthonormal(40, 8, 5)
+    u_d = S.output_directions(torch.randn(40, 30, dtype=torch.float64), u_h, v_d)
+    u, v = S.extend_bases(u_h, v_h, u_d, v_d)
+    dw = S.project(torch.randn(40, 30, dtype=torch.float64), u, v)
+    protected = x @ v_d @ v_d.T
+    assert (dw @ protected.T).norm() <= 1e-12 * dw.norm() * protected.norm()
+
+
+def test_input_directions_rank_cap_and_edge_cases():
+    v_h = orthonormal(30, 8, 4)
+    low = inputs(100, 30, [3.0, 2.0, 1.0], seed=6)  # rank 3
+    assert S.input_directions(low.T @ low, v_h, 1.0, max_rank=30).shape == (30, 3)
+    assert S.input_directions(low.T @ low, v_h[:, :0], 1.0, max_rank=30).shape == (30, 3)
+    full = inputs(300, 30, [1.0] * 30, seed=7)
+    assert S.input_directions(full.T @ full, v_h, 1.0, max_rank=5).shape == (30, 5)  # the cap wins
+    assert S.input_directions(full.T @ full, v_h, 0.99, max_rank=0).shape == (30, 0)
+    assert S.input_directions(full.T @ full, v_h, 1.0, max_rank=30).shape == (30, 22)  # all that V_h leaves
+    inside = torch.randn(50, 8, dtype=torch.float64) @ v_h.T  # inputs V_h already holds
+    assert S.input_directions(inside.T @ inside, v_h, 0.99, max_rank=30).shape == (30, 0)
+    assert S.input_directions(torch.zeros(30, 30, dtype=torch.float64), v_h, 0.99, 30).shape == (30, 0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="energy"):
+            S.input_directions(low.T @ low, v_h, bad, 30)
+    with pytest.raises(ValueError, match="non-finite"):
+        S.input_directions(torch.full((30, 30), float("nan")), v_h, 0.9, 30)
+    with pytest.raises(ValueError, match="n x n"):
+        S.input_directions(low.T @ low, orthonormal(20, 2, 1), 0.9, 30)
+
+
+def test_output_directions_span_the_outputs_of_the_protected_inputs():
+    u_h, v_h = orthonormal(40, 8, 1), orthonormal(30, 6, 2)
+    x = inputs(200, 30, [2.0 ** -i for i in range(30)], seed=3)
+    v_d = S.input_directions(x.T @ x, v_h, 0.99, max_rank=5)
+    k = v_d.shape[1]
+    assert k > 2  # more than the rank-2 weight below has outputs for
+    g = torch.Generator().manual_seed(9)
+    for w in (torch.randn(40, 30, generator=g, dtype=torch.float64),  # k independent outputs
+              torch.randn(40, 2, generator=g, dtype=torch.float64) @ torch.randn(2, 30, generator=g, dtype=torch.float64),
+              u_h @ torch.randn(8, 30, generator=g, dtype=torch.float64),  # outputs inside U_h: all completed
+              torch.zeros(40, 30, dtype=torch.float64)):
+        u_d = S.output_directions(w, u_h, v_d)
+        assert u_d.shape == (40, k)
+        assert torch.allclose(u_d.T @ u_d, torch.eye(k, dtype=torch.float64), atol=1e-12)
+        assert (u_h.T @ u_d).abs().max() < 1e-12
+        y = w @ v_d - u_h @ (u_h.T @ (w @ v_d))
+        assert (y - u_d @ (u_d.T @ y)).norm() <= 1e-10 * max(float(y.norm()), 1.0)
+    assert S.output_directions(w, u_h, v_d[:, :0]).shape == (40, 0)
+    with pytest.raises(ValueError, match="do not fit"):
+        S.output_directions(torch.randn(10, 30, dtype=torch.float64), orthonormal(10, 8, 3), orthonormal(30, 3, 5))
+    with pytest.raises(ValueError, match="V_d"):
+        S.output_directions(torch.randn(40, 20, dtype=torch.float64), u_h, v_d)
+
+
+def test_input_and_output_directions_follow_the_data_dtype():
+    """Returned in the bases' dtype (what extend_bases grows) on the data's device; float64 inside."""
+    x = inputs(100, 12, [1.0, 0.5, 0.25, 0.1], seed=11)
+    for dtype in (torch.float32, torch.float64):
+        u_h, v_h = orthonormal(16, 3, 1).to(dtype), orthonormal(12, 3, 2).to(dtype)
+        # energy 1: every direction of the rank-4 inputs, none of a float32 covariance's rounding
+        v_d = S.input_directions((x.T @ x).to(dtype), v_h, 1.0, max_rank=6)
+        u_d = S.output_directions(torch.randn(16, 12, dtype=dtype), u_h, v_d)
+        assert v_d.dtype == u_d.dtype == dtype and v_d.device == u_d.device == x.device
+        assert v_d.shape[1] == u_d.shape[1] == 4
+        S.check_bases("w", (16, 12), *S.extend_bases(u_h, v_h, u_d, v_d), tol=1e-6)
+    # A float32 covariance with float64 bases: the bases' dtype.
+    v_d = S.input_directions((x.T @ x).float(), orthonormal(12, 3, 2), 0.99, max_rank=6)
+    assert v_d.dtype == torch.float64
+
+
 def test_projection_runs_in_full_fp32_whatever_the_host_set():
     """A training script that enables TF32 (or oneDNN bf16) must not reach the projection's matmuls:
     TF32's 10-bit mantissa leaves ~1e-3 of the update in the protected subspace. The mode records the

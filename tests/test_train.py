@@ -35,6 +35,7 @@ def check_protected(out, stdout):
 
     recs = protected_lines(out)
     assert [(r["phase"], r["task"], r["event"]) for r in recs] == [(0, "a", "fit"), (1, "b", "extend")], recs
+    assert [r["kind"] for r in recs] == [None, "update"], recs  # method.osft.boundary's default
     for r in recs:
         m = r["matrices"]
         assert len(m) == 14 and all(0 <= v <= 1 for v in m.values()), m  # 7 Linear weights x 2 layers
@@ -206,3 +207,30 @@ def test_bf16_run_is_exact_exports_and_resumes_identically(full_run):
     model = AutoModelForCausalLM.from_pretrained(runs["bf16"] / "task_1_b", dtype=torch.bfloat16)
     gen = model.generate(torch.tensor([[1, 5, 9, 12]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert gen.shape[1] == 7
+
+
+def test_osft_inputs_boundary_runs_once_across_resumes(tmp_path):
+    """method.osft.boundary: inputs. A run stopped at the task boundary (before it) protects task a's
+    inputs when resumed; stopped again inside task b (after it) and resumed, it does not protect them again:
+    one `extend` line of kind `inputs` in protected.jsonl, one log line; every audited leak <= 1e-5."""
+    train_sentencepiece(tmp_path / "tok.model")
+    out = tmp_path / "inputs"
+    cfg = write_run_config(tiny_run_config(tmp_path, out, {"method": {"name": "osft", "osft": {
+        "rank": "fixed", "ratio": 0.5, "boundary": "inputs", "importance_samples": 8}}}))
+    logged = "phase 1: protected the inputs of a"
+    first = train(cfg, "checkpoint.stop_after_steps=4")  # stops at the boundary, before it
+    assert logged not in first.stdout
+    second = train(cfg, "checkpoint.stop_after_steps=2", "--resume")  # the boundary, then 2 steps of task b
+    assert second.stdout.count(logged) == 1, second.stdout[-3000:]
+    assert "(2 batches per rank" in second.stdout  # importance_samples 8: 4 per rank, micro batches of 2
+    third = train(cfg, "--resume")  # inside task b: the checkpoint holds the grown subspace
+    assert logged not in third.stdout, third.stdout[-3000:]
+    assert json.loads((out / "summary.json").read_text())["complete"]
+    recs = protected_lines(out)
+    assert [(r["phase"], r["event"], r["kind"]) for r in recs] == [(0, "fit", None), (1, "extend", "inputs")], recs
+    assert 0 < recs[1]["added"] and recs[1]["share"] == pytest.approx(recs[0]["share"] + recs[1]["added"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    leaks = [(r["task"], r["task_step"], r["leak"]) for r in metrics if "leak" in r]
+    # Audited on the first step after the fit, the boundary, and the resume inside task b.
+    assert [lk[:2] for lk in leaks] == [("a", 1), ("b", 1), ("b", 3)], leaks
+    assert max(lk[2] for lk in leaks) <= 1e-5, leaks

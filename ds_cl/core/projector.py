@@ -530,25 +530,84 @@ class SubspaceProjector:
         protected (see `ds_cl.core.subspace.extend_bases`). Returns {param_name: directions added}."""
         if self.anchor is None:
             raise RuntimeError("extend() needs mark() at the start of the task (the weights to diff against)")
+        anchor = {}
+
+        def directions(n, w, u, v, room):
+            # Projected again: without project_update the optimizer's step leaks, and rounding always does.
+            dw = S.project(w - self.anchor[n].to(w.device).view(w.shape), u, v, "two_sided")
+            anchor[n] = w.reshape(-1).to("cpu", copy=True)
+            return S.update_directions(dw, energy, room)
+
+        added = self._extend_buckets(self._gathered(self.buckets, lambda n: self.shards.get_master(n).float()),
+                                     directions, max_ratio)
+        self.anchor = anchor
+        return added
+
+    @torch.no_grad()
+    def extend_inputs(self, batches: Sequence[Mapping[str, torch.Tensor]], energy: float,
+                      max_ratio: float) -> dict[str, int]:
+        """End of a task, gradient projection memory's way (collective): protect the span of the inputs
+        the task fed each target Linear (y = W x), so that a later update dW with dW x = 0 leaves the
+        layer's outputs on them unchanged.
+
+        `batches` (dicts with input_ids and optional attention_mask; the same number on every rank, each
+        rank its own data) run forward with hooks on the target modules; C = sum x x^T over their unmasked
+        tokens is summed over the ranks. Per matrix, V_h grows by the top eigenvectors of C outside it, as
+        many as hold `energy` of that part's trace while the total stays within `max_ratio` x min(m, n)
+        (`ds_cl.core.subspace.input_directions`), and U_h by as many directions: those of the outputs
+        W v_d the protected inputs produce now (`output_directions`). The equal count is because the
+        packs keep one rank per matrix for both sides; it makes the constraint stricter than GPM's, which
+        leaves the output side free. Needs no `mark()`. Returns {param_name: directions added}.
+
+        Memory and time: the covariances of one bucket at a time (n x n float64 per distinct input, every
+        rank), so the batches run forward once per bucket.
+        """
+        batches = self._same_batches(batches, "boundary batches")
+        model = self.engine.module
+        modules = {}
+        for n in self.names:
+            path, _, leaf = n.rpartition(".")
+            mod = model.get_submodule(path) if path else None
+            if leaf != "weight" or not isinstance(mod, torch.nn.Linear):
+                raise ValueError(f"{n} is not the weight of a torch.nn.Linear; protecting inputs needs y = W x "
+                                 f"layers (narrow the target patterns)")
+            modules[n] = mod
+        covs: dict[str, torch.Tensor] = {}
+
+        def gathered():
+            # One bucket at a time: its forwards (collective under ZeRO-3) never run beside an exchange.
+            for names in self.buckets:
+                covs.clear()
+                covs.update(self._input_covariances({n: modules[n] for n in names}, batches))
+                yield from self._gathered([names], lambda n: self.shards.get_master(n).float())
+            covs.clear()
+
+        def directions(n, w, u, v, room):
+            v_d = S.input_directions(covs.pop(n), v, energy, room)
+            return S.output_directions(w, u, v_d), v_d
+
+        return self._extend_buckets(gathered(), directions, max_ratio)
+
+    def _extend_buckets(self, fulls: Iterable[dict[str, torch.Tensor]], directions: Callable, max_ratio: float) -> dict[str, int]:
+        """Grow the owned bases bucket by bucket: `fulls` yields each bucket's {name: full flat weight} of
+        the owned matrices (in bucket order), `directions(name, W m x n, U_h, V_h, room)` gives the (U_d,
+        V_d) to add, at most `room` of them (what keeps the total within `max_ratio` x min(m, n))."""
         added = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
-        bases, anchor = {}, {}
-        for b, full in enumerate(self._gathered(self.buckets, lambda n: self.shards.get_master(n).float())):
+        bases = {}
+        for b, full in enumerate(fulls):
             for n, w in full.items():
                 m, k = self.shapes[n]
                 u, v = self.bases.get(n, (w.new_zeros(m, 0), w.new_zeros(k, 0)))
-                # Projected again: without project_update the optimizer's step leaks, and rounding always does.
-                dw = S.project((w - self.anchor[n].to(w.device)).view(m, k), u, v, "two_sided")
                 room = max(0, S.max_protected_rank((m, k), max_ratio) - u.shape[1])
                 try:
-                    u_d, v_d = S.update_directions(dw, energy, room)
+                    u_d, v_d = directions(n, w.view(m, k), u, v, room)
                 except ValueError as e:
                     raise ValueError(f"{n}: {e}") from None
                 bases[n] = S.extend_bases(u, v, u_d.to(u.device), v_d.to(v.device))
                 added[self.index[n]] = u_d.shape[1]
-                anchor[n] = w.to("cpu", copy=True)
             # This bucket's extended bases replace its old ones now: old and new coexist for one bucket,
             # not for all of them (ds_cl.core.projector_memory).
-            u = v = dw = None  # the old bases' last views go with them
+            u = v = None  # the old bases' last views go with them
             for key in [k for k in self._packs if k[0] == b]:
                 del self._packs[key]
             for n in full:
@@ -558,20 +617,113 @@ class SubspaceProjector:
             collectives.all_reduce_(added, group=self.group)
         counts = added.tolist()
         self._installed({n: self.ranks[n] + int(counts[self.index[n]]) for n in self.names})
-        self.anchor = anchor
         return {n: int(counts[self.index[n]]) for n in self.names}
 
-    def layer_importance(self, batches: Sequence[Mapping[str, torch.Tensor]], normalize: str = "minmax") -> dict[str, float]:
-        """Per decoder layer, normalised importance from input/output cosine similarity (collective)."""
+    def _input_covariances(self, modules: Mapping[str, torch.nn.Module],
+                           batches: list[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """{name: C} of the owned matrices among `modules` (target name -> its Linear), C = sum x x^T over
+        the unmasked tokens of every input x the module saw in `batches`, summed over the ranks
+        (collective), in float64 (see `ds_cl.core.subspace.input_directions`) on the device.
+
+        Modules that read the same input tensor one after the other (q/k/v, gate/up) share one sum: the
+        first batch decides which do, from the input's memory and version (ZeRO-3 hands each module its
+        own detached view of the same tensor, so object identity cannot tell), and later batches must agree.
+        """
+        names = list(modules)
+        sums: dict[str, torch.Tensor] = {}
+        leader: dict[str, str] = {}
+        state: dict = {"mask": None, "last": None}
+
+        def hook(n):
+            def fn(module, args, output):
+                x = args[0]
+                key = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x._version)
+                last = state["last"]
+                same = last is not None and last[0] == key
+                if n not in leader:
+                    leader[n] = last[1] if same else n
+                elif leader[n] != n and not (same and last[1] == leader[n]):
+                    raise RuntimeError(f"{n} read the same input as {leader[n]} in the first batch but not in a "
+                                       f"later one; its input covariance cannot be shared")
+                if leader[n] == n:
+                    flat = x.reshape(-1, x.shape[-1])
+                    mask = state["mask"]
+                    if mask is not None:
+                        if tuple(x.shape[:-1]) != tuple(mask.shape):
+                            raise ValueError(f"{n}: input of shape {tuple(x.shape)} does not match the attention "
+                                             f"mask's {tuple(mask.shape)}")
+                        flat = flat[mask.reshape(-1).bool()]
+                    flat = flat.double()  # exact for fp32/bf16 inputs: see input_directions
+                    sums[n] = flat.T @ flat if n not in sums else sums[n].addmm_(flat.T, flat)
+                # x stays referenced until the next hook: its memory cannot be reused by another tensor
+                # that would then look like the same input.
+                state["last"] = (key, leader[n], x)
+            return fn
+
+        self._forward(batches, {modules[n]: hook(n) for n in names}, state)
+        missing = [n for n in names if n not in leader]
+        if missing:
+            raise ValueError(f"{missing[0]} saw no input in the boundary batches")
+        # Every rank must have grouped the same way, or the sums' all-reduces would not pair up.
+        order = torch.tensor([[names.index(leader[n]), -names.index(leader[n])] for n in names],
+                             dtype=torch.float64, device=self.device).reshape(-1)
+        agreed = order.clone()
+        if self.world > 1:
+            collectives.all_reduce_(agreed, "max", group=self.group)
+        if not torch.equal(agreed, order):
+            raise RuntimeError("ranks grouped the target modules' shared inputs differently")
+        for n in [n for n in names if leader[n] == n]:
+            k = self.shapes[n][1]
+            if n not in sums:  # every token masked on this rank: nothing to add, but the sum is collective
+                sums[n] = torch.zeros(k, k, dtype=torch.float64, device=self.device)
+            if tuple(sums[n].shape) != (k, k):
+                raise ValueError(f"{n}: inputs of size {sums[n].shape[0]}, but the weight has {k} columns")
+            # One all-reduce per sum, in place: a single buffer of them all would hold the bucket's sums twice.
+            if self.world > 1:
+                collectives.all_reduce_(sums[n], group=self.group)
+        return {n: sums[leader[n]] for n in self.owned(names)}
+
+    def _same_batches(self, batches, what: str) -> list:
+        """`batches` as a list, after checking that every rank has as many (ZeRO-3 forwards are collective)."""
         batches = list(batches)
         counts = torch.tensor([len(batches), -len(batches)], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and self.world > 1:
             collectives.all_reduce_(counts, "max", group=self.group)
             if counts[0] != len(batches) or -counts[1] != len(batches):
-                raise ValueError(f"importance batches differ in number across ranks (this rank {len(batches)}, "
+                raise ValueError(f"{what} differ in number across ranks (this rank {len(batches)}, "
                                  f"max {int(counts[0])}, min {int(-counts[1])}); ZeRO-3 forwards are collective")
         if not batches:
-            raise ValueError("importance_batches is empty")
+            raise ValueError(f"{what}: none given")
+        return batches
+
+    def _forward(self, batches: list, hooks: Mapping[torch.nn.Module, Callable], state: dict,
+                 with_kwargs: bool = False) -> None:
+        """Run each batch through the model (eval mode, no gradients) with `hooks` as forward hooks on their
+        modules; state["mask"] holds the batch's attention mask (None without one) and state["last"] is
+        reset to None before each batch."""
+        model = self.engine.module
+        handles = [mod.register_forward_hook(fn, with_kwargs=with_kwargs) for mod, fn in hooks.items()]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    if "input_ids" not in batch:
+                        raise ValueError("each batch needs 'input_ids'")
+                    ids = batch["input_ids"].to(self.device)
+                    mask = batch.get("attention_mask")
+                    mask = mask.to(self.device) if mask is not None else None
+                    state["mask"], state["last"] = mask, None
+                    model(input_ids=ids, attention_mask=mask)
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+            state["last"] = None
+
+    def layer_importance(self, batches: Sequence[Mapping[str, torch.Tensor]], normalize: str = "minmax") -> dict[str, float]:
+        """Per decoder layer, normalised importance from input/output cosine similarity (collective)."""
+        batches = self._same_batches(batches, "importance batches")
         model = self.engine.module
         layers = sorted({S.layer_of(n) for n in self.names} - {None}, key=lambda s: (len(s), s))
         if not layers:
@@ -588,24 +740,7 @@ class SubspaceProjector:
                 sums[layer][1] += c
             return fn
 
-        handles = [model.get_submodule(layer).register_forward_hook(hook(layer), with_kwargs=True)
-                   for layer in layers]
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for batch in batches:
-                    if "input_ids" not in batch:
-                        raise ValueError("each importance batch needs 'input_ids'")
-                    ids = batch["input_ids"].to(self.device)
-                    mask = batch.get("attention_mask")
-                    mask = mask.to(self.device) if mask is not None else None
-                    state["mask"] = mask
-                    model(input_ids=ids, attention_mask=mask)
-        finally:
-            for h in handles:
-                h.remove()
-            model.train(was_training)
+        self._forward(batches, {model.get_submodule(layer): hook(layer) for layer in layers}, state, with_kwargs=True)
         vec = torch.tensor([v for layer in layers for v in sums[layer]], dtype=torch.float64, device=self.device)
         if dist.is_initialized() and self.world > 1:
             collectives.all_reduce_(vec, group=self.group)

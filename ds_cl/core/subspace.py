@@ -28,6 +28,14 @@ finished task's update dW = W_after - W_before. Under the two-sided constraint d
 complement of the protected subspace on both sides, so its directions extend the bases exactly, and
 the next task cannot move what the previous one wrote. A refit cannot do that: the finished task's
 update is small and sits in the low singular directions that the refit leaves free.
+
+Protecting the finished task's inputs instead (`input_directions` / `output_directions`), as gradient
+projection memory (GPM) does: with C = sum x x^T over the inputs x that the task fed a Linear layer
+(y = W x), any later dW with dW x = 0 leaves the layer's outputs on those inputs unchanged, so the right
+basis grows by the top eigenvectors of C outside V_h. The projector keeps as many left directions as
+right ones per matrix, so the left basis grows by as many directions: those of the outputs W v_d that
+the protected inputs produce now. GPM constrains the input side only; the left side here is an extra
+constraint, kept for the equal ranks.
 """
 
 from __future__ import annotations
@@ -289,6 +297,84 @@ def update_directions(dw: torch.Tensor, energy: float, max_rank: int) -> tuple[t
     k = int(torch.searchsorted(share, torch.tensor(energy - 1e-12, dtype=share.dtype, device=share.device))) + 1
     k = min(k, max_rank, int((s > s[0] * 1e-6).sum()))
     return u[:, :k].float().contiguous(), vh[:k].T.float().contiguous()
+
+
+@_in_full_fp32
+def input_directions(cov: torch.Tensor, v_h: torch.Tensor, energy: float, max_rank: int) -> torch.Tensor:
+    """Right directions that protect a finished task's layer inputs (GPM): with C = sum x x^T over the
+    inputs x the task fed the layer (n x n) and P = I - V_h V_h^T, the top eigenvectors of P C P, as many
+    as hold `energy` of its trace, at most `max_rank` and at most its numerical rank. Returns V_d (n x k):
+    orthonormal, orthogonal to V_h, on C's device in V_h's dtype; k = 0 when nothing outside V_h is left.
+
+    In float64 whatever C's dtype: what P C P keeps can be orders of magnitude below C itself when V_h
+    already holds most of the inputs, and float32's rounding of C (~1e-7 of it) would then be all of it.
+    """
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    n = cov.shape[0]
+    if cov.dim() != 2 or cov.shape[1] != n or v_h.shape[0] != n:
+        raise ValueError(f"the input covariance must be n x n with V_h n x r, got {tuple(cov.shape)} and "
+                         f"{tuple(v_h.shape)}")
+    if not torch.isfinite(cov).all():
+        raise ValueError("the input covariance has non-finite entries; refusing to fit bases from it")
+    c = cov.double()
+    # Below this, rounding: of the projection (~n x 1e-16 of |C| where V_h holds the inputs), or of C
+    # itself when it comes in a lower precision (10 ulps of its dtype).
+    floor = max(1e-10, 10 * torch.finfo(cov.dtype).eps) * float(torch.linalg.matrix_norm(c))
+    v = v_h.to(c.device, torch.float64)
+    c = c - v @ (v.T @ c)
+    c = c - (c @ v) @ v.T
+    # eigh reads one triangle: symmetrise what rounding left unsymmetric.
+    evals, evecs = torch.linalg.eigh((c + c.T) / 2)
+    evals, evecs = evals.flip(0), evecs.flip(1)  # largest first
+    # The eigenvalues of C are squared singular values of the inputs, so the 1e-12 cut relative to the
+    # largest is update_directions' 1e-6 on singular values.
+    evals = torch.where(evals > max(floor, float(evals[0]) * 1e-12), evals, 0.0)
+    total = float(evals.sum())
+    if total <= 0.0 or max_rank <= 0:
+        return c.new_zeros(n, 0).to(v_h.dtype)
+    share = torch.cumsum(evals, 0) / total
+    # The smallest k holding `energy` (float tolerance on the last step).
+    k = int(torch.searchsorted(share, torch.tensor(energy - 1e-12, dtype=share.dtype, device=share.device))) + 1
+    k = min(k, max_rank, int((evals > 0).sum()))
+    d = evecs[:, :k]
+    # Eigenvectors of P C P are orthogonal to V_h only up to rounding: one more pass, then re-orthonormalise.
+    d, _ = torch.linalg.qr(d - v @ (v.T @ d))
+    return d.to(v_h.dtype).contiguous()
+
+
+@_in_full_fp32
+def output_directions(w: torch.Tensor, u_h: torch.Tensor, v_d: torch.Tensor) -> torch.Tensor:
+    """Left directions to pair with the input directions V_d (n x k) of an m x n weight W: an orthonormal
+    basis (m x k) of the outputs (I - U_h U_h^T) W V_d that the protected inputs produce now, orthogonal
+    to U_h. Where those outputs span fewer than k directions (W V_d rank-deficient, or inside U_h), the
+    basis is completed with seeded random directions orthogonal to U_h: the projector needs as many left
+    directions as right ones (its packs share one rank per matrix), and any direction outside U_h keeps
+    the constraint valid. On W's device in U_h's dtype.
+    """
+    m, n = w.shape
+    k, r = v_d.shape[1], u_h.shape[1]
+    if v_d.shape[0] != n or u_h.shape[0] != m:
+        raise ValueError(f"W is {m} x {n}, so U_h must be {m} x r and V_d {n} x k; got U_h "
+                         f"{tuple(u_h.shape)}, V_d {tuple(v_d.shape)}")
+    if k > m - r:
+        raise ValueError(f"{k} new directions do not fit beside the {r} protected ones in {m} rows")
+    u = u_h.to(w.device, torch.float64)
+    if k == 0:
+        return u.new_zeros(m, 0).to(u_h.dtype)
+    y = w.double() @ v_d.to(w.device, torch.float64)
+    y = y - u @ (u.T @ y)
+    q, s, _ = svd(y)
+    keep = int((s > s[0] * 1e-6).sum()) if float(s[0]) > 0.0 else 0
+    basis = q[:, :keep]
+    if keep < k:
+        g = torch.Generator(device=w.device).manual_seed(0)
+        extra = torch.randn(m, k - keep, generator=g, dtype=torch.float64, device=w.device)
+        basis = torch.cat([basis, extra], dim=1)
+    # Two passes of "project away from U_h, orthonormalise": the second removes the first's rounding.
+    for _ in range(2):
+        basis, _ = torch.linalg.qr(basis - u @ (u.T @ basis))
+    return basis.to(u_h.dtype).contiguous()
 
 
 @_in_full_fp32

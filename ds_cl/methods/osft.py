@@ -8,7 +8,9 @@ subspace follows the sequence:
   many as the rank policy gives (adaptive: from each layer's importance on the previous task's samples;
   fixed: one ratio).
 * accumulate (osft-acc): the rank policy's fit once before the first task; at the start of each later
-  task, the top directions of the previous task's update are added to what is protected.
+  task, `method.osft.boundary` says what is added to what is protected: `update`, the top directions of
+  the previous task's update; `inputs`, the span of the inputs the previous task fed each target layer
+  (gradient projection memory's choice; `SubspaceProjector.extend_inputs`).
 
 The optimizer has two parameter groups: the targets, and the rest (embeddings, norms, lm_head), whose
 learning rate is scaled by `method.osft.non_target_lr_scale` while the constraint is on.
@@ -39,9 +41,10 @@ def mean_share(ranks: dict[str, int], shapes: dict) -> float:
 
 
 def protected_record(phase: int, task: str, event: str, ranks: dict[str, int], shapes: dict,
-                     added: dict[str, int] | None = None) -> dict:
+                     added: dict[str, int] | None = None, kind: str | None = None) -> dict:
     """One line of protected.jsonl: `phase` (the phase about to train), `task` (its name), `event` (`fit` or
-    `extend`), `share` (mean over the target matrices of protected rank / min(shape): the log line's number),
+    `extend`), `kind` (extend: what it protected, `update` or `inputs`, method.osft.boundary; fit: null),
+    `share` (mean over the target matrices of protected rank / min(shape): the log line's number),
     `added` (extend: the same mean of the directions this event added; fit: null), `layers` ({layer, e.g.
     `model.layers.3`: mean share of its target matrices}; targets outside any layer under `other`) and
     `matrices` ({parameter name: protected rank / min(shape)})."""
@@ -51,7 +54,7 @@ def protected_record(phase: int, task: str, event: str, ranks: dict[str, int], s
     by_layer: dict[str, list[float]] = {}
     for n, v in matrices.items():
         by_layer.setdefault(layer_of(n) or OTHER_LAYER, []).append(v)
-    return {"phase": phase, "task": task, "event": event, "share": mean_share(ranks, shapes),
+    return {"phase": phase, "task": task, "event": event, "kind": kind, "share": mean_share(ranks, shapes),
             "added": None if added is None else mean_share(added, shapes),
             "layers": {k: sum(v) / len(v) for k, v in by_layer.items()}, "matrices": matrices}
 
@@ -147,8 +150,10 @@ class OSFT(Method):
                 self.fit(phase, phases)
             if self.opts.protect_update_from:  # the update that made the starting model, then mark()
                 self.protect_reference_update(phase, phases)
-            else:
+            elif self.opts.boundary == "update":  # the inputs boundary needs no task-start weights
                 self.projector.mark()
+        elif self.opts.boundary == "inputs":
+            self.extend_inputs(phase, phases)
         else:
             self.extend(phase, phases)
 
@@ -174,7 +179,30 @@ class OSFT(Method):
             share = lambda r: mean_share(r, self.projector.shapes)  # noqa: E731
             print(log_line(f"phase {phase}: protected {what} (+{100 * share(added):.1f}% of directions, now "
                            f"{100 * share(self.projector.ranks):.1f}%) in {time.time() - t0:.1f}s"), flush=True)
-            self.record_protected(phase, phases, "extend", added)
+            self.record_protected(phase, phases, "extend", added, "update")
+        fault_point("fit", self.dist.rank, phase=phase)
+
+    def extend_inputs(self, phase, phases) -> None:
+        """Protect the inputs the previous task fed each target layer: its training samples that the
+        adaptive rank's importance reads (`importance_batches`: `importance_samples` of them, split over
+        the ranks), run forward with the current weights."""
+        o, t0 = self.opts, time.time()
+        prev = phases[phase - 1].name
+        batches = self.importance_batches(phase, phases)
+        if batches is None:
+            raise ValueError(f"task {phase} ({phases[phase].name}): protecting the inputs of {prev} needs at least "
+                             f"one of its training samples per rank ({self.dist.world} ranks)")
+        try:
+            added = self.projector.extend_inputs(batches, o.input_energy, o.max_protected_ratio)
+        except ValueError as e:
+            raise ValueError(f"task {phase} ({phases[phase].name}): protecting the inputs of {prev} refused on "
+                             f"rank {self.dist.rank}: {e}") from None
+        if self.dist.rank == 0:
+            share = lambda r: mean_share(r, self.projector.shapes)  # noqa: E731
+            print(log_line(f"phase {phase}: protected the inputs of {prev} ({len(batches)} batches per rank, "
+                           f"+{100 * share(added):.1f}% of directions, now {100 * share(self.projector.ranks):.1f}%) "
+                           f"in {time.time() - t0:.1f}s"), flush=True)
+            self.record_protected(phase, phases, "extend", added, "inputs")
         fault_point("fit", self.dist.rank, phase=phase)
 
     def fit(self, phase, phases) -> None:
@@ -201,10 +229,11 @@ class OSFT(Method):
         if self.dist.rank == 0:
             keep_records(self.protected_path, lambda r: r.get("phase", 0) < first_phase)
 
-    def record_protected(self, phase, phases, event: str, added: dict[str, int] | None = None) -> None:
+    def record_protected(self, phase, phases, event: str, added: dict[str, int] | None = None,
+                         kind: str | None = None) -> None:
         """Rank 0, after a fit or an extend: a line of protected.jsonl, and protected.png redrawn."""
         rec = protected_record(phase, phases[phase].name, event, self.projector.ranks, self.projector.shapes,
-                               added)
+                               added, kind)
         with open(self.protected_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.cfg.output.plots:
@@ -214,8 +243,9 @@ class OSFT(Method):
                             title=f"{self.cfg.method.name}: protected share per layer")
 
     def importance_batches(self, phase, phases) -> list[dict] | None:
-        """Inputs for the adaptive rank's layer importance: the previous task's data (same count on
-        every rank); before the first task, general data if configured, else None (fixed ratio)."""
+        """Inputs for the adaptive rank's layer importance and the inputs boundary: the previous task's data
+        (same count on every rank); before the first task, general data if configured, else None (fixed
+        ratio)."""
         from ds_cl.training.data import Encoded, collate, encode_prompt_for_generation, epoch_order, read_records
 
         o, d, mb = self.opts, self.dist, self.cfg.train.micro_batch_size

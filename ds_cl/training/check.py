@@ -378,8 +378,9 @@ def checkpoint_estimate(cfg: RunConfig, model, world: int, stage: int) -> dict:
     """Bytes of one save (ds_cl/training/checkpoint.py), from the model built on the meta device:
     DeepSpeed's files (stage >= 1: the fp32 master weights and AdamW's two moments of every trainable
     parameter, 12 bytes each, sharded; stages 0-2 also the weights in model.dtype, from rank 0), the
-    method's state (osft: each target's bases and, for the accumulate subspace, its anchor, in fp32,
-    at the largest ranks the config allows), one RNG file per rank and small files (`rng_bytes`)."""
+    method's state (osft: each target's bases and, for the accumulate subspace's update boundary, its
+    anchor, in fp32, at the largest ranks the config allows), one RNG file per rank and small files
+    (`rng_bytes`)."""
     from ds_cl.core import subspace as S
     from ds_cl.core.projector_memory import bases_numel
 
@@ -408,17 +409,20 @@ def checkpoint_estimate(cfg: RunConfig, model, world: int, stage: int) -> dict:
         o = m.osft
         names = S.select_targets([n for n, p in params.items() if p.dim() == 2], o.targets)
         first = (lambda s: o.trr * min(s)) if o.rank == "adaptive" else (lambda s: o.ratio * min(s))
+        # The task-start weights (`mark`) the update boundary diffs against; the inputs boundary keeps
+        # none, unless the reference update's extend left one.
+        anchored = o.subspace == "accumulate" and (o.boundary == "update" or bool(o.protect_update_from))
         for n in names:
             shape = tuple(params[n].shape)
             r = math.floor(first(shape) + 1e-9)
             if o.subspace == "accumulate":
                 r = max(r, S.max_protected_rank(shape, o.max_protected_ratio))
             method_state += 4 * (bases_numel(shape, min(r, min(shape)), o.projection)
-                                 + (math.prod(shape) if o.subspace == "accumulate" else 0))
+                                 + (math.prod(shape) if anchored else 0))
         ranks_rule = (f"{len(names)} target matrices, bases at "
                       + (f"max_protected_ratio {o.max_protected_ratio}" if o.subspace == "accumulate"
                          else (f"trr {o.trr}" if o.rank == "adaptive" else f"ratio {o.ratio}"))
-                      + (" + the anchor (fp32)" if o.subspace == "accumulate" else ""))
+                      + (" + the anchor (fp32)" if anchored else ""))
     rng = RNG_FILE_BYTES * world + FIXED_BYTES + PER_RANK_BYTES * world
     total = optimizer + weights + method_state + rng
     export = DTYPE_BYTES[cfg.output.export_dtype] * n_params

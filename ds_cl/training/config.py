@@ -66,6 +66,12 @@ class OSFTConfig:
     update_energy: float = 0.99
     # ... while each matrix's protected directions stay within this fraction of min(m, n).
     max_protected_ratio: float = 0.9
+    # accumulate: what a task boundary protects. update: the finished task's update (above). inputs: the
+    # span of the inputs the finished task fed each target layer (gradient projection memory), from
+    # `importance_samples` of its training samples run forward; the output side gets as many directions.
+    boundary: Literal["update", "inputs"] = "update"
+    # inputs: the added input directions hold this share of the inputs' energy outside what is protected.
+    input_energy: float = 0.99
     # Rank policy per matrix: the paper's adaptive layer importance, or one fixed ratio.
     rank: Literal["adaptive", "fixed"] = "adaptive"
     mrr: float = 0.1  # adaptive: minimum retained ratio
@@ -96,7 +102,7 @@ class OSFTConfig:
     # task: the SVD of the weights alone protects what pre-training wrote, not a small alignment update
     # on top of it (docs/osft.md). Needs `subspace: accumulate` (a refit would drop them at task 1).
     protect_update_from: Optional[str] = None
-    # Samples (per task) used for layer importance: the previous task's training data.
+    # Samples (per task) used for layer importance, and by `boundary: inputs`: the previous task's training data.
     importance_samples: int = 32
     # General data for the importance before the first task (a data file, read with `input_field`
     # / the same loaders as tasks). Null: the fixed rank policy (`ratio`) for the first fit.
@@ -462,6 +468,10 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     need(0 <= o.update_energy <= 1, "method.osft.update_energy", f"must be in [0, 1], got {o.update_energy}")
     need(0 <= o.max_protected_ratio <= 1, "method.osft.max_protected_ratio",
          f"must be in [0, 1], got {o.max_protected_ratio}")
+    need(0 < o.input_energy <= 1, "method.osft.input_energy", f"must be in (0, 1], got {o.input_energy}")
+    need(o.boundary == "update" or o.subspace == "accumulate", "method.osft.boundary",
+         f"{o.boundary} needs method.osft.subspace: accumulate (subspace {o.subspace} refits at every task "
+         f"and protects no finished task's inputs)")
     need(o.non_target_lr_scale >= 0, "method.osft.non_target_lr_scale", "must be >= 0")
     need(o.importance_samples >= 1, "method.osft.importance_samples", "must be >= 1")
     need(o.audit_every >= 1, "method.osft.audit_every", f"must be >= 1, got {o.audit_every}")

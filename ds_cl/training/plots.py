@@ -150,7 +150,7 @@ def protected_share(records: Sequence[dict], path: str | os.PathLike,
     """osft's protected.jsonl records (ds_cl.methods.osft.protected_record): one line per record (a fit or an
     extend, in order, later ones darker), the layers on the x axis (by index; `other` last), each layer's
     mean share of protected directions x 100 on the y axis; the legend names each line's phase, task, event
-    and overall share."""
+    (with an extend's kind) and overall share."""
     import matplotlib
 
     fig = Figure(figsize=(8.0, 4.2), dpi=100, layout="constrained")
@@ -169,7 +169,9 @@ def protected_share(records: Sequence[dict], path: str | os.PathLike,
     n = len(records)
     for i, r in enumerate(records):
         y = [100 * r["layers"][k] if k in r["layers"] else math.nan for k in layers]
-        label = f"phase {r['phase']} ({r['task']}) {r['event']}: {100 * r['share']:.1f}%"
+        # `kind`: what an extend protected (records written before it existed have none).
+        event = f"{r['event']} ({r['kind']})" if r.get("kind") else r["event"]
+        label = f"phase {r['phase']} ({r['task']}) {event}: {100 * r['share']:.1f}%"
         # At most 12 legend entries: the first and last five, the rest unnamed.
         ax.plot(x, y, color=cmap(0.85 * (1 - i / max(n - 1, 1))), lw=1.5, marker="o" if len(layers) <= 40 else None,
                 ms=3, label=label if n <= 12 or i < 5 or i >= n - 5 else None)
