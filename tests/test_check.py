@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from ds_cl.training.check import resolve_world, run_check
+from ds_cl.training.check import format_plan, resolve_world, run_check
 from tests.dist_utils import REPO, cpu_env
 from tests.fixtures import FIXTURES
 from tests.slurm_cluster import write_tiny_run
@@ -159,6 +159,31 @@ def test_eval_size_cap_is_stated_and_warned(run_cfg):
     assert chk.warnings.count("tasks.0 (colors): eval_size 100 is more than half of its 16 records: 8 held out for "
                               "evaluation (the cap: half the records), 8 left to train") == 1, chk.warnings
     assert not any("animals" in w and "eval_size" in w for w in chk.warnings)
+
+
+def test_protected_inputs_sources_are_read_and_planned(run_cfg):
+    """method.osft.protect_inputs_of: its files checked as method.replay.earlier's (a missing one is an
+    error), its records and tokens in the plan, and how many of them are run forward before the first task."""
+    src = f"[{{name: prior, train: {run_cfg.parent / 'animals.jsonl'}}}]"
+    chk = run_check(str(run_cfg), [f"method.osft.protect_inputs_of={src}", "method.osft.importance_samples=8"],
+                    world_size=2)
+    assert not chk.errors, chk.errors
+    pi = chk.plan["protect_inputs"]
+    assert pi["samples"] == 8 and [(t["name"], t["records"], t["train"]) for t in pi["sources"]] == [("prior", 16, 16)]
+    assert pi["sources"][0]["tokens"]["of"] == 16
+    text = format_plan(chk)
+    assert "protects    prior: 16 training records (method.osft.protect_inputs_of)" in text, text
+    assert "the inputs of 8 of them (method.osft.importance_samples) before the first task" in text, text
+    chk = run_check(str(run_cfg), [f"method.osft.protect_inputs_of={src}", "method.osft.importance_samples=9"],
+                    world_size=2)
+    assert not chk.errors and chk.plan["protect_inputs"]["samples"] == 8  # 4 per rank, the 9th left out
+    chk = run_check(str(run_cfg), [f"method.osft.protect_inputs_of={src}", "method.osft.importance_samples=1"],
+                    world_size=2)
+    assert chk.errors == ["method.osft.protect_inputs_of: 1 sample(s) to protect the inputs of "
+                          "(method.osft.importance_samples 1) are fewer than the 2 ranks: each rank needs one"]
+    missing = f"[{{name: prior, train: {run_cfg.parent / 'none.jsonl'}}}]"
+    chk = run_check(str(run_cfg), [f"method.osft.protect_inputs_of={missing}"], world_size=2)
+    assert len(chk.errors) == 1 and "method.osft.protect_inputs_of.0.train: no such file:" in chk.errors[0], chk.errors
 
 
 def test_truncation_count_matches_sentencepiece(run_cfg):

@@ -122,6 +122,34 @@ def test_osft_boundary_keys(tmp_path):
     assert "method.osft.boundary: inputs needs method.osft.subspace: accumulate" in msg, msg
 
 
+def test_osft_protect_inputs_of_key(tmp_path):
+    """method.osft.protect_inputs_of: null by default; a list of sources as method.replay.earlier's (paths
+    resolved against the config's folder); one-line errors without subspace accumulate, with projection
+    paper (boundary: inputs too), for a method that does not project, and for a missing file."""
+    o = load_config(write(tmp_path, base(tmp_path))).method.osft
+    assert o.protect_inputs_of is None
+    (tmp_path / "safety.jsonl").write_text('{"instruction": "Do harm.", "input": "", "output": "No."}\n')
+    src = {"name": "safety", "train": "safety.jsonl", "format": "alpaca"}
+    data = {**base(tmp_path), "method": {"name": "osft", "osft": {"protect_inputs_of": [src]}}}
+    got = load_config(write(tmp_path, data)).method.osft.protect_inputs_of
+    assert [(s.name, s.train, s.format) for s in got] == [("safety", str(tmp_path / "safety.jsonl"), "alpaca")]
+    msg = err(tmp_path, data, ["method.osft.subspace=refit"])
+    assert "method.osft.protect_inputs_of: needs method.osft.subspace: accumulate" in msg, msg
+    msg = err(tmp_path, data, ["method.osft.projection=paper"])
+    assert "method.osft.protect_inputs_of: needs method.osft.projection: two_sided" in msg, msg
+    msg = err(tmp_path, base(tmp_path), ["method.osft.boundary=inputs", "method.osft.projection=paper"])
+    assert "method.osft.boundary: inputs needs method.osft.projection: two_sided" in msg, msg
+    msg = err(tmp_path, data, ["method.name=seqft"])
+    assert "method.osft.protect_inputs_of: only method.name: osft or osft-replay protects" in msg, msg
+    msg = err(tmp_path, data, ["method.osft.protect_inputs_of.0.train=missing.jsonl"])
+    assert f"method.osft.protect_inputs_of.0.train: no such file: {tmp_path / 'missing.jsonl'}" in msg, msg
+    msg = err(tmp_path, data, ["method.osft.protect_inputs_of.0.eval_size=5"])
+    assert "method.osft.protect_inputs_of.0.eval_size: is not used" in msg, msg
+    msg = err(tmp_path, data, ["method.osft.protect_inputs_of=alignment"])
+    assert "method.osft.protect_inputs_of: expected list or NoneType, got 'alignment'" in msg, msg
+    assert "is an empty list" in err(tmp_path, data, ["method.osft.protect_inputs_of=[]"])
+
+
 def test_gradient_checkpointing_key_reaches_the_model(tmp_path):
     """model.gradient_checkpointing (YAML or override) switches HF gradient checkpointing on in build_model."""
     from ds_cl.training.modeling import build_model

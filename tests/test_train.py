@@ -234,3 +234,86 @@ def test_osft_inputs_boundary_runs_once_across_resumes(tmp_path):
     # Audited on the first step after the fit, the boundary, and the resume inside task b.
     assert [lk[:2] for lk in leaks] == [("a", 1), ("b", 1), ("b", 3)], leaks
     assert max(lk[2] for lk in leaks) <= 1e-5, leaks
+
+
+def test_osft_protects_the_inputs_of_earlier_data_before_the_first_task(tmp_path):
+    """method.osft.protect_inputs_of, on a model with a chat template: before the first task (after the fit)
+    the inputs its records feed each target layer are protected, once: stopped inside task a and resumed, the
+    run does not protect them again (one log line, one `extend` line of kind `inputs` at phase 0). The added
+    input directions V_d hold `input_energy` of those inputs (outside the fitted V_h; computed here in one
+    process from the same records), and task a's change of every target maps them to ~0."""
+    import glob
+
+    from ds_cl.core import subspace as S
+    from ds_cl.training.config import load_config
+    from ds_cl.training.data import load_earlier, load_tokenizer
+    from tests.test_eval_generate import make_tiny_model
+    from tests.test_retention import HARMFUL
+
+    tiny = make_tiny_model(tmp_path / "tiny")
+    prior = tmp_path / "prior.jsonl"
+    prior.write_text("".join(json.dumps({"instruction": h, "input": "", "output": "I'm sorry, I can't help with that."})
+                             + "\n" for h in HARMFUL + [f"{h} Now." for h in HARMFUL[:3]]))  # 8 records
+    out = tmp_path / "prot"
+    cfg = tiny_run_config(tmp_path, out, {"method": {"name": "osft", "osft": {
+        "rank": "fixed", "ratio": 0.5, "importance_samples": 8,
+        "protect_inputs_of": [{"name": "prior", "train": str(prior), "format": "alpaca"}]}}})
+    cfg["model"] = {"name_or_path": str(tiny), "dtype": "float32", "chat_template": True}
+    cfg["tasks"] = cfg["tasks"][:1]
+    path = write_run_config(cfg)
+    logged = "phase 0: protected the inputs of prior (2 batches per rank"  # 8 samples: 4 per rank, micro 2
+    first = train(path, "checkpoint.stop_after_steps=2")  # inside task a
+    assert first.stdout.count(logged) == 1, first.stdout[-3000:]
+    states = [torch.load(f, weights_only=True)
+              for f in sorted(glob.glob(str(out / "checkpoints" / "*" / "method_rank*.pt")))]
+    assert len(states) == 2, states
+    second = train(path, "--resume")
+    assert "phase 0: protected" not in second.stdout, second.stdout[-3000:]
+    assert json.loads((out / "summary.json").read_text())["complete"]
+    recs = protected_lines(out)
+    assert [(r["phase"], r["event"], r["kind"]) for r in recs] == [(0, "fit", None), (0, "extend", "inputs")], recs
+    fit, ext = recs
+    assert 0 < ext["added"] and ext["share"] == pytest.approx(fit["share"] + ext["added"])
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    leaks = [r["leak"] for r in metrics if "leak" in r]
+    assert leaks and max(leaks) <= 1e-5, leaks
+
+    # The protected records' inputs to each target, at the starting weights, as the trainer encodes them.
+    from transformers import AutoModelForCausalLM
+
+    run = load_config(path)
+    tok = load_tokenizer(str(tiny), chat_template=True)
+    samples = load_earlier(run.method.osft.protect_inputs_of[0], 0, tok, run.train.max_seq_len,
+                           within="method.osft.protect_inputs_of")
+    assert len(samples) == 8
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    w0 = {n: p.detach().double() for n, p in model.named_parameters()}
+    bases = {n: b for st in states for n, b in st["bases"].items()}
+    names = S.select_targets(list(w0))
+    assert set(bases) == set(names) and len(names) == 14
+    xs = {n: [] for n in names}
+    for n in names:
+        model.get_submodule(n.rpartition(".")[0]).register_forward_hook(
+            lambda mod, args, output, n=n: xs[n].append(args[0].reshape(-1, args[0].shape[-1]).double()))
+    with torch.no_grad():
+        for s in samples:
+            model(input_ids=torch.tensor([s.input_ids]))
+    w1 = load_file(out / "task_0_a" / "model.safetensors")
+    reached = 0
+    for n in names:
+        x = torch.cat(xs[n])
+        v = bases[n][1].double()
+        r0 = round(fit["matrices"][n] * min(w0[n].shape))
+        v_h, v_d = v[:, :r0], v[:, r0:]
+        k = v_d.shape[1]
+        assert k == round(ext["matrices"][n] * min(w0[n].shape)) - r0 and k > 0, n
+        # V_d holds input_energy (0.99) of the inputs outside V_h, unless the cap (0.9 x min(m, n)) stopped it.
+        rest = x - (x @ v_h) @ v_h.T
+        left = rest - (rest @ v_d) @ v_d.T
+        if k < S.max_protected_rank(w0[n].shape, 0.9) - r0:
+            assert left.norm() ** 2 <= (1 - 0.99) * rest.norm() ** 2 * (1 + 1e-3), n
+            reached += 1
+        dw = w1[n].double() - w0[n]
+        assert dw.norm() > 1e-4 * w0[n].norm(), f"{n} did not train in task a"
+        assert (dw @ v_d).norm() <= 1e-5 * dw.norm(), n
+    assert 0 < reached < len(names), reached  # both met: the energy reached (o_proj here), and the cap

@@ -10,7 +10,10 @@ subspace follows the sequence:
 * accumulate (osft-acc): the rank policy's fit once before the first task; at the start of each later
   task, `method.osft.boundary` says what is added to what is protected: `update`, the top directions of
   the previous task's update; `inputs`, the span of the inputs the previous task fed each target layer
-  (gradient projection memory's choice; `SubspaceProjector.extend_inputs`).
+  (gradient projection memory's choice; `SubspaceProjector.extend_inputs`). Before the first task it can
+  also protect what made the starting model: the update from `protect_update_from`'s weights, and the
+  span of the inputs that `protect_inputs_of`'s data (e.g. the starting model's safety alignment) feeds
+  each target layer.
 
 The optimizer has two parameter groups: the targets, and the rest (embeddings, norms, lm_head), whose
 learning rate is scaled by `method.osft.non_target_lr_scale` while the constraint is on.
@@ -130,8 +133,10 @@ class OSFT(Method):
                                           pre_step_copy=o.pre_step_copy)
 
     def constrained(self, phase: int) -> bool:
-        # Task 0 is constrained by the first fit or by the protected reference update (either gives bases).
-        return phase > 0 or self.opts.fit_before_first_task or bool(self.opts.protect_update_from)
+        # Task 0 is constrained by the first fit, the protected reference update or the protected inputs
+        # (each gives bases).
+        o = self.opts
+        return phase > 0 or o.fit_before_first_task or bool(o.protect_update_from) or bool(o.protect_inputs_of)
 
     def start_task(self, phase, phases, fresh):
         if not self.started:
@@ -152,6 +157,8 @@ class OSFT(Method):
                 self.protect_reference_update(phase, phases)
             elif self.opts.boundary == "update":  # the inputs boundary needs no task-start weights
                 self.projector.mark()
+            if self.opts.protect_inputs_of:  # the inputs of the data that made it (the weights unchanged)
+                self.protect_earlier_inputs(phase, phases)
         elif self.opts.boundary == "inputs":
             self.extend_inputs(phase, phases)
         else:
@@ -186,20 +193,41 @@ class OSFT(Method):
         """Protect the inputs the previous task fed each target layer: its training samples that the
         adaptive rank's importance reads (`importance_batches`: `importance_samples` of them, split over
         the ranks), run forward with the current weights."""
-        o, t0 = self.opts, time.time()
         prev = phases[phase - 1].name
-        batches = self.importance_batches(phase, phases)
+        self.protect_inputs(phase, phases, prev, self.importance_batches(phase, phases), "of its training samples")
+
+    def protect_earlier_inputs(self, phase, phases) -> None:
+        """Before the first task: protect the inputs that method.osft.protect_inputs_of's data (what the
+        starting model was tuned on) feeds each target layer: `importance_samples` of its training samples,
+        drawn once by the seed from all its sources' samples, split over the ranks, run forward with the
+        starting weights."""
+        import random
+
+        from ds_cl.training.data import load_earlier
+
+        o, within = self.opts, "method.osft.protect_inputs_of"
+        pool = [x for j, s in enumerate(o.protect_inputs_of)
+                for x in load_earlier(s, j, self.tokenizer, self.cfg.train.max_seq_len, within=within)]
+        samples = random.Random(f"{self.cfg.seed}-protect-inputs").sample(pool, min(len(pool), o.importance_samples))
+        names = ", ".join(s.name for s in o.protect_inputs_of)
+        self.protect_inputs(phase, phases, names, self.rank_batches(samples), f"of their training samples ({within})")
+
+    def protect_inputs(self, phase, phases, what: str, batches: list[dict] | None, samples: str) -> None:
+        """extend_inputs with `batches` (this rank's; None: fewer samples than ranks), the inputs of `what`,
+        and its log line and protected.jsonl record (kind `inputs`)."""
+        o, t0 = self.opts, time.time()
         if batches is None:
-            raise ValueError(f"task {phase} ({phases[phase].name}): protecting the inputs of {prev} needs at least "
-                             f"one of its training samples per rank ({self.dist.world} ranks)")
+            raise ValueError(f"task {phase} ({phases[phase].name}): protecting the inputs of {what} needs at least "
+                             f"one {samples} per rank ({self.dist.world} ranks, method.osft.importance_samples "
+                             f"{o.importance_samples})")
         try:
             added = self.projector.extend_inputs(batches, o.input_energy, o.max_protected_ratio)
         except ValueError as e:
-            raise ValueError(f"task {phase} ({phases[phase].name}): protecting the inputs of {prev} refused on "
+            raise ValueError(f"task {phase} ({phases[phase].name}): protecting the inputs of {what} refused on "
                              f"rank {self.dist.rank}: {e}") from None
         if self.dist.rank == 0:
             share = lambda r: mean_share(r, self.projector.shapes)  # noqa: E731
-            print(log_line(f"phase {phase}: protected the inputs of {prev} ({len(batches)} batches per rank, "
+            print(log_line(f"phase {phase}: protected the inputs of {what} ({len(batches)} batches per rank, "
                            f"+{100 * share(added):.1f}% of directions, now {100 * share(self.projector.ranks):.1f}%) "
                            f"in {time.time() - t0:.1f}s"), flush=True)
             self.record_protected(phase, phases, "extend", added, "inputs")
@@ -246,9 +274,9 @@ class OSFT(Method):
         """Inputs for the adaptive rank's layer importance and the inputs boundary: the previous task's data
         (same count on every rank); before the first task, general data if configured, else None (fixed
         ratio)."""
-        from ds_cl.training.data import Encoded, collate, encode_prompt_for_generation, epoch_order, read_records
+        from ds_cl.training.data import Encoded, encode_prompt_for_generation, epoch_order, read_records
 
-        o, d, mb = self.opts, self.dist, self.cfg.train.micro_batch_size
+        o = self.opts
         if phase > 0:
             prev = phases[phase - 1].train
             order = epoch_order(len(prev), self.cfg.seed, phase - 1, 0)[: o.importance_samples]
@@ -261,6 +289,15 @@ class OSFT(Method):
                                                      for t in texts)]
         else:
             return None
+        return self.rank_batches(samples)
+
+    def rank_batches(self, samples: list) -> list[dict] | None:
+        """This rank's share of `samples` (the same count on every rank: len // world, the rest left out) in
+        micro batches of input_ids and attention_mask on its device; None when there are fewer samples than
+        ranks."""
+        from ds_cl.training.data import collate
+
+        d, mb = self.dist, self.cfg.train.micro_batch_size
         per_rank = len(samples) // d.world
         if per_rank == 0:
             return None

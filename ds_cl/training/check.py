@@ -7,10 +7,10 @@ resolves to, without a GPU, DeepSpeed or a process group (docs/launching.md, "Ch
 The plan: the world size and where it came from; the batch arithmetic (micro x accumulation x world =
 global); per task the training and held-out records, the optimizer steps, and the tokens per training
 record (prompt + answer, with the run's tokenizer and chat template) against train.max_seq_len with how
-many records get truncated (the same for method.replay.earlier's sources, replayed whole); the model and
-tokenizer found (a local folder, or a hub id and whether the local HF cache holds it); the size of one
-checkpoint (from the parameter count and dtypes, as ds_cl/training/checkpoint.py stores it) and the disk
-free at output_dir.
+many records get truncated (the same for method.replay.earlier's sources, replayed whole, and for
+method.osft.protect_inputs_of's, whose inputs are protected); the model and tokenizer found (a local folder,
+or a hub id and whether the local HF cache holds it); the size of one checkpoint (from the parameter count
+and dtypes, as ds_cl/training/checkpoint.py stores it) and the disk free at output_dir.
 
 Every problem is one line `ds-cl train --check: error: ...` on stderr (all of them, not only the first);
 the exit status is 0 without errors, 2 with. Warnings do not fail the check. The checks themselves are
@@ -258,6 +258,9 @@ def percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[k]
 
 
+PROTECT_INPUTS = "method.osft.protect_inputs_of"
+
+
 def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
     """Records, held-out records (and the eval_size cap), steps per phase; with a tokenizer the tokens per
     training record against train.max_seq_len."""
@@ -310,6 +313,19 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
         n = rows if source.max_train_samples is None else min(rows, source.max_train_samples)
         earlier.append({"name": source.name, "records": rows, "train": n})
         n_earlier.append(n)
+    # method.osft.protect_inputs_of: importance_samples of all their records, before the first task
+    protect, protect_rows = [], []
+    o = cfg.method.osft
+    for j, source in enumerate(o.protect_inputs_of or []):
+        key = earlier_key(j, source, PROTECT_INPUTS)
+        try:
+            protect_rows.append(read_records(source.train, source.train_split, f"{key}.train"))
+        except (ValueError, OSError) as e:
+            chk.error(e)
+            return
+        rows = len(protect_rows[-1])
+        protect.append({"name": source.name, "records": rows,
+                        "train": rows if source.max_train_samples is None else min(rows, source.max_train_samples)})
     phases = []
     for name, n in phase_sizes(cfg, n_train, n_earlier):
         spe = steps_per_epoch(n, t.global_batch_size)
@@ -321,6 +337,14 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
     chk.plan["tasks"] = tasks
     if earlier:
         chk.plan["replay_earlier"] = earlier
+    if protect:
+        # split evenly over the ranks (the rest left out), as the trainer does (OSFT.rank_batches)
+        world = chk.plan.get("world", {}).get("size", 1)
+        drawn = min(o.importance_samples, sum(t["train"] for t in protect))
+        chk.plan["protect_inputs"] = {"sources": protect, "samples": drawn // world * world}
+        if drawn < world:
+            chk.error(f"{PROTECT_INPUTS}: {drawn} sample(s) to protect the inputs of (method.osft.importance_samples "
+                      f"{o.importance_samples}) are fewer than the {world} ranks: each rank needs one")
     chk.plan["phases"] = phases
     chk.plan["total_steps"] = sum(p["steps"] for p in phases)
     if tok is None:
@@ -363,6 +387,18 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
                 chk.warn(f"{earlier_key(j, source)}: {k['truncated']} of {k['of']} training records are longer "
                          f"than train.max_seq_len={t.max_seq_len} tokens (longest {k['max']}) and get truncated "
                          f"when replayed (their prompt's start is cut)")
+        for j, (source, entry, rows) in enumerate(zip(o.protect_inputs_of or [], protect, protect_rows)):
+            key = earlier_key(j, source, PROTECT_INPUTS)
+            try:
+                k = entry["tokens"] = token_lengths(load_earlier(source, j, tok, HUGE, rows, within=PROTECT_INPUTS),
+                                                    t.max_seq_len)
+            except (ValueError, OSError) as e:
+                chk.error(e)
+                continue
+            if k["truncated"]:
+                chk.warn(f"{key}: {k['truncated']} of {k['of']} training records are longer than "
+                         f"train.max_seq_len={t.max_seq_len} tokens (longest {k['max']}) and get truncated "
+                         f"when their inputs are protected (their prompt's start is cut)")
     finally:
         data_log.removeHandler(handler)
         data_log.propagate = propagate
@@ -632,6 +668,12 @@ def format_plan(chk: Check) -> str:
         row("replays", f"{t['name']}: {t['train']} training records (method.replay.earlier: all replayed from, "
                        f"none held out)")
         tokens_row(t)
+    if "protect_inputs" in p:
+        pi = p["protect_inputs"]
+        for t in pi["sources"]:
+            row("protects", f"{t['name']}: {t['train']} training records (method.osft.protect_inputs_of)")
+            tokens_row(t)
+        row("", f"  the inputs of {pi['samples']} of them (method.osft.importance_samples) before the first task")
     for ph in p.get("phases", []):
         row("steps", f"{ph['name']}: {ph['samples']} samples -> {ph['steps']} optimizer steps ({ph['steps_per_epoch']} "
                      f"per epoch x {ph['epochs']} epoch(s){', capped by train.max_steps_per_task' if ph['steps'] < ph['steps_per_epoch'] * ph['epochs'] else ''})")

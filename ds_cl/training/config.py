@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from ds_cl.methods import REGISTRY, REPLAYING
+from ds_cl.methods import PROJECTING, REGISTRY, REPLAYING
 from ds_cl.training.ds_config import check_ds_keys, load_ds_config, zero_stage
 from ds_cl.training.errors import ConfigError  # its home is errors.py; everything imports it from here
 
@@ -102,6 +102,13 @@ class OSFTConfig:
     # task: the SVD of the weights alone protects what pre-training wrote, not a small alignment update
     # on top of it (docs/osft.md). Needs `subspace: accumulate` (a refit would drop them at task 1).
     protect_update_from: Optional[str] = None
+    # Data the starting model was tuned on (e.g. its safety alignment), as method.replay.earlier's entries
+    # (the keys of `tasks:` entries; all records, none evaluated). Before the first task, `importance_samples`
+    # of their records (as training formats them: the prompt and answer, through the chat template) run
+    # forward and the span of the inputs they feed each target layer is protected, as `boundary: inputs`
+    # protects a finished task's (`input_energy` of it): later updates leave the layers' outputs on them
+    # unchanged. Needs `subspace: accumulate` and `projection: two_sided`.
+    protect_inputs_of: Optional[list[TaskConfig]] = None
     # Samples (per task) used for layer importance, and by `boundary: inputs`: the previous task's training data.
     importance_samples: int = 32
     # General data for the importance before the first task (a data file, read with `input_field`
@@ -472,6 +479,21 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     need(o.boundary == "update" or o.subspace == "accumulate", "method.osft.boundary",
          f"{o.boundary} needs method.osft.subspace: accumulate (subspace {o.subspace} refits at every task "
          f"and protects no finished task's inputs)")
+    need(o.boundary == "update" or o.projection == "two_sided", "method.osft.boundary",
+         f"{o.boundary} needs method.osft.projection: two_sided (its guarantee, dW x = 0 on the protected inputs, "
+         f"holds only when the update is projected on the input side too)")
+    if o.protect_inputs_of is not None:
+        need(o.subspace == "accumulate", "method.osft.protect_inputs_of",
+             f"needs method.osft.subspace: accumulate (subspace {o.subspace} refits at every task and would drop "
+             f"the protected inputs at task 1)")
+        need(o.projection == "two_sided", "method.osft.protect_inputs_of",
+             "needs method.osft.projection: two_sided (its guarantee, dW x = 0 on the protected inputs, holds "
+             "only when the update is projected on the input side too)")
+        need(cfg.method.name in PROJECTING, "method.osft.protect_inputs_of",
+             f"only method.name: {' or '.join(PROJECTING)} protects; with method.name {cfg.method.name} its "
+             f"{len(o.protect_inputs_of)} source(s) would be ignored (remove them)")
+        need(len(o.protect_inputs_of) >= 1, "method.osft.protect_inputs_of",
+             "is an empty list (give at least one source, or null)")
     need(o.non_target_lr_scale >= 0, "method.osft.non_target_lr_scale", "must be >= 0")
     need(o.importance_samples >= 1, "method.osft.importance_samples", "must be >= 1")
     need(o.audit_every >= 1, "method.osft.audit_every", f"must be >= 1, got {o.audit_every}")
@@ -539,13 +561,21 @@ def _validate(cfg: RunConfig, src: str, base: Path) -> None:
     need(not earlier or cfg.method.name in REPLAYING, "method.replay.earlier",
          f"only method.name: {' or '.join(REPLAYING)} replays; with method.name {cfg.method.name} its "
          f"{len(earlier)} source(s) would be ignored (remove them, or set method.name: replay)")
+    _check_earlier(earlier, "method.replay.earlier", "the replay pool", src, base, need)
+    _check_earlier(o.protect_inputs_of or [], "method.osft.protect_inputs_of", "the protected inputs' samples",
+                   src, base, need)
+
+
+def _check_earlier(sources: list[TaskConfig], within: str, joins: str, src: str, base: Path, need) -> None:
+    """A list of earlier sources (`within`: method.replay.earlier, method.osft.protect_inputs_of): tasks the
+    starting model was trained on, whose records all join `joins`; nothing of them is held out or evaluated."""
     seen = set()
     unused = {f.name: f.default for f in dataclasses.fields(TaskConfig) if f.name in EVAL_ONLY}
-    for j, source in enumerate(earlier):
-        key = f"method.replay.earlier.{j}"
+    for j, source in enumerate(sources):
+        key = f"{within}.{j}"
         for k, default in unused.items():
-            need(getattr(source, k) == default, f"{key}.{k}", "is not used: an earlier source's records all join "
-                 "the replay pool, none is held out or evaluated (remove it)")
+            need(getattr(source, k) == default, f"{key}.{k}", f"is not used: an earlier source's records all join "
+                 f"{joins}, none is held out or evaluated (remove it)")
         _check_source(source, key, "earlier source", seen, src, base, need, evaluated=False)
         need(source.max_train_samples is None or source.max_train_samples >= 1, f"{key}.max_train_samples",
              f"must be >= 1 (or null: all), got {source.max_train_samples}")

@@ -542,16 +542,22 @@ def encode_train(tok, task: TaskConfig, rows: list[dict], labels: list[str], key
     return encode_all(tok, to_examples(task, rows, labels, f"{key}.train"), max_len, f"{key} train")
 
 
-def earlier_key(index: int, source: TaskConfig) -> str:
-    """How errors name an entry of method.replay.earlier, as `tasks.N (name)` names a task."""
-    return f"method.replay.earlier.{index} ({source.name})"
+EARLIER = "method.replay.earlier"  # the list of earlier sources a key names; also method.osft.protect_inputs_of
 
 
-def load_earlier(source: TaskConfig, index: int, tok, max_len: int, rows: list[dict] | None = None) -> list[Encoded]:
+def earlier_key(index: int, source: TaskConfig, within: str = EARLIER) -> str:
+    """How errors name an entry of method.replay.earlier (or of another list of earlier sources, `within`:
+    method.osft.protect_inputs_of), as `tasks.N (name)` names a task."""
+    return f"{within}.{index} ({source.name})"
+
+
+def load_earlier(source: TaskConfig, index: int, tok, max_len: int, rows: list[dict] | None = None,
+                 within: str = EARLIER) -> list[Encoded]:
     """The training samples of method.replay.earlier's entry `index` (a task the starting model was trained on
-    before this run): all its records (the first max_train_samples), none held out, encoded as load_task
-    encodes a task's training records. `rows`: the source's records when the caller has read them already."""
-    key = earlier_key(index, source)
+    before this run; `within`: the list it is in, method.osft.protect_inputs_of's entries are read the same way):
+    all its records (the first max_train_samples), none held out, encoded as load_task encodes a task's
+    training records. `rows`: the source's records when the caller has read them already."""
+    key = earlier_key(index, source, within)
     if rows is None:
         rows = read_records(source.train, source.train_split, f"{key}.train")
     rows = capped_train_rows(source, rows, key)

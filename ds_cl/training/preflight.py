@@ -6,8 +6,8 @@ naming what and where (docs/reliability.md has the table of cases), not after mi
 
 What is checked beyond the run config's own validation (ds_cl/training/config.py): the output folder, the
 tokenizer, the model folder (config, safetensors weights), tokenizer/model vocabulary sizes, every
-task's data files and method.replay.earlier's (read and mapped to prompts; tokenisation is left to the
-trainer) and the DeepSpeed config against the run config and the world size.
+task's data files, method.replay.earlier's and method.osft.protect_inputs_of's (read and mapped to prompts;
+tokenisation is left to the trainer) and the DeepSpeed config against the run config and the world size.
 """
 
 from __future__ import annotations
@@ -276,12 +276,14 @@ def check_data(cfg: RunConfig) -> None:
             if not callable(fn):
                 raise ConfigError(f"{key}.metric: {task.metric!r} is a {type(fn).__name__}, not a function "
                                   f"(prediction, reference) -> float")
-    for j, source in enumerate(cfg.method.replay.earlier):  # all their records train: read them all
-        try:
-            read_train(source, earlier_key(j, source))
-        except (ValueError, OSError) as e:
-            raise ConfigError(str(e).splitlines()[0]) from None
     o = cfg.method.osft
+    for within, sources in (("method.replay.earlier", cfg.method.replay.earlier),
+                            ("method.osft.protect_inputs_of", o.protect_inputs_of or [])):
+        for j, source in enumerate(sources):  # all their records train (or are protected): read them all
+            try:
+                read_train(source, earlier_key(j, source, within))
+            except (ValueError, OSError) as e:
+                raise ConfigError(str(e).splitlines()[0]) from None
     if cfg.method.name in PROJECTING and o.first_task_importance_data:
         rows = read_records(o.first_task_importance_data, "train", "method.osft.first_task_importance_data")
         if not rows or o.first_task_importance_field not in rows[0]:
