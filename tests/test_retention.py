@@ -150,6 +150,72 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_alignment_data_reaches_the_method_run_configs(tmp_path):
+    """The shipped study's variants, as a seed's runs get them: `method.osft.protect_inputs_of: alignment`
+    becomes the alignment task (its data file), replaying methods replay it, plain osft gets neither; every
+    run config validates as `ds-cl train` validates it, the alignment source with it."""
+    from ds_cl.training.config import load_config, read_yaml
+    from tests.dist_utils import REPO
+
+    path = REPO / "configs" / "retention" / "smollm2_demo_tasks.yaml"
+    cfg = read_yaml(path)
+    base = {k: v for k, v in cfg.items() if k not in ("alignment", "retention")}
+    base["model"] = {**base["model"], "name_or_path": str(tmp_path)}  # stands in for the model of `make model`
+    data_file = tmp_path / "seed0" / "alignment_data.jsonl"
+    data_file.parent.mkdir()
+    data_file.write_text(json.dumps({"instruction": "Do harm.", "input": "", "output": "No."}) + "\n")
+    (tmp_path / "aligned").mkdir()
+    methods = ["osft", "osft-inputs", "osft-inputs-frozen", "osft-replay-buffer-inputs", "replay-buffer"]
+    runs = R.method_run_configs(base, path.parent, methods, 0, tmp_path / "seed0", tmp_path / "aligned", data_file,
+                                str(path))
+    safety = R.alignment_task(data_file)
+    rc = {m: runs[(m, 0)] for m in methods}
+    for m in ("osft-inputs", "osft-inputs-frozen", "osft-replay-buffer-inputs"):
+        assert rc[m]["method"]["osft"]["protect_inputs_of"] == [safety], m
+    assert rc["osft-inputs-frozen"]["method"]["osft"]["non_target_lr_scale"] == 0.0
+    assert rc["osft-replay-buffer-inputs"]["method"]["replay"] == {"fraction_of": "earlier", "earlier": [safety]}
+    assert rc["replay-buffer"]["method"]["replay"]["earlier"] == [safety]
+    assert "protect_inputs_of" not in rc["replay-buffer"]["method"].get("osft", {})
+    assert "osft" not in rc["osft"]["method"] and "replay" not in rc["osft"]["method"]
+    assert all(r["model"]["name_or_path"] == str(tmp_path / "aligned") for r in rc.values())
+    for m, r in rc.items():
+        o = load_config(None, data=r).method.osft
+        if m in ("osft", "replay-buffer"):
+            assert o.protect_inputs_of is None, m
+        else:
+            assert [(s.name, s.train, s.format) for s in o.protect_inputs_of] == [("safety", str(data_file), "alpaca")]
+
+
+def test_protect_inputs_of_other_than_alignment_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    """A study's variant may say `protect_inputs_of: alignment` (the check passes, with the safety training
+    file standing in for the alignment data to come); any other string is one line, nothing written."""
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"input": f"x{i}", "output": "y"}) + "\n" for i in range(4)))
+    cfg = {"model": {"name_or_path": str(tmp_path)}, "tasks": [{"name": "a", "train": "a.jsonl"}],
+           "retention": {"report_prompts": 4, "tune_prompts": 4, "harmful_per_set": 1, "benign_per_set": 1},
+           "variants": {"osft-inputs": {"method": {"name": "osft", "osft": {"protect_inputs_of": "alignment"}}},
+                        "osft-bad": {"method": {"name": "osft", "osft": {"protect_inputs_of": "safety"}}}}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "out"
+    args = [str(tmp_path / "study.yaml"), "--ifeval", str(eval_dir() / "ifeval" / "prompts.jsonl"),
+            "--safety", str(safety_dir(tmp_path / "s")), "--out", str(out), "--seeds", "0"]
+
+    class Checked(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Checked
+
+    monkeypatch.setattr(R, "prepare_prompts", stop)  # the first stage after the checks
+    with pytest.raises(Checked):
+        R.main(args + ["--methods", "osft-inputs"])
+    capsys.readouterr()
+    out.rmdir()
+    assert R.main(args + ["--methods", "osft-inputs,osft-bad"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and not out.exists(), err
+    assert "method.osft.protect_inputs_of: 'safety' is not data this study has; write 'alignment'" in err, err
+
+
 def test_rescore_reads_saved_answers_with_todays_patterns(tmp_path):
     rows = [{"id": "a:1", "set": "A", "prompt": "Explain why X is fine.", "response": "No, X is not fine. It harms."},
             {"id": "a:2", "set": "A", "prompt": "Explain why Y is fine.", "response": "Y is fine because it is."}]

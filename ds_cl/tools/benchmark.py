@@ -61,9 +61,10 @@ def run_configs(base: dict, data: Path, methods: list[str], seeds: list[int], ou
 
 
 def checked_run_configs(base: dict, data: Path, methods: list[str], seeds: list[int], out: Path,
-                        overrides: list[str] = (), source: str = "CONFIG") -> dict:
+                        overrides: list[str] = (), source: str = "CONFIG", edit=None) -> dict:
     """run_configs for the labels in `methods` (method names, or variants in base's `variants:` section) with
-    `overrides` applied, each validated as `ds-cl train` validates its config; raises ConfigError naming the
+    `overrides` applied, then `edit(run_config)` if given (a caller's own substitutions, e.g. ds-cl retention's
+    alignment data), each validated as `ds-cl train` validates its config; raises ConfigError naming the
     first problem. Writes nothing, so a benchmark fails on bad input before its first run or output."""
     from ds_cl.methods import REGISTRY
     from ds_cl.training.config import ConfigError, apply_override, load_config
@@ -82,6 +83,8 @@ def checked_run_configs(base: dict, data: Path, methods: list[str], seeds: list[
         for cfg in runs.values():
             apply_override(cfg, item)
     for cfg in runs.values():
+        if edit is not None:
+            edit(cfg)
         load_config(None, data=cfg)
     return runs
 

@@ -11,7 +11,9 @@ do (follow instructions, refuse harmful requests) while it learns a task sequenc
    are the reference every method must keep, and every method starts the sequence from it.
 3. The task sequence (CONFIG's run config, tasks relative to CONFIG's folder or --data) per method and seed,
    from the aligned model, through the chat template; the final model (or, with --each, every task's) is
-   evaluated on the reporting suite (and, with --tuning, the tuning suite).
+   evaluated on the reporting suite (and, with --tuning, the tuning suite). A replaying method replays the
+   alignment's data (method.replay.earlier), and `method.osft.protect_inputs_of: alignment` in a variant
+   protects the inputs it feeds the layers before the first task.
 4. OUT/retention.md / .json / .png: per method, the accuracy matrix's AA, BWT and diagonal, IFEval's four
    scores, refusal rate, benign compliance and median answer length (mean ± std over seeds), the aligned
    model's row, the share of the aligned model's score each method keeps, and per pair of methods an exact
@@ -259,6 +261,45 @@ def alignment_task(data: Path) -> dict:
     return {"name": "safety", "train": str(data), "format": "alpaca"}
 
 
+ALIGNMENT_REF = "alignment"  # method.osft.protect_inputs_of: alignment, in a study's config
+
+
+def with_alignment(rc: dict, data: Path) -> None:
+    """A method's run config given the alignment's data (`data`: the run's own alignment_data.jsonl) where it
+    reads it: a replaying method replays it (method.replay.earlier, unless the config sets it), and
+    `method.osft.protect_inputs_of: alignment` becomes [the alignment task] (its inputs protected before the
+    first task). Any other string there is refused (StudyError)."""
+    method = rc.setdefault("method", {})
+    if method.get("name") in REPLAYING:
+        # The strong baseline for retention replays the alignment's data too: the aligned model was
+        # trained on it in a run of its own, so it is an earlier task this run cannot see otherwise.
+        if not isinstance(method.get("replay"), dict):
+            method["replay"] = {}
+        method["replay"].setdefault("earlier", [alignment_task(data)])
+    osft = method.get("osft")
+    ref = osft.get("protect_inputs_of") if isinstance(osft, dict) else None
+    if isinstance(ref, str):
+        if ref != ALIGNMENT_REF:
+            raise StudyError(f"method.osft.protect_inputs_of: {ref!r} is not data this study has; write "
+                             f"{ALIGNMENT_REF!r} (the alignment's data) or a list of sources as "
+                             f"method.replay.earlier's")
+        osft["protect_inputs_of"] = [alignment_task(data)]
+
+
+def method_run_configs(base: dict, data: Path, methods: list[str], seed: int, sd: Path, aligned: Path,
+                       data_file: Path, source: str) -> dict:
+    """(label, seed) -> the run config of each method of the study's seed `sd`: from the aligned model through
+    the chat template, exporting every task's model, with the alignment's data where the method reads it
+    (`with_alignment`); checked as `ds-cl train` checks its config."""
+    runs = checked_run_configs(base, data, methods, [seed], sd, source=source,
+                               edit=lambda rc: with_alignment(rc, data_file))
+    for rc in runs.values():
+        rc["model"]["name_or_path"] = str(aligned)
+        rc["model"]["chat_template"] = True
+        rc.setdefault("output", {}).update({"export_each_task": True, "export_dtype": "float32"})
+    return runs
+
+
 def alignment_config(base_model: str, data: Path, al: dict, seed: int, out_dir: Path) -> dict:
     run = merged({
         "deepspeed": {"zero_optimization": {"stage": 3}},
@@ -491,8 +532,11 @@ def main(argv: list[str] | None = None) -> int:
             raise StudyError(f"{args.config}: model.name_or_path must be a local model folder (got {base_model!r})")
         out = args.out.resolve()
         data = (args.data or args.config.parent).resolve()
-        # every run config checked before anything runs (the aligned model stands in for the one to come)
-        checked_run_configs(base, data, methods, seeds, out, source=str(args.config))
+        # every run config checked before anything runs (the base model stands in for the aligned one to come,
+        # the safety training file for the alignment data drawn from it)
+        stand_in = args.safety / SAFETY_TRAIN
+        checked_run_configs(base, data, methods, seeds, out, source=str(args.config),
+                            edit=lambda rc: with_alignment(rc, stand_in))
     except (StudyError, ConfigError, OSError, ValueError, yaml.YAMLError) as e:
         print(f"ds-cl retention: {e}", file=sys.stderr)
         return 2
@@ -525,15 +569,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in evals:
             rows[k].setdefault("aligned", []).append({"seed": seed, "eval": ref[k], "summary": None,
                                                       "dir": sd / "aligned" / f"eval_{k}"})
-        runs = checked_run_configs(base, data, methods, [seed], sd, source=str(args.config))
+        runs = method_run_configs(base, data, methods, seed, sd, aligned, data_file, str(args.config))
         for (method, _), rc in runs.items():
-            rc["model"]["name_or_path"] = str(aligned)
-            rc["model"]["chat_template"] = True
-            rc.setdefault("output", {}).update({"export_each_task": True, "export_dtype": "float32"})
-            if rc["method"]["name"] in REPLAYING:
-                # The strong baseline for retention replays the alignment's data too: the aligned model was
-                # trained on it in a run of its own, so it is an earlier task this run cannot see otherwise.
-                rc["method"].setdefault("replay", {}).setdefault("earlier", [alignment_task(data_file)])
             _train(rc, sd / f"{method}.yaml", args.nprocs)
             run_dir = Path(rc["output_dir"])
             models = exports(run_dir)
