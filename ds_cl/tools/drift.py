@@ -3,7 +3,7 @@ carried a model's drift away from the behaviour of the model it started from? Fo
 a task sequence that started from REFERENCE, the aligned model), the model as trained and with one group of
 its parameters put back to REFERENCE's values in turn: the embeddings (tied to `lm_head` in SmolLM2), the
 norms, osft's target matrices, everything but the targets. Each variant, and REFERENCE itself, is scored by
-what is asked, at least one of:
+what is asked (at least one of the two below).
 
 - `--answers EVAL_DIR`: teacher forcing REFERENCE's own answers (EVAL_DIR: a `ds-cl eval` folder of
   REFERENCE, its `responses_ifeval.jsonl` and the harmful prompts it refused, `safety.json`) through the
