@@ -182,11 +182,16 @@ class OSFT(Method):
         except ValueError as e:
             raise ValueError(f"task {phase} ({phases[phase].name}): protecting {what} refused on rank "
                              f"{self.dist.rank}: {e}") from None
+        self.extended(phase, phases, what, added, "update", t0)
+
+    def extended(self, phase, phases, what: str, added: dict[str, int], kind: str, t0: float, detail: str = "") -> None:
+        """After an extend of `kind` (update / inputs): rank 0's log line and protected.jsonl record, then the
+        fault point a test stops at."""
         if self.dist.rank == 0:
             share = lambda r: mean_share(r, self.projector.shapes)  # noqa: E731
-            print(log_line(f"phase {phase}: protected {what} (+{100 * share(added):.1f}% of directions, now "
+            print(log_line(f"phase {phase}: protected {what} ({detail}+{100 * share(added):.1f}% of directions, now "
                            f"{100 * share(self.projector.ranks):.1f}%) in {time.time() - t0:.1f}s"), flush=True)
-            self.record_protected(phase, phases, "extend", added, "update")
+            self.record_protected(phase, phases, "extend", added, kind)
         fault_point("fit", self.dist.rank, phase=phase)
 
     def extend_inputs(self, phase, phases) -> None:
@@ -225,13 +230,8 @@ class OSFT(Method):
         except ValueError as e:
             raise ValueError(f"task {phase} ({phases[phase].name}): protecting the inputs of {what} refused on "
                              f"rank {self.dist.rank}: {e}") from None
-        if self.dist.rank == 0:
-            share = lambda r: mean_share(r, self.projector.shapes)  # noqa: E731
-            print(log_line(f"phase {phase}: protected the inputs of {what} ({len(batches)} batches per rank, "
-                           f"+{100 * share(added):.1f}% of directions, now {100 * share(self.projector.ranks):.1f}%) "
-                           f"in {time.time() - t0:.1f}s"), flush=True)
-            self.record_protected(phase, phases, "extend", added, "inputs")
-        fault_point("fit", self.dist.rank, phase=phase)
+        self.extended(phase, phases, f"the inputs of {what}", added, "inputs", t0,
+                      detail=f"{len(batches)} batches per rank, ")
 
     def fit(self, phase, phases) -> None:
         from ds_cl.core.subspace import AdaptiveRank, FixedRank

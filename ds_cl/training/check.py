@@ -261,12 +261,44 @@ def percentile(sorted_values: list[int], q: float) -> int:
 PROTECT_INPUTS = "method.osft.protect_inputs_of"
 
 
+def read_earlier(sources: list, within: str) -> tuple[list[dict], list[list[dict]]]:
+    """A list of earlier sources (method.replay.earlier, method.osft.protect_inputs_of: `within`), each read
+    once: its plan entries ({name, records, train}) and its records. Raises on the first unreadable file."""
+    from ds_cl.training.data import earlier_key, read_records
+
+    entries, rows = [], []
+    for j, source in enumerate(sources):
+        rows.append(read_records(source.train, source.train_split, f"{earlier_key(j, source, within)}.train"))
+        n = len(rows[-1])
+        entries.append({"name": source.name, "records": n,
+                        "train": n if source.max_train_samples is None else min(n, source.max_train_samples)})
+    return entries, rows
+
+
+def earlier_tokens(chk: Check, sources: list, entries: list[dict], rows: list[list[dict]], within: str, tok,
+                   max_len: int, when: str) -> None:
+    """Tokens per record of each earlier source (into its plan entry), and a warning for those cut at
+    train.max_seq_len (`when`: where the cut records are used)."""
+    from ds_cl.training.data import earlier_key, load_earlier
+
+    for j, (source, entry, recs) in enumerate(zip(sources, entries, rows)):
+        try:
+            k = entry["tokens"] = token_lengths(load_earlier(source, j, tok, HUGE, recs, within=within), max_len)
+        except (ValueError, OSError) as e:
+            chk.error(e)
+            continue
+        if k["truncated"]:
+            chk.warn(f"{earlier_key(j, source, within)}: {k['truncated']} of {k['of']} training records are longer "
+                     f"than train.max_seq_len={max_len} tokens (longest {k['max']}) and get truncated "
+                     f"{when} (their prompt's start is cut)")
+
+
 def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
     """Records, held-out records (and the eval_size cap), steps per phase; with a tokenizer the tokens per
     training record against train.max_seq_len."""
     import logging
 
-    from ds_cl.training.data import earlier_key, load_earlier, load_task, read_records, steps_per_epoch
+    from ds_cl.training.data import load_task, read_records, steps_per_epoch
 
     t = cfg.train
     # each training file read once: counted here, tokenised below from the same records
@@ -301,31 +333,17 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
         tasks.append(entry)
         n_train.append(n)
     # method.replay.earlier: every record trains (replayed), none is held out
-    earlier, n_earlier, earlier_rows = [], [], []
-    for j, source in enumerate(cfg.method.replay.earlier):
-        key = earlier_key(j, source)
-        try:
-            earlier_rows.append(read_records(source.train, source.train_split, f"{key}.train"))
-        except (ValueError, OSError) as e:
-            chk.error(e)
-            return
-        rows = len(earlier_rows[-1])
-        n = rows if source.max_train_samples is None else min(rows, source.max_train_samples)
-        earlier.append({"name": source.name, "records": rows, "train": n})
-        n_earlier.append(n)
-    # method.osft.protect_inputs_of: importance_samples of all their records, before the first task
-    protect, protect_rows = [], []
+    from ds_cl.training.data import EARLIER
+
     o = cfg.method.osft
-    for j, source in enumerate(o.protect_inputs_of or []):
-        key = earlier_key(j, source, PROTECT_INPUTS)
-        try:
-            protect_rows.append(read_records(source.train, source.train_split, f"{key}.train"))
-        except (ValueError, OSError) as e:
-            chk.error(e)
-            return
-        rows = len(protect_rows[-1])
-        protect.append({"name": source.name, "records": rows,
-                        "train": rows if source.max_train_samples is None else min(rows, source.max_train_samples)})
+    try:
+        earlier, earlier_rows = read_earlier(cfg.method.replay.earlier, EARLIER)
+        # method.osft.protect_inputs_of: importance_samples of all their records, before the first task
+        protect, protect_rows = read_earlier(o.protect_inputs_of or [], PROTECT_INPUTS)
+    except (ValueError, OSError) as e:
+        chk.error(e)
+        return
+    n_earlier = [e["train"] for e in earlier]
     phases = []
     for name, n in phase_sizes(cfg, n_train, n_earlier):
         spe = steps_per_epoch(n, t.global_batch_size)
@@ -377,28 +395,10 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
                 chk.warn(f"tasks.{i} ({task.name}): {k['truncated']} of {k['of']} training records are longer than "
                          f"train.max_seq_len={t.max_seq_len} tokens (longest {k['max']}) and get truncated "
                          f"(their prompt's start is cut)")
-        for j, (source, entry, rows) in enumerate(zip(cfg.method.replay.earlier, earlier, earlier_rows)):
-            try:
-                k = entry["tokens"] = token_lengths(load_earlier(source, j, tok, HUGE, rows), t.max_seq_len)
-            except (ValueError, OSError) as e:
-                chk.error(e)
-                continue
-            if k["truncated"]:
-                chk.warn(f"{earlier_key(j, source)}: {k['truncated']} of {k['of']} training records are longer "
-                         f"than train.max_seq_len={t.max_seq_len} tokens (longest {k['max']}) and get truncated "
-                         f"when replayed (their prompt's start is cut)")
-        for j, (source, entry, rows) in enumerate(zip(o.protect_inputs_of or [], protect, protect_rows)):
-            key = earlier_key(j, source, PROTECT_INPUTS)
-            try:
-                k = entry["tokens"] = token_lengths(load_earlier(source, j, tok, HUGE, rows, within=PROTECT_INPUTS),
-                                                    t.max_seq_len)
-            except (ValueError, OSError) as e:
-                chk.error(e)
-                continue
-            if k["truncated"]:
-                chk.warn(f"{key}: {k['truncated']} of {k['of']} training records are longer than "
-                         f"train.max_seq_len={t.max_seq_len} tokens (longest {k['max']}) and get truncated "
-                         f"when their inputs are protected (their prompt's start is cut)")
+        earlier_tokens(chk, cfg.method.replay.earlier, earlier, earlier_rows, EARLIER, tok, t.max_seq_len,
+                       "when replayed")
+        earlier_tokens(chk, o.protect_inputs_of or [], protect, protect_rows, PROTECT_INPUTS, tok, t.max_seq_len,
+                       "when their inputs are protected")
     finally:
         data_log.removeHandler(handler)
         data_log.propagate = propagate
