@@ -208,9 +208,9 @@ class OSFT(Method):
         starting weights."""
         import random
 
-        from ds_cl.training.data import load_earlier
+        from ds_cl.training.data import PROTECT_INPUTS as within, load_earlier
 
-        o, within = self.opts, "method.osft.protect_inputs_of"
+        o = self.opts
         pool = [x for j, s in enumerate(o.protect_inputs_of)
                 for x in load_earlier(s, j, self.tokenizer, self.cfg.train.max_seq_len, within=within)]
         samples = random.Random(f"{self.cfg.seed}-protect-inputs").sample(pool, min(len(pool), o.importance_samples))

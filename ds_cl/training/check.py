@@ -258,8 +258,6 @@ def percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[k]
 
 
-PROTECT_INPUTS = "method.osft.protect_inputs_of"
-
 
 def read_earlier(sources: list, within: str) -> tuple[list[dict], list[list[dict]]]:
     """A list of earlier sources (method.replay.earlier, method.osft.protect_inputs_of: `within`), each read
@@ -333,7 +331,7 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
         tasks.append(entry)
         n_train.append(n)
     # method.replay.earlier: every record trains (replayed), none is held out
-    from ds_cl.training.data import EARLIER
+    from ds_cl.training.data import EARLIER, PROTECT_INPUTS
 
     o = cfg.method.osft
     try:

@@ -542,7 +542,9 @@ def encode_train(tok, task: TaskConfig, rows: list[dict], labels: list[str], key
     return encode_all(tok, to_examples(task, rows, labels, f"{key}.train"), max_len, f"{key} train")
 
 
-EARLIER = "method.replay.earlier"  # the list of earlier sources a key names; also method.osft.protect_inputs_of
+# The lists of earlier sources a key names (earlier_key, load_earlier's `within`).
+EARLIER = "method.replay.earlier"
+PROTECT_INPUTS = "method.osft.protect_inputs_of"
 
 
 def earlier_key(index: int, source: TaskConfig, within: str = EARLIER) -> str:
