@@ -16,15 +16,14 @@ setup: $(STAMP)
 # torch first: with no CUDA, torch==2.13.0 is the CPU build (an unpinned torch, asked for by
 # deepspeed's build, would pull gigabytes of CUDA wheels); with CUDA the same release's CUDA build.
 # deepspeed ships only an sdist whose setup.py imports torch, so it is built against the torch we
-# installed (--no-build-isolation). Last, DeepSpeed's CPU ops (shared-memory all-reduce, CPU Adam) are
-# compiled here, with a line each, instead of silently inside the first run or test (~1-2 min each).
+# installed (--no-build-isolation). No DeepSpeed op is compiled here: the demo and a CPU `ds-cl train`
+# use none (ds-cl skips DeepSpeed's shared-memory all-reduce and trains with torch's AdamW on CPU).
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c $(LOCK) pip setuptools wheel
 	$(PIP) install -q -c $(LOCK) torch
 	$(PIP) install -q -c $(LOCK) --no-build-isolation deepspeed
 	$(PIP) install -q -c $(LOCK) -e '.[test]'
-	DS_ACCELERATOR=cpu $(VENV)/bin/python -m ds_cl.tools.ops build
 	touch $@
 
 demo: model
@@ -33,9 +32,13 @@ demo: model
 # The suite needs the real model too (the demo's and the real-model tests). Two test files at a time
 # (pytest-xdist; each file stays on one worker, so its module fixtures run once), heaviest files first:
 # tests/conftest.py orders them, and --no-loadscope-reorder keeps that order (xdist would hand out the
-# files with the most tests first). WORKERS=0 runs the suite in one process, as before.
+# files with the most tests first). WORKERS=0 runs the suite in one process, as before. First DeepSpeed's
+# CPU ops are compiled (once per machine, ~1-2 min each, a line each; a no-op once built), instead of
+# silently inside the first test that starts them: CPU Adam (the projector's tests) and the shared-memory
+# all-reduce (started by a process group that does not come through ds-cl's init_distributed).
 WORKERS ?= 2
 test: model
+	DS_ACCELERATOR=cpu $(PY) -m ds_cl.tools.ops build
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 # The long measurements left out of `make test` (tests marked slow: the demo's contrast over 3 seeds).

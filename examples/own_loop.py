@@ -56,8 +56,8 @@ args = p.parse_args()
 MICRO_BATCH, ACCUMULATION = 2, 2
 
 # ---------------------------------------------------------------------------------------------- setup
-# deepspeed.init_distributed() would do; ds-cl's wrapper also frees DeepSpeed's CPU shared-memory
-# segment, which otherwise stays in /dev/shm after every CPU run.
+# deepspeed.init_distributed() would do; on CPU ds-cl's wrapper also skips DeepSpeed's shared-memory
+# all-reduce op (a compile, and a segment left in /dev/shm after every run; only inference uses it).
 init_distributed()
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(args.seed)  # every rank builds the same initial model

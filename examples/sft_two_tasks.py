@@ -66,7 +66,7 @@ DS_CONFIG = prepare_ds_config({
     "steps_per_print": 10 ** 9,
 })
 
-init_distributed()  # deepspeed.init_distributed, and DeepSpeed's CPU shared memory released at exit
+init_distributed()  # deepspeed.init_distributed, without DeepSpeed's CPU shared-memory op (nothing left in /dev/shm)
 rank, world = dist.get_rank(), dist.get_world_size()
 model = tiny_llama(args.seed)  # the same initial weights on every rank and in every path
 

@@ -95,6 +95,23 @@ def test_optimizer_needs_no_compiler_on_any_accelerator():
     assert dsc.build_ds_config(run_cfg(ds={"optimizer": named}), world=1, on_cpu=False)["optimizer"] == named
 
 
+def test_cpu_adam_is_built_only_where_deepspeed_runs_it():
+    """`ds-cl train` announces DeepSpeed's CPU Adam compile (~1-2 min, silent otherwise) when the run will build
+    it: under optimizer offload, on a GPU, or on CPU with the config's own optimizer section (on CPU without
+    one, build_ds_config gives torch's AdamW); never without offload."""
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    named = {**offload, "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}}
+    assert dsc.builds_cpu_adam(offload, on_cpu=True) is False
+    assert dsc.builds_cpu_adam(offload, on_cpu=False) is True
+    assert dsc.builds_cpu_adam(named, on_cpu=True) is True
+    nvme = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}
+    assert dsc.builds_cpu_adam(nvme, on_cpu=False) is True
+    for plain in ({}, {"zero_optimization": {"stage": 3}}, {"optimizer": named["optimizer"]},
+                  {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "none"}}}):
+        for on_cpu in (True, False):
+            assert dsc.builds_cpu_adam(plain, on_cpu=on_cpu) is False, (plain, on_cpu)
+
+
 # -- precision and ZeRO stage ----------------------------------------------------------------------------
 
 
@@ -255,7 +272,8 @@ def test_free_port_from_the_kernel_or_from_a_range(monkeypatch):
 
 def test_train_gives_the_process_group_the_run_configs_timeout(tmp_path, monkeypatch):
     """train.dist_timeout_minutes (default 60: rank 0 exports, evaluates and deletes old checkpoints while
-    the others wait in a collective) and train.deterministic reach the process's start-up."""
+    the others wait in a collective), train.deterministic and the DeepSpeed config (to announce a CPU Adam
+    compile) reach the process's start-up."""
     from ds_cl.training import train
     from tests.fixtures import tiny_run_config, train_sentencepiece, write_run_config
 
@@ -270,9 +288,10 @@ def test_train_gives_the_process_group_the_run_configs_timeout(tmp_path, monkeyp
 
     monkeypatch.setattr(env, "build_distributed", build_distributed)
     train_sentencepiece(tmp_path / "tok.model")
-    for extra, expect in (({}, {"timeout_minutes": 60.0, "deterministic": False}),
+    zero3 = {"zero_optimization": {"stage": 3}}  # tiny_run_config's DeepSpeed config, as the user gave it
+    for extra, expect in (({}, {"timeout_minutes": 60.0, "deterministic": False, "ds_config": zero3}),
                           ({"train": {"dist_timeout_minutes": 90, "deterministic": True}},
-                           {"timeout_minutes": 90.0, "deterministic": True})):
+                           {"timeout_minutes": 90.0, "deterministic": True, "ds_config": zero3})):
         with pytest.raises(Started):
             train.main([str(write_run_config(tiny_run_config(tmp_path, tmp_path / "out", extra)))])
         assert seen.pop() == expect

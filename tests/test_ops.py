@@ -1,5 +1,6 @@
 """ds_cl.tools.ops: a build lock left by a killed first run is found and removed (else every later run hangs
-in torch's extension loader, silently); a lock of a build in progress is left alone."""
+in torch's extension loader, silently); a lock of a build in progress is left alone. And ds-cl's start of a
+process group compiles and starts no DeepSpeed shared-memory all-reduce op."""
 
 import os
 import time
@@ -53,11 +54,11 @@ def test_a_lock_released_while_it_is_looked_at_does_not_stop_the_run(tmp_path, m
 def test_first_build_is_announced_only_when_the_op_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     said = []
-    ops.announce_first_build(log=said.append)
-    assert len(said) == 1 and "once per machine" in said[0]
-    (tmp_path / "deepspeed_shm_comm").mkdir()
-    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").touch()
-    ops.announce_first_build(log=said.append)
+    ops.announce_first_build("cpu_adam", log=said.append)
+    assert len(said) == 1 and "once per machine" in said[0] and "cpu_adam" in said[0]
+    (tmp_path / "cpu_adam").mkdir()
+    (tmp_path / "cpu_adam" / "cpu_adam.so").touch()
+    ops.announce_first_build("cpu_adam", log=said.append)
     assert len(said) == 1
 
 
@@ -75,31 +76,33 @@ def test_ops_build_with_the_interpreters_ninja(monkeypatch):
         assert os.environ["PATH"] == "/usr/bin:/bin"
 
 
-def test_every_process_group_start_keeps_the_built_op(tmp_path):
-    """`ds-cl eval`, `ds-cl bench` and the tests' ranks start DeepSpeed through environment.init_distributed,
-    with the system's ninja first on PATH (Debian's 1.11 here; pip's 1.13 built the op). Each ninja reads the
-    other's build log as a changed command, so before init_distributed chose the interpreter's ninja every
-    such start recompiled the op (~1.5 min), and a recompile inside a file-size-capped process failed the
-    reliability test one run in three. The op, once built, must stay as it is."""
-    import shutil
+def test_a_process_group_start_builds_and_starts_no_shm_op(tmp_path):
+    """`ds-cl train`, `ds-cl eval`, `ds-cl bench` and the tests' ranks start DeepSpeed through
+    environment.init_distributed. On CPU DeepSpeed 0.19.8 would JIT-compile its shared-memory all-reduce
+    (`deepspeed_shm_comm`, ~1-2 min on 2 cores: again whenever another ninja built it, and inside a
+    file-size-capped process it failed) and start it (a ~66 MB /dev/shm segment per rank), in every
+    process group, for `inference_all_reduce` alone, which ds-cl never calls. From an empty extensions
+    folder, with the system's ninja first on PATH and all ranks local (LOCAL_SIZE, as DeepSpeed's launcher
+    sets it: the op then creates its segment), a start builds nothing, maps no segment and leaves DeepSpeed's
+    comm backend without the op."""
     import subprocess
     import sys
+    from pathlib import Path
 
     from tests.dist_utils import REPO, cpu_env, free_port
 
     ext = tmp_path / "ext"
-    shared = ops.build_root() / "deepspeed_shm_comm"
-    if shared.is_dir():
-        shutil.copytree(shared, ext / shared.name, ignore=shutil.ignore_patterns("lock"))
-    env = cpu_env(TORCH_EXTENSIONS_DIR=str(ext))
-    build = [sys.executable, "-c", "from ds_cl.tools import ops; ops.build(['deepspeed_shm_comm'])"]
-    assert subprocess.run(build, cwd=REPO, env=env, capture_output=True).returncode == 0
-    so = ext / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
-    before = so.stat().st_mtime_ns
+    ext.mkdir()
+    port = str(free_port())
     start = ("from ds_cl.training.environment import init_distributed; init_distributed('gloo'); "
-             "import deepspeed.comm as c; c.barrier(); print('started')")
-    env.update(PATH="/usr/bin:/bin:" + env["PATH"], WORLD_SIZE="1", RANK="0", LOCAL_RANK="0",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+             "import deepspeed.comm as c; c.barrier(); "
+             "print('shm op', c.comm.cdb.shm_comm_op); "
+             "print('mapped', sum('deepspeed_allreduce_buffer' in l for l in open('/proc/self/maps')))")
+    env = cpu_env(TORCH_EXTENSIONS_DIR=str(ext))
+    env.update(PATH="/usr/bin:/bin:" + env["PATH"], WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", LOCAL_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     p = subprocess.run([sys.executable, "-c", start], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0 and "started" in p.stdout, p.stdout + p.stderr
-    assert so.stat().st_mtime_ns == before, "the op was recompiled: " + (so.parent / ".ninja_log").read_text()
+    assert p.returncode == 0 and "shm op None" in p.stdout, p.stdout + p.stderr
+    assert "mapped 0" in p.stdout, p.stdout  # unlinked by release_cpu_shm, a segment stays mapped
+    assert not (ext / "deepspeed_shm_comm").exists(), sorted(ext.rglob("*"))
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

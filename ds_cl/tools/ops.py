@@ -1,12 +1,21 @@
-"""`python -m ds_cl.tools.ops build`: compile DeepSpeed's CPU ops once (`make setup` runs it), and the
-stale-lock check `ds-cl train` runs before DeepSpeed starts.
+"""`python -m ds_cl.tools.ops build`: compile DeepSpeed's CPU ops once, ahead (`make test` runs it before
+the suite; `make setup` and `make demo` compile nothing), and the stale-lock check `ds-cl train` runs
+before DeepSpeed starts.
 
 On CPU, DeepSpeed JIT-compiles its shared-memory all-reduce (`deepspeed_shm_comm`) the first time a
-process group starts, and its CPU Adam (`cpu_adam`) the first time optimizer offload runs: each takes
-one to two minutes on 2 cores, silently. torch's extension loader guards a build with a `lock` file in
-the op's build folder and waits, forever and without a message, while that file exists; a run killed
-during the compile leaves it behind, and every later run then hangs. `stale_locks` finds such files
-(no compiler running), and `ds-cl train` removes them with a message instead of hanging.
+process group starts, and its CPU Adam (`cpu_adam`) the first time its optimizer runs under offload: each
+takes one to two minutes on 2 cores, silently. ds-cl's own starts of a process group
+(environment.init_distributed) skip the shm op, whose only user is tensor-parallel inference; it is
+compiled only where something else starts DeepSpeed's comm (accelerate or the HF Trainer on their own,
+without ds-cl's start). ds-cl's trainer uses torch's AdamW on CPU, so `ds-cl train` builds `cpu_adam`
+only when its DeepSpeed config asks for it (ds_config.builds_cpu_adam: optimizer offload on a GPU, or
+a DeepSpeed `optimizer` section under offload), and then says so first (`announce_first_build`); the
+tests build it (the projector's tests on DeepSpeed's CPU Adam).
+
+torch's extension loader guards a build with a `lock` file in the op's build folder and waits, forever
+and without a message, while that file exists; a run killed during the compile leaves it behind, and
+every later run then hangs. `stale_locks` finds such files (no compiler running), and `ds-cl train`
+removes them with a message instead of hanging.
 """
 
 from __future__ import annotations
@@ -99,9 +108,10 @@ def clear_stale_locks(log=print, compiler_running=_compiler_running) -> list[Pat
     return removed
 
 
-def announce_first_build(op: str = "deepspeed_shm_comm", log=print) -> None:
+def announce_first_build(op: str, log=print) -> None:
     """Say so when DeepSpeed is about to compile `op` (not built yet): otherwise a first run is silent for
-    one to two minutes."""
+    one to two minutes. The caller knows the run will build it (`ds-cl train`: cpu_adam, when
+    ds_config.builds_cpu_adam)."""
     if not list((build_root() / op).glob("*.so")):
         log(f"building DeepSpeed's {op} op before the first step (once per machine, ~1-2 min on 2 cores; "
             f"`python -m ds_cl.tools.ops build` does it ahead)")

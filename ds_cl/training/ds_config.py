@@ -286,6 +286,13 @@ def offloads_optimizer(ds: dict) -> bool:
     return offload.get("device", "none") not in ("none", None)
 
 
+def builds_cpu_adam(ds: dict, on_cpu: bool) -> bool:
+    """Whether DeepSpeed will JIT-compile its CPU Adam (`cpu_adam`) for a run of the user's DeepSpeed config
+    `ds`: under optimizer offload, unless on CPU with no `optimizer` section (build_ds_config then gives
+    torch's AdamW)."""
+    return offloads_optimizer(ds) and (not on_cpu or "optimizer" in ds)
+
+
 def build_ds_config(cfg: RunConfig, world: int, on_cpu: bool) -> dict:
     """The DeepSpeed config of a run: cfg.deepspeed with batch sizes, clipping and precision from the run
     config (conflicts are ConfigErrors), fp32 gradient accumulation for the projector under bf16

@@ -149,10 +149,12 @@ def env_from_slurm() -> None:
     env.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
 
 
-def build_distributed(timeout_minutes: float | None = None, deterministic: bool = False) -> DistInfo:
+def build_distributed(timeout_minutes: float | None = None, deterministic: bool = False,
+                      ds_config: dict | None = None) -> DistInfo:
     """Set the torch env variables by rules 1-3, start the process group (gloo on CPU, the accelerator's
     backend otherwise; timeout: `init_distributed`) and pick this rank's device; deterministic: first
-    `use_deterministic_algorithms`."""
+    `use_deterministic_algorithms`. ds_config: the run's DeepSpeed config as the user gave it, to say when
+    DeepSpeed is about to compile its CPU Adam for it (ds_config.builds_cpu_adam)."""
     if deterministic:
         use_deterministic_algorithms()  # before this rank's device is set up
     import torch.distributed as dist
@@ -173,11 +175,13 @@ def build_distributed(timeout_minutes: float | None = None, deterministic: bool 
     acc = get_accelerator()
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
     from ds_cl.tools.ops import announce_first_build, clear_stale_locks
+    from ds_cl.training.ds_config import builds_cpu_adam
 
     say = lambda msg: print(f"[ds-cl] rank {os.environ.get('RANK', '0')}: {msg}", flush=True)  # noqa: E731
     clear_stale_locks(log=say)  # a killed first run's build lock would hang every later one
-    if acc.device_name() == "cpu" and os.environ.get("RANK", "0") == "0":
-        announce_first_build(log=say)
+    if (os.environ.get("RANK", "0") == "0" and ds_config is not None
+            and builds_cpu_adam(ds_config, on_cpu=acc.device_name() == "cpu")):
+        announce_first_build("cpu_adam", log=say)
     # DeepSpeed 0.19.8 calls these two collectives by the names torch 2.13 deprecates: one warning per rank
     # and call site in every run's log, about code that is not ours and that we cannot change.
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
@@ -245,8 +249,12 @@ def free_port() -> int:
     raise OSError(f"no free TCP port in {PORT_RANGE_ENV}={spec}")
 
 
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory all-reduce of its CPU accelerator
+
+
 def init_distributed(backend: str | None = None, timeout_minutes: float | None = None) -> None:
-    """`deepspeed.init_distributed`, then release DeepSpeed's CPU shared-memory segment name.
+    """`deepspeed.init_distributed`, without DeepSpeed's CPU shared-memory all-reduce op on the CPU
+    accelerator (`skip_cpu_shm_op`), then release that op's segment name should it have started anyway.
 
     timeout_minutes: how long any collective of the process group may wait before it fails (`ds-cl
     train`: train.dist_timeout_minutes); None keeps DeepSpeed's default ($DEEPSPEED_TIMEOUT, else 10)."""
@@ -256,18 +264,41 @@ def init_distributed(backend: str | None = None, timeout_minutes: float | None =
 
     from ds_cl.tools.ops import use_interpreter_ninja
 
-    # Every process that starts DeepSpeed's CPU comm (train, eval, bench, the tests' ranks) must build its
-    # op with `make setup`'s ninja: ninja 1.11 (Debian's, first on PATH) and 1.13 (pip's) hash a build
-    # command differently, so each reads the other's build log as a changed command and recompiles the op
-    # (~1.5 min on 2 cores); a recompile inside a process with a file-size limit failed (docs/reliability.md).
+    # The op DeepSpeed may still JIT-compile in this process (cpu_adam, under optimizer offload) must be built
+    # with the venv's ninja, as `python -m ds_cl.tools.ops build` builds it: ninja 1.11 (Debian's, first on
+    # PATH) and 1.13 (pip's) hash a build command differently, so each reads the other's build log as a
+    # changed command and recompiles the op (~1.5 min on 2 cores); a recompile inside a process with a
+    # file-size limit failed (docs/reliability.md).
     use_interpreter_ninja()
+    skip_cpu_shm_op()
     kwargs = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
     deepspeed.init_distributed(dist_backend=backend, **kwargs)
     release_cpu_shm()
 
 
+def skip_cpu_shm_op() -> None:
+    """On the CPU accelerator, keep DeepSpeed from compiling, loading and starting `deepspeed_shm_comm` in
+    the process group about to start.
+
+    DeepSpeed 0.19.8's TorchBackend builds it in every process group (comm/torch.py, `build_shm_op`), but its
+    only user is `inference_all_reduce` (tensor-parallel inference, module_inject/layers.py), which ds-cl
+    never calls: ZeRO's collectives go through torch.distributed (gloo). It cost a JIT compile of ~1-2 min on
+    2 cores on a fresh machine (again whenever another ninja built it) and a ~66 MB /dev/shm segment per rank
+    (`release_cpu_shm`). `build_shm_op` returns None when `deepspeed.ops.__compatible_ops__` marks the op
+    incompatible; deepspeed.ops caches that dict in the module on first access, so the mark persists.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__[SHM_OP] = False
+
+
 def release_cpu_shm() -> None:
-    """Unlink this rank's /dev/shm segment of DeepSpeed's CPU all-reduce (deepspeed_shm_comm).
+    """Unlink this rank's /dev/shm segment of DeepSpeed's CPU all-reduce (deepspeed_shm_comm), if any.
+    `init_distributed` keeps the op from starting (`skip_cpu_shm_op`); this is for a process whose DeepSpeed
+    comm was started before, without that (a direct `deepspeed.init_distributed`, accelerate's or the HF
+    Trainer's own start): `deepspeed.init_distributed` then keeps that comm, op and segment included.
 
     When all ranks are on one machine, DeepSpeed's CPU accelerator creates a ~66 MB segment per rank,
     /dev/shm/deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}, and never unlinks

@@ -498,7 +498,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ds_cl.training.environment import build_distributed
 
-    info = build_distributed(timeout_minutes=cfg.train.dist_timeout_minutes, deterministic=cfg.train.deterministic)
+    info = build_distributed(timeout_minutes=cfg.train.dist_timeout_minutes, deterministic=cfg.train.deterministic,
+                             ds_config=cfg.deepspeed)
     if info.rank != 0:  # one copy of each warning (truncation counts are the same on every rank)
         logging.getLogger().setLevel(logging.ERROR)
     try:
