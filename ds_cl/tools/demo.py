@@ -2,8 +2,8 @@
 invented people (the city each lives in, the sport each plays, the instrument each plays; each task with
 its own answer words; ds_cl/tools/demo_data/), learnt one after the other by SmolLM2-135M-Instruct (a real
 pretrained model, materialised offline by `ds-cl model smollm2`) on 2 ZeRO-3 CPU ranks, once with plain
-sequential fine-tuning (seqft) and once with osft; prints both accuracy matrices with AA and BWT. 17-25
-minutes on 2 CPU cores; what it shows and how stable it is over seeds: docs/demo.md.
+sequential fine-tuning (seqft) and once with osft; prints both accuracy matrices with AA and BWT. About 11
+minutes on 2 CPU cores (2026-12-05; 17-25 on 2026-12-02); what it shows and how stable it is over seeds: docs/demo.md.
 """
 
 from __future__ import annotations
