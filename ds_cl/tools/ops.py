@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-OPS = ("deepspeed_shm_comm", "cpu_adam")
+SHM_OP, CPU_ADAM = "deepspeed_shm_comm", "cpu_adam"  # DeepSpeed's op names (its builders' NAME)
+OPS = (SHM_OP, CPU_ADAM)
 
 
 def build_root() -> Path:
@@ -125,7 +126,7 @@ def build(ops=OPS) -> None:
 
     use_interpreter_ninja()
     clear_stale_locks()
-    builders = {"deepspeed_shm_comm": ShareMemCommBuilder, "cpu_adam": CPUAdamBuilder}
+    builders = {SHM_OP: ShareMemCommBuilder, CPU_ADAM: CPUAdamBuilder}
     for op in ops:
         t = time.time()
         print(f"ds-cl: building DeepSpeed's {op} op (once; ~1-2 min on 2 cores) ...", flush=True)

@@ -258,7 +258,6 @@ def percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[k]
 
 
-
 def read_earlier(sources: list, within: str) -> tuple[list[dict], list[list[dict]]]:
     """A list of earlier sources (method.replay.earlier, method.osft.protect_inputs_of: `within`), each read
     once: its plan entries ({name, records, train}) and its records. Raises on the first unreadable file."""

@@ -174,14 +174,14 @@ def build_distributed(timeout_minutes: float | None = None, deterministic: bool 
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     acc = get_accelerator()
     backend = "gloo" if acc.device_name() == "cpu" else acc.communication_backend_name()
-    from ds_cl.tools.ops import announce_first_build, clear_stale_locks
+    from ds_cl.tools.ops import CPU_ADAM, announce_first_build, clear_stale_locks
     from ds_cl.training.ds_config import builds_cpu_adam
 
     say = lambda msg: print(f"[ds-cl] rank {os.environ.get('RANK', '0')}: {msg}", flush=True)  # noqa: E731
     clear_stale_locks(log=say)  # a killed first run's build lock would hang every later one
     if (os.environ.get("RANK", "0") == "0" and ds_config is not None
             and builds_cpu_adam(ds_config, on_cpu=acc.device_name() == "cpu")):
-        announce_first_build("cpu_adam", log=say)
+        announce_first_build(CPU_ADAM, log=say)
     # DeepSpeed 0.19.8 calls these two collectives by the names torch 2.13 deprecates: one warning per rank
     # and call site in every run's log, about code that is not ours and that we cannot change.
     warnings.filterwarnings("ignore", r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is "
@@ -249,9 +249,6 @@ def free_port() -> int:
     raise OSError(f"no free TCP port in {PORT_RANGE_ENV}={spec}")
 
 
-SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory all-reduce of its CPU accelerator
-
-
 def init_distributed(backend: str | None = None, timeout_minutes: float | None = None) -> None:
     """`deepspeed.init_distributed`, without DeepSpeed's CPU shared-memory all-reduce op on the CPU
     accelerator (`skip_cpu_shm_op`), then release that op's segment name should it have started anyway.
@@ -289,6 +286,8 @@ def skip_cpu_shm_op() -> None:
     """
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
+
+    from ds_cl.tools.ops import SHM_OP
 
     if get_accelerator().device_name() == "cpu":
         deepspeed.ops.__compatible_ops__[SHM_OP] = False
