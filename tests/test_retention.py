@@ -164,14 +164,22 @@ def test_alignment_data_reaches_the_method_run_configs(tmp_path):
     data_file = tmp_path / "seed0" / "alignment_data.jsonl"
     data_file.parent.mkdir()
     data_file.write_text(json.dumps({"instruction": "Do harm.", "input": "", "output": "No."}) + "\n")
+    data_file.with_name("benign_answers.jsonl").write_text(
+        json.dumps({"instruction": "Explain rain.", "input": "", "output": "Water falls.", "ended": True}) + "\n")
     (tmp_path / "aligned").mkdir()
-    methods = ["osft", "osft-inputs", "osft-inputs-frozen", "osft-replay-buffer-inputs", "replay-buffer"]
+    methods = ["osft", "osft-inputs", "osft-inputs-frozen", "osft-replay-buffer-inputs", "replay-buffer",
+               "osft-general-only-lr3e-4"]
     runs = R.method_run_configs(base, path.parent, methods, 0, tmp_path / "seed0", tmp_path / "aligned", data_file,
                                 str(path))
     safety = R.alignment_task(data_file)
     rc = {m: runs[(m, 0)] for m in methods}
     for m in ("osft-inputs", "osft-inputs-frozen", "osft-replay-buffer-inputs"):
         assert rc[m]["method"]["osft"]["protect_inputs_of"] == [safety], m
+    # `general`: the benign half only (the base model's answers beside the alignment data), no safety data
+    answers = str(data_file.with_name("benign_answers.jsonl"))
+    assert rc["osft-general-only-lr3e-4"]["method"]["osft"]["protect_inputs_of"] == [
+        {"name": "general", "train": answers, "format": "alpaca"}]
+    assert "replay" not in rc["osft-general-only-lr3e-4"]["method"]
     assert rc["osft-inputs-frozen"]["method"]["osft"]["non_target_lr_scale"] == 0.0
     assert rc["osft-replay-buffer-inputs"]["method"]["replay"] == {"fraction_of": "earlier", "earlier": [safety]}
     assert rc["replay-buffer"]["method"]["replay"]["earlier"] == [safety]
@@ -182,6 +190,8 @@ def test_alignment_data_reaches_the_method_run_configs(tmp_path):
         o = load_config(None, data=r).method.osft
         if m in ("osft", "replay-buffer"):
             assert o.protect_inputs_of is None, m
+        elif m == "osft-general-only-lr3e-4":
+            assert [(s.name, s.train, s.format) for s in o.protect_inputs_of] == [("general", answers, "alpaca")]
         else:
             assert [(s.name, s.train, s.format) for s in o.protect_inputs_of] == [("safety", str(data_file), "alpaca")]
 
@@ -214,6 +224,7 @@ def test_protect_inputs_of_other_than_alignment_is_refused_before_anything_runs(
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and not out.exists(), err
     assert "method.osft.protect_inputs_of: 'safety' is not data this study has; write 'alignment'" in err, err
+    assert "'general'" in err, err
 
 
 def test_rescore_reads_saved_answers_with_todays_patterns(tmp_path):

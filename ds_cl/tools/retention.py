@@ -231,6 +231,9 @@ def mix_records(safety: list[dict], benign: list[dict], n_safety: int, n_benign:
     return rows
 
 
+BENIGN_ANSWERS = "benign_answers.jsonl"  # per seed, beside alignment_data.jsonl
+
+
 def alignment_data(safety_dir: Path, base_model: str, al: dict, seed: int, path: Path) -> Path:
     """Write the safety task's data (once per seed): harmful requests with the data's safe answers and our
     benign requests (a seeded draw) with the base model's answers (cached in benign_answers.jsonl)."""
@@ -242,7 +245,7 @@ def alignment_data(safety_dir: Path, base_model: str, al: dict, seed: int, path:
     if not isinstance(safety, list) or not all(isinstance(r, dict) and "instruction" in r and "output" in r
                                                for r in safety):
         raise StudyError(f"{safety_dir / SAFETY_TRAIN}: expected a list of {{instruction, input, output}} records")
-    cache = path.with_name("benign_answers.jsonl")
+    cache = path.with_name(BENIGN_ANSWERS)
     if cache.is_file():
         answers = read_jsonl(cache, "benign answers")
     else:
@@ -262,13 +265,22 @@ def alignment_task(data: Path) -> dict:
 
 
 ALIGNMENT_REF = "alignment"  # method.osft.protect_inputs_of: alignment, in a study's config
+# method.osft.protect_inputs_of: general: only the benign half of the mix (our requests, the base model's own
+# answers), no safety data: what a user without the starting model's alignment data could protect.
+GENERAL_REF = "general"
 
 
-def with_alignment(rc: dict, data: Path) -> None:
+def general_task(answers: Path) -> dict:
+    """Our benign requests with the base model's own answers (benign_answers.jsonl), as a protect_inputs_of source."""
+    return {"name": "general", "train": str(answers), "format": "alpaca"}
+
+
+def with_alignment(rc: dict, data: Path, general: Path) -> None:
     """A method's run config given the alignment's data (`data`: the run's own alignment_data.jsonl) where it
     reads it: a replaying method replays it (method.replay.earlier, unless the config sets it), and
     `method.osft.protect_inputs_of: alignment` becomes [the alignment task] (its inputs protected before the
-    first task). Any other string there is refused (StudyError)."""
+    first task), `general` [the benign answers `general`] (general_task). Any other string there is refused
+    (StudyError)."""
     method = rc.setdefault("method", {})
     if method.get("name") in REPLAYING:
         # The strong baseline for retention replays the alignment's data too: the aligned model was
@@ -279,11 +291,11 @@ def with_alignment(rc: dict, data: Path) -> None:
     osft = method.get("osft")
     ref = osft.get("protect_inputs_of") if isinstance(osft, dict) else None
     if isinstance(ref, str):
-        if ref != ALIGNMENT_REF:
+        if ref not in (ALIGNMENT_REF, GENERAL_REF):
             raise StudyError(f"method.osft.protect_inputs_of: {ref!r} is not data this study has; write "
-                             f"{ALIGNMENT_REF!r} (the alignment's data) or a list of sources as "
-                             f"method.replay.earlier's")
-        osft["protect_inputs_of"] = [alignment_task(data)]
+                             f"{ALIGNMENT_REF!r} (the alignment's data), {GENERAL_REF!r} (its benign half: our "
+                             f"requests, the base model's answers) or a list of sources as method.replay.earlier's")
+        osft["protect_inputs_of"] = [alignment_task(data) if ref == ALIGNMENT_REF else general_task(general)]
 
 
 def method_run_configs(base: dict, data: Path, methods: list[str], seed: int, sd: Path, aligned: Path,
@@ -292,7 +304,7 @@ def method_run_configs(base: dict, data: Path, methods: list[str], seed: int, sd
     the chat template, exporting every task's model, with the alignment's data where the method reads it
     (`with_alignment`); checked as `ds-cl train` checks its config."""
     runs = checked_run_configs(base, data, methods, [seed], sd, source=source,
-                               edit=lambda rc: with_alignment(rc, data_file))
+                               edit=lambda rc: with_alignment(rc, data_file, data_file.with_name(BENIGN_ANSWERS)))
     for rc in runs.values():
         rc["model"]["name_or_path"] = str(aligned)
         rc["model"]["chat_template"] = True
@@ -536,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         # the safety training file for the alignment data drawn from it)
         stand_in = args.safety / SAFETY_TRAIN
         checked_run_configs(base, data, methods, seeds, out, source=str(args.config),
-                            edit=lambda rc: with_alignment(rc, stand_in))
+                            edit=lambda rc: with_alignment(rc, stand_in, stand_in))
     except (StudyError, ConfigError, OSError, ValueError, yaml.YAMLError) as e:
         print(f"ds-cl retention: {e}", file=sys.stderr)
         return 2
