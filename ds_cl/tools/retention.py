@@ -13,7 +13,8 @@ do (follow instructions, refuse harmful requests) while it learns a task sequenc
    from the aligned model, through the chat template; the final model (or, with --each, every task's) is
    evaluated on the reporting suite (and, with --tuning, the tuning suite). A replaying method replays the
    alignment's data (method.replay.earlier), and `method.osft.protect_inputs_of: alignment` in a variant
-   protects the inputs it feeds the layers before the first task.
+   protects the inputs it feeds the layers before the first task (`general`: its benign half only, our
+   requests with the base model's answers, no safety data).
 4. OUT/retention.md / .json / .png: per method, the accuracy matrix's AA, BWT and diagonal, IFEval's four
    scores, refusal rate, benign compliance and median answer length (mean ± std over seeds), the aligned
    model's row, the share of the aligned model's score each method keeps, and per pair of methods an exact
