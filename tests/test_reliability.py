@@ -246,6 +246,31 @@ def test_full_disk_refuses_to_start_a_save_and_keeps_previous(small_fs, referenc
     assert verify_checkpoint(ck / "step_00000004") == [] and not list(ck.glob(".tmp-*"))
 
 
+def test_full_disk_during_export_is_one_line_and_keeps_the_earlier_export(small_fs):
+    """A task's model export that meets a full disk (safetensors raises its own SafetensorError, not an
+    OSError) becomes the OSError the trainer prints in one line, naming the folder and the free space; the
+    partial folder is removed and the export already there is untouched."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ds_cl.training.export import export_hf
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    out = small_fs / "task_0_a"
+    export_hf(model, out, dtype="float32")  # ~0.6 MB: fits
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    free = shutil.disk_usage(small_fs).free
+    (small_fs / "filler").write_bytes(b"\0" * (free - 64 * 1024))  # a real, nearly full filesystem
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(1.0)  # a later task's weights, to the same folder
+    with pytest.raises(OSError, match=r"exporting the model to .*task_0_a failed: .* \(\d+ bytes free\); removed "
+                                      r"the partial folder, and the run's checkpoints are kept"):
+        export_hf(model, out, dtype="float32")
+    assert not (small_fs / "task_0_a.tmp").exists()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
 def test_nan_step_skip_and_stop(tmp):
     # skip: step 2's loss is NaN; DeepSpeed drops its update, the run goes on.
     out = tmp / "nan_skip"

@@ -121,17 +121,35 @@ def export_hf(model, out_dir: str | os.PathLike, tokenizer=None, dtype: str = "b
             mod = model.get_submodule(mod_name) if mod_name else model
             if bname not in getattr(mod, "_non_persistent_buffers_set", set()):
                 state[name] = b.detach().to("cpu").clone()
-        with replaced_folder(out) as tmp:
-            write_safetensors(state, tmp, shard_bytes, total_parameters=n_params)
-            cfg = model.config
-            cfg.dtype = dtype  # the dtype the weights were written in (`torch_dtype` in transformers 4.x)
-            cfg.save_pretrained(tmp)
-            if getattr(model, "generation_config", None) is not None:
-                try:
-                    model.generation_config.save_pretrained(tmp)
-                except Exception:  # a generation config that fails its own validation is not worth a crash
-                    pass
-            if tokenizer is not None:
-                tokenizer.save(str(tmp))
+        try:
+            _write_model(model, out, state, tokenizer, dtype, shard_bytes, n_params)
+        except Exception as e:
+            # A full disk here is a safetensors SafetensorError (not an OSError) with a long traceback on rank 0
+            # and a "connection closed" one on the others: say it in the trainer's one line (an OSError), with
+            # what is safe. replaced_folder has removed the partial folder; an earlier export is untouched.
+            from safetensors import SafetensorError
+
+            if not isinstance(e, (OSError, SafetensorError)):
+                raise
+            free = shutil.disk_usage(out.parent if out.parent.exists() else ".").free
+            raise OSError(f"exporting the model to {out} failed: {str(e).splitlines()[0][:200]} ({free} bytes "
+                          f"free); removed the partial folder, and the run's checkpoints are kept: free space and "
+                          f"rerun with --resume") from e
     collectives.barrier()
     return out if rank == 0 else None
+
+
+def _write_model(model, out: Path, state: dict, tokenizer, dtype: str, shard_bytes: int, n_params: int) -> None:
+    """Rank 0's part of export_hf: the weights, config, generation config and tokenizer, in place at once."""
+    with replaced_folder(out) as tmp:
+        write_safetensors(state, tmp, shard_bytes, total_parameters=n_params)
+        cfg = model.config
+        cfg.dtype = dtype  # the dtype the weights were written in (`torch_dtype` in transformers 4.x)
+        cfg.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            try:
+                model.generation_config.save_pretrained(tmp)
+            except Exception:  # a generation config that fails its own validation is not worth a crash
+                pass
+        if tokenizer is not None:
+            tokenizer.save(str(tmp))
