@@ -87,6 +87,26 @@ def test_compare_reports_the_tuning_aa_that_selects_the_lr():
     assert "tuning" not in markdown(plain, ["a", "b"]) and "note" not in comparison_json(plain, ["a", "b"])
 
 
+def test_compare_pairs_methods_seed_by_seed_with_a_sign_test():
+    """AA differences paired by seed, for the seeds both methods ran; a method with one common seed is no pair."""
+    from ds_cl.tools.benchmark import comparison_json, paired_seeds
+
+    s = {("osft", 0): summary([[0.8], [0.8, 0.6]]), ("osft", 1): summary([[0.8], [0.6, 0.6]]),
+         ("osft", 2): summary([[0.8], [0.2, 0.6]]),
+         ("seqft", 0): summary([[0.8], [0.4, 0.9]]), ("seqft", 1): summary([[0.8], [0.2, 0.7]]),
+         ("seqft", 2): summary([[0.8], [0.2, 0.6]]), ("seqft", 3): summary([[0.8], [0.2, 0.6]]),
+         ("olora", 0): summary([[0.8], [0.8, 0.8]])}
+    t = compare(s)
+    (pair,) = paired_seeds(t)  # olora shares one seed with each: no pair
+    assert (pair["a"], pair["b"], pair["seeds"]) == ("osft", "seqft", [0, 1, 2])
+    assert pair["AA_diffs"] == pytest.approx([5.0, 15.0, 0.0])  # AA 70 / 60 / 40 against 65 / 45 / 40
+    assert (pair["wins"], pair["losses"], pair["ties"], pair["p_value"]) == (2, 0, 1, 0.5)
+    assert pair["mean_diff"] == pytest.approx(20 / 3)
+    assert "| `osft` | `seqft` | 0,1,2 | +5.0, +15.0, +0.0 | +6.7 | 2 / 0 / 1 | 0.5 |" in markdown(t, ["a", "b"])
+    assert comparison_json(t, ["a", "b"])["paired_by_seed"] == [pair]
+    assert "paired by seed" not in markdown(compare({k: v for k, v in s.items() if k[0] != "osft"}), ["a", "b"])
+
+
 @pytest.mark.distributed
 def test_benchmark_end_to_end_two_methods(tmp_path):
     root = tmp_path / "bench"

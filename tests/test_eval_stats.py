@@ -7,7 +7,7 @@ from math import comb
 
 import pytest
 
-from ds_cl.evaluation.stats import mcnemar, median_words, paired_table
+from ds_cl.evaluation.stats import mcnemar, median_words, paired_table, sign_test
 
 
 def _pairs(both, only_a, only_b, neither):
@@ -71,3 +71,12 @@ def test_median_words():
     assert median_words(["one two three", "a", "", "four five six seven eight"]) == 2.0
     assert median_words(["a b", "c d e"]) == 2.5
     assert median_words([]) is None
+
+
+def test_sign_test_counts_wins_losses_and_leaves_ties_out():
+    r = sign_test([+3.0, +1.0, -2.0, +4.0, +0.5])
+    assert r == {"n": 5, "wins": 4, "losses": 1, "ties": 0, "p_value": 0.375}  # 2 * (1 + 5) / 32
+    assert sign_test([1.0] * 5)["p_value"] == 0.0625                            # 2 / 32
+    r = sign_test([2.0, 0.0, -1.0])
+    assert (r["wins"], r["losses"], r["ties"], r["p_value"]) == (1, 1, 1, 1.0)
+    assert sign_test([0.0, 0.0])["p_value"] == 1.0 and sign_test([])["n"] == 0

@@ -39,6 +39,18 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
     return {"n": len(a), "both": both, "only_a": only_a, "only_b": only_b, "neither": neither, "p_value": p}
 
 
+def sign_test(diffs: Iterable[float]) -> dict:
+    """Exact two-sided sign test of paired differences (e.g. method A's AA minus method B's, one per seed):
+    wins (> 0), losses (< 0) and ties; ties carry no information about which is better and are left out,
+    as in McNemar's test, which is the same binomial tail on the discordant pairs."""
+    diffs = list(diffs)
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    m = wins + losses
+    tail = sum(math.comb(m, k) for k in range(min(wins, losses) + 1))
+    p = 1.0 if m == 0 else min(1.0, 2 * tail / 2 ** m)
+    return {"n": len(diffs), "wins": wins, "losses": losses, "ties": len(diffs) - m, "p_value": p}
+
+
 def paired_table(per_method: Mapping[str, Sequence[bool]]) -> list[dict]:
     """`mcnemar` for every pair of methods, in the mapping's order: [{"a", "b", n, both, ...}]."""
     names = list(per_method)

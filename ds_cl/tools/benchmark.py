@@ -12,7 +12,8 @@ an interrupted benchmark continues where it stopped. Then:
     DIR/comparison.md     per method: final accuracy per task, AA, BWT, mean of the matrix diagonal
                           (how well each task was learnt when it was trained), mean +- std over seeds; with
                           eval.tuning_size, the tuning AA too (records held out of train: the column an
-                          lr sweep selects by, the others scoring the test items)
+                          lr sweep selects by, the others scoring the test items); for each pair of methods
+                          with two or more common seeds, the AA difference seed by seed and a sign test
     DIR/comparison.json   the same numbers and every run's matrix
     DIR/comparison.png    final accuracy per task and AA/BWT per method, with the spread over seeds
 """
@@ -107,6 +108,7 @@ def compare(summaries: dict) -> dict:
             "seeds": [seed for (m, seed) in summaries if m == method],
             "final": [_mean_std([100 * v for v in col]) for col in final],
             "AA": _mean_std([100 * s["AA"] for s in runs]),
+            "AA_per_seed": [100 * s["AA"] for s in runs],  # in the order of "seeds", for the paired test
             "BWT": _mean_std([100 * s["BWT"] for s in runs]),
             "learnt": _mean_std([100 * v for v in diag]),
             "matrices": [s["matrix"] for s in runs],
@@ -117,13 +119,48 @@ def compare(summaries: dict) -> dict:
     return table
 
 
+def paired_seeds(table: dict) -> list[dict]:
+    """For each pair of methods (in the table's order) run with at least two common seeds: the AA difference
+    seed by seed (the first method's minus the second's; both runs of a seed share its data order and held-out
+    split, so the seed is the unit of pairing) and the exact sign test on them: how often the first method is
+    ahead, and how likely that many wins are if neither method is better."""
+    from ds_cl.evaluation.stats import sign_test
+
+    out = []
+    methods = list(table)
+    for i, a in enumerate(methods):
+        for b in methods[i + 1:]:
+            aa = {s: v for s, v in zip(table[a]["seeds"], table[a]["AA_per_seed"])}
+            bb = {s: v for s, v in zip(table[b]["seeds"], table[b]["AA_per_seed"])}
+            seeds = [s for s in aa if s in bb]
+            if len(seeds) < 2:
+                continue
+            diffs = [aa[s] - bb[s] for s in seeds]
+            out.append({"a": a, "b": b, "seeds": seeds, "AA_diffs": diffs,
+                        "mean_diff": statistics.fmean(diffs), **sign_test(diffs)})
+    return out
+
+
+def paired_markdown(pairs: list[dict]) -> str:
+    if not pairs:
+        return ""
+    lines = ["", "AA paired by seed (A minus B; sign test: seeds A is ahead / behind, two-sided exact p):", "",
+             "| A | B | seeds | AA difference per seed | mean | A ahead / behind / tied | sign test p |",
+             "|---|---|---|---|---|---|---|"]
+    for r in pairs:
+        lines.append(f"| `{r['a']}` | `{r['b']}` | {','.join(map(str, r['seeds']))} | "
+                     f"{', '.join(f'{d:+.1f}' for d in r['AA_diffs'])} | {r['mean_diff']:+.1f} | "
+                     f"{r['wins']} / {r['losses']} / {r['ties']} | {r['p_value']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
 TUNING_NOTE = ("The `tuning AA` column scores records held out of each task's training data (eval.tuning_size): "
                "pick each method's learning rate by it. Every other column scores the test items.")
 
 
 def comparison_json(table: dict, tasks: list[str]) -> dict:
     """comparison.json: the tasks and the table; with a tuning split, the note saying which column selects."""
-    out = {"tasks": tasks, "methods": table}
+    out = {"tasks": tasks, "methods": table, "paired_by_seed": paired_seeds(table)}
     if any("tuning_AA" in r for r in table.values()):
         out["note"] = TUNING_NOTE
     return out
@@ -140,7 +177,7 @@ def markdown(table: dict, tasks: list[str]) -> str:
         tuning_cell = [cell(r["tuning_AA"]) if "tuning_AA" in r else "–"] if tuning else []
         lines.append("| " + " | ".join([f"`{method}`", *map(cell, r["final"]), cell(r["AA"]), *tuning_cell,
                                         cell(r["BWT"]), cell(r["learnt"]), ",".join(map(str, r["seeds"]))]) + " |")
-    return "\n".join(lines) + "\n" + (f"\n{TUNING_NOTE}\n" if tuning else "")
+    return "\n".join(lines) + "\n" + (f"\n{TUNING_NOTE}\n" if tuning else "") + paired_markdown(paired_seeds(table))
 
 
 def figure(table: dict, tasks: list[str], path: Path, title: str) -> None:
