@@ -29,14 +29,19 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict:
         only_a += x and not y
         only_b += y and not x
         neither += not x and not y
-    m = only_a + only_b
+    return {"n": len(a), "both": both, "only_a": only_a, "only_b": only_b, "neither": neither,
+            "p_value": _two_sided_binomial(only_a, only_b)}
+
+
+def _two_sided_binomial(x: int, y: int) -> float:
+    """Exact two-sided p of x against y outcomes when each goes either way with probability 1/2:
+    min(1, 2 * sum_{k <= min(x, y)} C(x + y, k) / 2^(x + y)); 1.0 when there are none."""
+    m = x + y
     if m == 0:
-        p = 1.0
-    else:
-        tail = sum(math.comb(m, k) for k in range(min(only_a, only_b) + 1))
-        # int / int is correctly rounded in Python even when 2**m is far beyond float range
-        p = min(1.0, 2 * tail / 2 ** m)
-    return {"n": len(a), "both": both, "only_a": only_a, "only_b": only_b, "neither": neither, "p_value": p}
+        return 1.0
+    tail = sum(math.comb(m, k) for k in range(min(x, y) + 1))
+    # int / int is correctly rounded in Python even when 2**m is far beyond float range
+    return min(1.0, 2 * tail / 2 ** m)
 
 
 def sign_test(diffs: Iterable[float]) -> dict:
@@ -45,10 +50,8 @@ def sign_test(diffs: Iterable[float]) -> dict:
     as in McNemar's test, which is the same binomial tail on the discordant pairs."""
     diffs = list(diffs)
     wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    m = wins + losses
-    tail = sum(math.comb(m, k) for k in range(min(wins, losses) + 1))
-    p = 1.0 if m == 0 else min(1.0, 2 * tail / 2 ** m)
-    return {"n": len(diffs), "wins": wins, "losses": losses, "ties": len(diffs) - m, "p_value": p}
+    return {"n": len(diffs), "wins": wins, "losses": losses, "ties": len(diffs) - wins - losses,
+            "p_value": _two_sided_binomial(wins, losses)}
 
 
 def paired_table(per_method: Mapping[str, Sequence[bool]]) -> list[dict]:

@@ -108,7 +108,6 @@ def compare(summaries: dict) -> dict:
             "seeds": [seed for (m, seed) in summaries if m == method],
             "final": [_mean_std([100 * v for v in col]) for col in final],
             "AA": _mean_std([100 * s["AA"] for s in runs]),
-            "AA_per_seed": [100 * s["AA"] for s in runs],  # in the order of "seeds", for the paired test
             "BWT": _mean_std([100 * s["BWT"] for s in runs]),
             "learnt": _mean_std([100 * v for v in diag]),
             "matrices": [s["matrix"] for s in runs],
@@ -124,18 +123,18 @@ def paired_seeds(table: dict) -> list[dict]:
     seed by seed (the first method's minus the second's; both runs of a seed share its data order and held-out
     split, so the seed is the unit of pairing) and the exact sign test on them: how often the first method is
     ahead, and how likely that many wins are if neither method is better."""
+    from ds_cl.evaluation.cl_metrics import average_accuracy
     from ds_cl.evaluation.stats import sign_test
 
+    aa = {m: {s: 100 * average_accuracy(mat) for s, mat in zip(r["seeds"], r["matrices"])} for m, r in table.items()}
     out = []
     methods = list(table)
     for i, a in enumerate(methods):
         for b in methods[i + 1:]:
-            aa = {s: v for s, v in zip(table[a]["seeds"], table[a]["AA_per_seed"])}
-            bb = {s: v for s, v in zip(table[b]["seeds"], table[b]["AA_per_seed"])}
-            seeds = [s for s in aa if s in bb]
+            seeds = [s for s in aa[a] if s in aa[b]]
             if len(seeds) < 2:
                 continue
-            diffs = [aa[s] - bb[s] for s in seeds]
+            diffs = [aa[a][s] - aa[b][s] for s in seeds]
             out.append({"a": a, "b": b, "seeds": seeds, "AA_diffs": diffs,
                         "mean_diff": statistics.fmean(diffs), **sign_test(diffs)})
     return out
