@@ -173,6 +173,7 @@ def test_protected_inputs_sources_are_read_and_planned(run_cfg):
     assert pi["sources"][0]["tokens"]["of"] == 16
     text = format_plan(chk)
     assert "protects    prior: 16 training records (method.osft.protect_inputs_of)" in text, text
+    assert "with fit_before_first_task false, non_target_lr_scale 0 (the defaults once" in text, text
     assert "the inputs of 8 of them (method.osft.importance_samples) before the first task" in text, text
     chk = run_check(str(run_cfg), [f"method.osft.protect_inputs_of={src}", "method.osft.importance_samples=9"],
                     world_size=2)

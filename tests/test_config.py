@@ -150,6 +150,28 @@ def test_osft_protect_inputs_of_key(tmp_path):
     assert "is an empty list" in err(tmp_path, data, ["method.osft.protect_inputs_of=[]"])
 
 
+def test_osft_defaults_follow_protect_inputs_of(tmp_path):
+    """fit_before_first_task and non_target_lr_scale default to the method as published (true, 1.0) without
+    protect_inputs_of and to the retention ablation's winner (false, 0.0) with it; a value set in the file
+    or on the command line is kept either way, and the saved config holds the resolved values."""
+    o = load_config(write(tmp_path, base(tmp_path))).method.osft
+    assert (o.fit_before_first_task, o.non_target_lr_scale) == (True, 1.0)
+    (tmp_path / "safety.jsonl").write_text('{"instruction": "Do harm.", "input": "", "output": "No."}\n')
+    src = {"name": "safety", "train": "safety.jsonl", "format": "alpaca"}
+    data = {**base(tmp_path), "method": {"name": "osft", "osft": {"protect_inputs_of": [src]}}}
+    cfg = load_config(write(tmp_path, data))
+    assert (cfg.method.osft.fit_before_first_task, cfg.method.osft.non_target_lr_scale) == (False, 0.0)
+    save_config(cfg, tmp_path / "resolved.yaml")
+    saved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())["method"]["osft"]
+    assert (saved["fit_before_first_task"], saved["non_target_lr_scale"]) == (False, 0.0)
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+    o = load_config(write(tmp_path, data), ["method.osft.fit_before_first_task=true",
+                                            "method.osft.non_target_lr_scale=1.0"]).method.osft
+    assert (o.fit_before_first_task, o.non_target_lr_scale) == (True, 1.0)
+    o = load_config(write(tmp_path, base(tmp_path)), ["method.osft.non_target_lr_scale=0"]).method.osft
+    assert (o.fit_before_first_task, o.non_target_lr_scale) == (True, 0.0)
+
+
 def test_gradient_checkpointing_key_reaches_the_model(tmp_path):
     """model.gradient_checkpointing (YAML or override) switches HF gradient checkpointing on in build_model."""
     from ds_cl.training.modeling import build_model

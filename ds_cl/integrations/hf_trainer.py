@@ -75,7 +75,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from ds_cl.core.projector import SubspaceProjector
 from ds_cl.core.subspace import FixedRank
-from ds_cl.training.config import OSFTConfig
+from ds_cl.training.config import AUTO_WITHOUT, OSFTConfig
 
 STATE_FORMAT = 1
 LOG_KEY = "osft/leak"
@@ -157,7 +157,7 @@ class OSFTCallback(TrainerCallback):
 
     # The defaults are `ds-cl train`'s (method.osft in ds_cl/training/config.py), read from there.
     def __init__(self, *, rank_policy=None, importance_batches: Sequence | None = None,
-                 fit_before_first_task: bool = OSFTConfig.fit_before_first_task,
+                 fit_before_first_task: bool = AUTO_WITHOUT["fit_before_first_task"],
                  energy: float = OSFTConfig.update_energy, max_ratio: float = OSFTConfig.max_protected_ratio,
                  targets: Sequence[str] | None = None, projection: str = OSFTConfig.projection,
                  project_update: bool = OSFTConfig.project_update, audit_every: int = 1,

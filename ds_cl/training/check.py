@@ -356,7 +356,9 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
         # split evenly over the ranks (the rest left out), as the trainer does (OSFT.rank_batches)
         world = chk.plan.get("world", {}).get("size", 1)
         drawn = min(o.importance_samples, sum(t["train"] for t in protect))
-        chk.plan["protect_inputs"] = {"sources": protect, "samples": drawn // world * world}
+        chk.plan["protect_inputs"] = {"sources": protect, "samples": drawn // world * world,
+                                      "fit_before_first_task": o.fit_before_first_task,
+                                      "non_target_lr_scale": o.non_target_lr_scale}
         if drawn < world:
             chk.error(f"{PROTECT_INPUTS}: {drawn} sample(s) to protect the inputs of (method.osft.importance_samples "
                       f"{o.importance_samples}) are fewer than the {world} ranks: each rank needs one")
@@ -671,6 +673,9 @@ def format_plan(chk: Check) -> str:
             row("protects", f"{t['name']}: {t['train']} training records (method.osft.protect_inputs_of)")
             tokens_row(t)
         row("", f"  the inputs of {pi['samples']} of them (method.osft.importance_samples) before the first task")
+        # protect_inputs_of changes two defaults (ds_cl/training/config.py): say which values the run takes.
+        row("", f"  with fit_before_first_task {str(pi['fit_before_first_task']).lower()}, non_target_lr_scale "
+                f"{pi['non_target_lr_scale']:g} (the defaults once protect_inputs_of is given, unless set)")
     for ph in p.get("phases", []):
         row("steps", f"{ph['name']}: {ph['samples']} samples -> {ph['steps']} optimizer steps ({ph['steps_per_epoch']} "
                      f"per epoch x {ph['epochs']} epoch(s){', capped by train.max_steps_per_task' if ph['steps'] < ph['steps_per_epoch'] * ph['epochs'] else ''})")
