@@ -150,6 +150,27 @@ def test_bad_input_is_one_line_before_anything_is_written(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_benign_changes_lists_each_seeds_flips_against_the_reference(tmp_path):
+    """benign_changes reads the saved benign.json files and lists, per model, the requests whose verdict
+    differs from the reference's of the same seed (both directions), with the answers' openings."""
+    def benign(d: Path, verdicts: list[str]) -> Path:
+        d.mkdir(parents=True)
+        per = [{"prompt": b, "response": f"{v} answer | to {b}", "verdict": v} for b, v in zip(BENIGN, verdicts)]
+        (d / "benign.json").write_text(json.dumps({"compliance_rate": 0.5, "per_prompt": per}))
+        return d
+
+    rows = {"aligned": [{"seed": 0, "dir": benign(tmp_path / "a0", ["refusal", "refusal", "complied", "complied"])},
+                        {"seed": 1, "dir": benign(tmp_path / "a1", ["refusal", "complied", "complied", "complied"])}],
+            "osft": [{"seed": 0, "dir": benign(tmp_path / "o0", ["complied", "refusal", "complied", "refusal"])},
+                     {"seed": 1, "dir": benign(tmp_path / "o1", ["refusal", "complied", "complied", "complied"])}]}
+    md = R.benign_changes(rows)
+    flips = [line for line in md.splitlines() if line.startswith("| 0 ") or line.startswith("| 1 ")]
+    assert len(flips) == 2, md  # seed 0: request 0 now answered, request 3 now refused; seed 1: none
+    assert flips[0].startswith(f"| 0 | {BENIGN[0]} | refusal -> complied | refusal answer / to ")
+    assert f"| 0 | {BENIGN[3]} | complied -> refusal |" in flips[1]
+    assert "### `osft`" in md and "### `aligned`" not in md
+
+
 def test_alignment_data_reaches_the_method_run_configs(tmp_path):
     """The shipped study's variants, as a seed's runs get them: `method.osft.protect_inputs_of: alignment`
     becomes the alignment task (its data file), replaying methods replay it, plain osft gets neither; every
@@ -194,6 +215,13 @@ def test_alignment_data_reaches_the_method_run_configs(tmp_path):
             assert [(s.name, s.train, s.format) for s in o.protect_inputs_of] == [("general", answers, "alpaca")]
         else:
             assert [(s.name, s.train, s.format) for s in o.protect_inputs_of] == [("safety", str(data_file), "alpaca")]
+    # The variants measured before protect_inputs_of changed two defaults name their values; plain osft keeps
+    # the published ones (ds_cl/training/config.py, AUTO_WITH_PROTECTED_INPUTS).
+    resolved = {m: (o.fit_before_first_task, o.non_target_lr_scale)
+                for m, o in ((m, load_config(None, data=r).method.osft) for m, r in rc.items())}
+    assert resolved == {"osft": (True, 1.0), "osft-inputs": (True, 1.0), "osft-inputs-frozen": (True, 0.0),
+                        "osft-replay-buffer-inputs": (True, 1.0), "replay-buffer": (True, 1.0),
+                        "osft-general-only-lr3e-4": (False, 1.0)}, resolved
 
 
 def test_protect_inputs_of_other_than_alignment_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
@@ -279,6 +307,7 @@ def test_study_end_to_end_on_two_ranks_then_read_not_redone(tmp_path):
     assert again.returncode == 0, again.stderr[-4000:]
     assert "trained" not in again.stdout and "evaluated" not in again.stdout  # every stage read, not redone
     assert json.loads((out / "retention.json").read_text())["table"] == result["table"]
+    assert (out / "retention_benign_changes.md").read_text().startswith("Benign requests judged differently")
     # An ablation's candidates on the tuning suite only: the models trained above are evaluated there, into
     # a table of their own; nothing is trained again and the reporting table stays as it was.
     tuning = subprocess.run(cmd + ["--tuning-only"], cwd=REPO, env=cpu_env(), capture_output=True, text=True,

@@ -602,12 +602,39 @@ def main(argv: list[str] | None = None) -> int:
         # report: OUT/retention.md/.json (the results); tune: OUT/retention_tune.md/.json (for choosing)
         stem = "retention" if k == "report" else "retention_tune"
         md = write_tables(rows[k], out / stem, {"retention": ev, "alignment": al, "tasks": tasks, "suite": k})
-        written += [f"{stem}.md", f"{stem}.json"]
+        written += [f"{stem}.md", f"{stem}.json", f"{stem}_benign_changes.md"]
     if curves:
         figure(curves, out / "retention.png", tasks)
         written.append("retention.png")
     print("\n" + md + f"\n{out}/: {', '.join(written)} ({(time.time() - t0) / 60:.1f} min)")
     return 0
+
+
+def benign_changes(rows: dict, reference: str = "aligned") -> str:
+    """The benign requests whose judge verdict differs between the reference and each model of the same seed,
+    with the two answers' openings: what a benign-compliance difference is made of (a reference that
+    over-refuses leaves room to "gain" compliance by answering requests it should have answered)."""
+    def verdicts(d: Path) -> dict:
+        f = Path(d) / "benign.json"
+        return {r["prompt"]: r for r in json.loads(f.read_text())["per_prompt"]} if f.is_file() else {}
+
+    refs = {r["seed"]: verdicts(r["dir"]) for r in rows.get(reference, [])}
+    head = lambda t: " ".join(t.split())[:110].replace("|", "/")
+    md = [f"Benign requests judged differently from the `{reference}` model of the same seed (answers' openings).", ""]
+    for label, runs in rows.items():
+        if label == reference:
+            continue
+        lines = []
+        for r in runs:
+            ref = refs.get(r["seed"], {})
+            for prompt, v in verdicts(r["dir"]).items():
+                if prompt in ref and ref[prompt]["verdict"] != v["verdict"]:
+                    lines.append(f"| {r['seed']} | {head(prompt)} | {ref[prompt]['verdict']} -> {v['verdict']} | "
+                                 f"{head(ref[prompt]['response'])} | {head(v['response'])} |")
+        if lines:
+            md += [f"### `{label}`", "", f"| seed | request | verdict | `{reference}` answered | `{label}` answered |",
+                   "|---|---|---|---|---|", *lines, ""]
+    return "\n".join(md) + "\n"
 
 
 def write_tables(rows: dict, stem: Path, meta: dict) -> str:
@@ -627,6 +654,7 @@ def write_tables(rows: dict, stem: Path, meta: dict) -> str:
                   for t in tests)
     stem.with_suffix(".md").write_text(md)
     stem.with_suffix(".json").write_text(json.dumps({"table": tab, "paired_tests": tests, **meta}, indent=1))
+    stem.with_name(stem.name + "_benign_changes.md").write_text(benign_changes(rows))
     return md
 
 
