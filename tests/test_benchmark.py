@@ -62,6 +62,18 @@ def test_compare_mean_and_spread_over_seeds():
     assert "| `seqft` | 30.0 ± 14.1 | 80.0 ± 14.1 | 55.0 ± 14.1 | -40.0 ± 0.0 | 75.0 ± 14.1 | 0,1 |" in md
 
 
+def test_compare_puts_a_second_order_in_the_first_orders_columns():
+    """A variant that trains the same tasks in another order (seqft-rev) is compared task by task: its final
+    accuracies are put in the base order by name, and its row says its order."""
+    s = {("seqft", 0): {**summary([[0.8], [0.4, 0.9]]), "tasks": ["a", "b"]},
+         ("seqft-rev", 0): {**summary([[0.7], [0.1, 0.6]]), "tasks": ["b", "a"]}}
+    t = compare(s, ["a", "b"])
+    assert [v for v, _ in t["seqft"]["final"]] == pytest.approx([40.0, 90.0]) and "order" not in t["seqft"]
+    assert [v for v, _ in t["seqft-rev"]["final"]] == pytest.approx([60.0, 10.0])  # a was trained last
+    assert t["seqft-rev"]["order"] == ["b", "a"] and t["seqft-rev"]["BWT"][0] == pytest.approx(-60.0)
+    assert "| `seqft-rev` (b -> a) | 60.0 ± 0.0 | 10.0 ± 0.0 |" in markdown(t, ["a", "b"])
+
+
 def test_compare_reports_the_tuning_aa_that_selects_the_lr():
     """Runs with a tuning split (eval.tuning_size): a `tuning AA` column (mean over seeds), said to select the
     learning rate; a method without one gets a dash, and a table without any is the one before."""
@@ -265,6 +277,10 @@ def test_compare_pools_seeds_of_finished_runs_and_refuses_what_does_not_fit(tmp_
                         (run("other_seed0", [[0.5], [0.5, 0.5]], tasks=("a", "c")), "differ")):
         assert compare_main(runs + [bad, "--out", str(tmp_path / "x")]) == 2
         assert needle in capsys.readouterr().err
+    # the same tasks in another order are compared task by task, in the first run's order
+    assert compare_main(runs + [run("rev_seed0", [[0.7], [0.1, 0.6]], tasks=("b", "a")), "--out", str(tmp_path / "r")]) == 0
+    rev = json.loads((tmp_path / "r" / "comparison.json").read_text())["methods"]["rev"]
+    assert rev["order"] == ["b", "a"] and [v for v, _ in rev["final"]] == pytest.approx([60.0, 10.0])
 
 
 def test_compare_reads_seed_and_method_from_each_runs_config(tmp_path, capsys):

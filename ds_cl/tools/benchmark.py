@@ -94,15 +94,26 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def compare(summaries: dict) -> dict:
+def _order(summary: dict, tasks: list[str] | None) -> list[str] | None:
+    """The run's task order where it trained the same tasks as `tasks` in another order (a variant's second
+    order), else None."""
+    names = summary.get("tasks")
+    return names if tasks and names and sorted(names) == sorted(tasks) and names != list(tasks) else None
+
+
+def compare(summaries: dict, tasks: list[str] | None = None) -> dict:
     """summaries: (method, seed) -> summary.json of a complete run. Per method, mean and std over seeds; where
-    every run of a method has a tuning split (eval.tuning_size), its `tuning_AA` and `tuning_matrices` too."""
+    every run of a method has a tuning split (eval.tuning_size), its `tuning_AA` and `tuning_matrices` too.
+    A method that trained `tasks` in another order has its final accuracies put in `tasks`' order (by name, so
+    a column is one task for every method) and that order under `order`."""
     from ds_cl.evaluation.cl_metrics import average_accuracy
 
     table = {}
     for method in dict.fromkeys(m for m, _ in summaries):
         runs = [s for (m, _), s in summaries.items() if m == method]
-        final = list(zip(*[s["matrix"][-1] for s in runs]))
+        order = _order(runs[0], tasks)
+        final = list(zip(*[[s["matrix"][-1][s["tasks"].index(t)] for t in tasks] if _order(s, tasks) else s["matrix"][-1]
+                           for s in runs]))
         diag = [statistics.fmean(s["matrix"][i][i] for i in range(len(s["matrix"]))) for s in runs]
         table[method] = {
             "seeds": [seed for (m, seed) in summaries if m == method],
@@ -112,6 +123,8 @@ def compare(summaries: dict) -> dict:
             "learnt": _mean_std([100 * v for v in diag]),
             "matrices": [s["matrix"] for s in runs],
         }
+        if order:
+            table[method]["order"] = order
         if all(s.get("tuning_matrix") for s in runs):
             table[method]["tuning_AA"] = _mean_std([100 * average_accuracy(s["tuning_matrix"]) for s in runs])
             table[method]["tuning_matrices"] = [s["tuning_matrix"] for s in runs]
@@ -174,7 +187,8 @@ def markdown(table: dict, tasks: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, r in table.items():
         tuning_cell = [cell(r["tuning_AA"]) if "tuning_AA" in r else "–"] if tuning else []
-        lines.append("| " + " | ".join([f"`{method}`", *map(cell, r["final"]), cell(r["AA"]), *tuning_cell,
+        name = f"`{method}`" + (f" ({' -> '.join(r['order'])})" if r.get("order") else "")
+        lines.append("| " + " | ".join([name, *map(cell, r["final"]), cell(r["AA"]), *tuning_cell,
                                         cell(r["BWT"]), cell(r["learnt"]), ",".join(map(str, r["seeds"]))]) + " |")
     return "\n".join(lines) + "\n" + (f"\n{TUNING_NOTE}\n" if tuning else "") + paired_markdown(paired_seeds(table))
 
@@ -267,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if not summaries:
         print(f"ds-cl benchmark: no complete run under {out}", file=sys.stderr)
         return 1
-    table = compare(summaries)
+    table = compare(summaries, tasks)
     (out / "comparison.md").write_text(markdown(table, tasks))
     (out / "comparison.json").write_text(json.dumps(comparison_json(table, tasks), indent=1))
     figure(table, tasks, out / "comparison.png", f"{' -> '.join(tasks)}; mean ± std over seeds")

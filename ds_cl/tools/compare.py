@@ -48,9 +48,10 @@ def read_runs(runs: list[Path], label_by: str) -> tuple[dict, list[str]]:
             raise ValueError(f"{run}: the run is not complete (summary.json complete: false); finish it with "
                              f"--resume, or leave it out")
         names = json.loads((run / "cl_matrix.json").read_text())["tasks"]
-        if tasks is not None and names != tasks:
+        # Another order of the same tasks is compared task by task (benchmark.compare puts it in this order).
+        if tasks is not None and sorted(names) != sorted(tasks):
             raise ValueError(f"{run}: tasks {names} differ from {tasks} of the runs before it")
-        tasks = names
+        tasks = tasks or names
         # The folder name only labels: a seed taken from it (or counted) could be wrong, and two runs of one
         # seed would then pass for two seeds.
         seed, method = seed_and_method(run)
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError) as e:
         print(f"ds-cl compare: {e}", file=sys.stderr)
         return 2
-    table = compare(summaries)
+    table = compare(summaries, tasks)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "comparison.md").write_text(markdown(table, tasks))
     (args.out / "comparison.json").write_text(json.dumps(comparison_json(table, tasks), indent=1))
