@@ -68,6 +68,12 @@ def test_plan_of_a_tiny_run(run_cfg):
     assert re.search(r"checkpoint  ~[\d.]+ MiB per save \(41,120 parameters, 41,120 trainable, float32, ZeRO 3", out)
     assert re.search(r"disk        [\d.]+ (GiB|MiB) free at ", out)
     assert out.rstrip().endswith("ds-cl train --check: ok") and p.stderr == ""
+    # multitask trains both tasks in one phase: the cap is per task, so the phase gets both tasks' steps
+    p = check_cli(run_cfg, "--world-size", "2", "method.name=multitask")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"steps       multitask: \d+ samples -> 4 optimizer steps \(\d+ per epoch x 1 epoch\(s\), capped by "
+                     r"train.max_steps_per_task\)", p.stdout), p.stdout
+    assert "4 optimizer steps in all" in p.stdout
 
 
 def test_json_plan_parses(run_cfg, tmp_path):

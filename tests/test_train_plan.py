@@ -56,6 +56,12 @@ def test_phase_plan_per_method():
     c.method.name = "seqft"
     c.train.max_steps_per_task = 3
     assert [p.steps for p in plan(c, tasks)] == [3, 3]
+    # the cap is per task: multitask's one phase of two tasks gets two tasks' steps, as the sequence does
+    c.method.name = "multitask"
+    assert [p.steps for p in plan(c, tasks)] == [6]
+    c.train.max_steps_per_task = 100
+    assert [p.steps for p in plan(c, tasks)] == [14]  # 60 samples / 8 = 7 steps per epoch x 2 epochs
+    c.method.name, c.train.max_steps_per_task = "seqft", 3
     with pytest.raises(ConfigError, match="3 training samples do not fill one optimizer step"):
         plan(c, [_Task("a", 3)])
 

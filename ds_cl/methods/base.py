@@ -38,6 +38,9 @@ class Phase:
     name: str
     train: list["Encoded"]
     eval_upto: int  # after the phase, tasks[:eval_upto] are scored
+    # How many tasks' data the phase trains at once (multitask: all): train.max_steps_per_task caps each
+    # task, so such a phase gets that many tasks' steps (the same budget as the sequence it stands beside).
+    tasks: int = 1
     steps: int = 0
     steps_per_epoch: int = 0
 

@@ -37,7 +37,7 @@ class Multitask(Method):
     name = "multitask"
 
     def plan(self, tasks):
-        return [Phase("multitask", [s for t in tasks for s in t.train], len(tasks))]
+        return [Phase("multitask", [s for t in tasks for s in t.train], len(tasks), tasks=len(tasks))]
 
     def record(self, matrix, scores):
         # All tasks were trained at once: every row of the matrix is the final one.

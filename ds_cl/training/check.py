@@ -342,9 +342,12 @@ def check_tasks(cfg: RunConfig, chk: Check, tok) -> None:
         return
     n_earlier = [e["train"] for e in earlier]
     phases = []
+    # multitask's one phase trains every task at once: the cap is per task (as schedule_phases applies it)
+    tasks_per_phase = len(cfg.tasks) if cfg.method.name == "multitask" else 1
     for name, n in phase_sizes(cfg, n_train, n_earlier):
         spe = steps_per_epoch(n, t.global_batch_size)
-        steps = spe * t.epochs if t.max_steps_per_task is None else min(spe * t.epochs, t.max_steps_per_task)
+        steps = (spe * t.epochs if t.max_steps_per_task is None
+                 else min(spe * t.epochs, t.max_steps_per_task * tasks_per_phase))
         phases.append({"name": name, "samples": n, "steps_per_epoch": spe, "epochs": t.epochs, "steps": steps})
         if spe == 0:
             chk.error(f"phase {name}: {n} training samples do not fill one optimizer step of "

@@ -52,7 +52,8 @@ class NonFiniteError(RuntimeError):
 
 
 def schedule_phases(phases: list, global_batch: int, epochs: int, max_steps: Optional[int]) -> list:
-    """Fill each phase's step counts: full optimizer steps per epoch x epochs, capped by max_steps."""
+    """Fill each phase's step counts: full optimizer steps per epoch x epochs, capped by max_steps per task
+    (a phase training several tasks at once, multitask's, by max_steps x their number)."""
     from ds_cl.training.data import steps_per_epoch
 
     for i, ph in enumerate(phases):
@@ -61,7 +62,7 @@ def schedule_phases(phases: list, global_batch: int, epochs: int, max_steps: Opt
             raise ConfigError(f"tasks.{i} ({ph.name}): {len(ph.train)} training samples do not fill one "
                               f"optimizer step of train.global_batch_size={global_batch}")
         ph.steps_per_epoch = spe
-        ph.steps = spe * epochs if max_steps is None else min(spe * epochs, max_steps)
+        ph.steps = spe * epochs if max_steps is None else min(spe * epochs, max_steps * ph.tasks)
     return phases
 
 
