@@ -257,6 +257,8 @@ def test_osft_protects_the_inputs_of_earlier_data_before_the_first_task(tmp_path
     out = tmp_path / "prot"
     cfg = tiny_run_config(tmp_path, out, {"method": {"name": "osft", "osft": {
         "rank": "fixed", "ratio": 0.5, "importance_samples": 8,
+        # the fit too (protect_inputs_of alone would default it off): the inputs are added outside V_h
+        "fit_before_first_task": True, "non_target_lr_scale": 1.0,
         "protect_inputs_of": [{"name": "prior", "train": str(prior), "format": "alpaca"}]}}})
     cfg["model"] = {"name_or_path": str(tiny), "dtype": "float32", "chat_template": True}
     cfg["tasks"] = cfg["tasks"][:1]
