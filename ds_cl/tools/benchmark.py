@@ -101,6 +101,12 @@ def _order(summary: dict, tasks: list[str] | None) -> list[str] | None:
     return names if tasks and names and sorted(names) == sorted(tasks) and names != list(tasks) else None
 
 
+def _final_row(summary: dict, tasks: list[str] | None) -> list[float]:
+    """The run's accuracies after its last task, in `tasks`' order (by name where it trained them in another)."""
+    last = summary["matrix"][-1]
+    return [last[summary["tasks"].index(t)] for t in tasks] if _order(summary, tasks) else last
+
+
 def compare(summaries: dict, tasks: list[str] | None = None) -> dict:
     """summaries: (method, seed) -> summary.json of a complete run. Per method, mean and std over seeds; where
     every run of a method has a tuning split (eval.tuning_size), its `tuning_AA` and `tuning_matrices` too.
@@ -112,8 +118,7 @@ def compare(summaries: dict, tasks: list[str] | None = None) -> dict:
     for method in dict.fromkeys(m for m, _ in summaries):
         runs = [s for (m, _), s in summaries.items() if m == method]
         order = _order(runs[0], tasks)
-        final = list(zip(*[[s["matrix"][-1][s["tasks"].index(t)] for t in tasks] if _order(s, tasks) else s["matrix"][-1]
-                           for s in runs]))
+        final = list(zip(*[_final_row(s, tasks) for s in runs]))
         diag = [statistics.fmean(s["matrix"][i][i] for i in range(len(s["matrix"]))) for s in runs]
         table[method] = {
             "seeds": [seed for (m, seed) in summaries if m == method],
