@@ -310,3 +310,22 @@ def test_compare_reads_seed_and_method_from_each_runs_config(tmp_path, capsys):
     (tmp_path / "tuesday" / "run" / "config.yaml").unlink()
     assert compare_main(runs + ["--out", str(tmp_path / "x")]) == 2
     assert "tuesday/run: no config.yaml" in capsys.readouterr().err
+
+
+def test_readme_benchmark_table_is_what_compare_makes_of_the_committed_runs():
+    """The README's headline table must be rebuilt from the per-run summaries committed beside it, not edited by
+    hand: the runs named in the committed comparison.json, passed through `compare` and `markdown` again, give
+    comparison.md byte for byte, and the README's bench-table block is that file. A run added or rerun without
+    regenerating the table (or a number typed into it) fails here."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- bench-table: (\S+) -->\n(.*?)\n<!-- /bench-table -->", readme, re.S)
+    assert block, "README.md has no bench-table block"
+    results = REPO / Path(block.group(1)).parent
+    committed = json.loads((results / "comparison.json").read_text())
+    summaries = {(m, s): json.loads((results / f"{m}_seed{s}" / "summary.json").read_text())
+                 for m, r in committed["methods"].items() for s in r["seeds"]}
+    rebuilt = markdown(compare(summaries, committed["tasks"]), committed["tasks"])
+    assert rebuilt == (REPO / block.group(1)).read_text()
+    assert block.group(2).strip() == rebuilt.strip()
